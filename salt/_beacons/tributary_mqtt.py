@@ -1,0 +1,80 @@
+"""
+Tributary MQTT beacon: subscribe to the site broker, spool every reading durably, emit batches.
+
+Readings are numbered in the gateway spool before they are emitted; each beacon run emits the
+next unsent batches (byte-capped) as ``salt/beacon/<minion id>/tributary_mqtt/batch`` events in
+Tributary's compact wire format. The subscriber runs in background threads: a run never blocks.
+
+Configuration (minion config or pillar)::
+
+    beacons:
+      tributary_mqtt:
+        - broker:
+            host: 127.0.0.1
+            port: 1883
+            # username: gateway
+            # password: secret
+            # tls_ca: /etc/mosquitto/certs/ca.crt
+        - topics:
+            - topic: "sensors/{sensor}/temperature"
+              metric: temperature
+              unit: C
+              format: number
+            - topic: "zigbee2mqtt/{sensor}"
+              format: flat
+            - topic: "env/{sensor}"
+              format: json
+              fields:
+                env.temp: {metric: temperature, unit: C}
+                env.hum: {metric: humidity, unit: "%"}
+              timestamp: {field: ts, format: ms}
+        - spool:
+            max_bytes: 536870912
+            max_age_s: 604800
+        - batch:
+            max_bytes: 32768
+            max_run_bytes: 98304
+        - interval: 1
+
+The ``site`` of the readings comes from the ``site`` grain unless ``- site: <name>`` is set.
+"""
+
+import logging
+
+try:
+    import paho.mqtt.client  # noqa: F401
+
+    from saltext.tributary import gateway
+
+    HAS_LIBS = True
+    MISSING = ""
+except ImportError as _exc:
+    HAS_LIBS = False
+    MISSING = str(_exc)
+
+log = logging.getLogger(__name__)
+__virtualname__ = "tributary_mqtt"
+
+
+def __virtual__():
+    if not HAS_LIBS:
+        return (
+            False,
+            f"tributary_mqtt: saltext.tributary[gateway] (paho-mqtt) is not installed: {MISSING}",
+        )
+    return __virtualname__
+
+
+def validate(config):
+    """Validate the beacon configuration; returns ``(bool, message)`` and never raises."""
+    return gateway.validate_mqtt(config)
+
+
+def beacon(config):
+    """Emit the next unsent batches from the gateway spool (starting the subscriber if needed)."""
+    return gateway.run_mqtt_beacon(config, __opts__, __grains__)
+
+
+def close(config):
+    """Stop the subscriber threads (Salt calls this when the beacon is removed or disabled)."""
+    gateway.stop_sources()

@@ -1,0 +1,163 @@
+"""Elasticsearch side: client construction, index templates, document shapes.
+
+The client is elasticsearch-py 8.x: its requests carry ``compatible-with=8``, which 8.x and 9.x
+clusters both accept (the 9.x client sends ``compatible-with=9``, which 8.x refuses).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+KINDS = ("readings", "health", "deadletter", "metrics", "anomalies")
+
+
+class EsConfigError(ValueError):
+    """A bad ``elasticsearch`` config block; the message names the key."""
+
+
+def validate_es_config(cfg: Any) -> list[str]:
+    if not isinstance(cfg, Mapping):
+        return ["elasticsearch: must be a mapping (hosts, username/password or api_key, ca_certs)"]
+    errors = []
+    hosts = cfg.get("hosts")
+    if isinstance(hosts, str):
+        hosts = [hosts]
+    if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
+        errors.append("elasticsearch.hosts: a URL or a list of URLs is required")
+    elif not all(h.startswith(("http://", "https://")) for h in hosts):
+        errors.append("elasticsearch.hosts: each URL must start with http:// or https://")
+    if cfg.get("password") is not None and not cfg.get("username"):
+        errors.append("elasticsearch.username: required with elasticsearch.password")
+    if cfg.get("api_key") is not None and cfg.get("username"):
+        errors.append("elasticsearch.api_key: use either api_key or username/password")
+    for key in ("ca_certs", "api_key", "username", "password"):
+        if cfg.get(key) is not None and not isinstance(cfg.get(key), (str, list)):
+            errors.append(f"elasticsearch.{key}: must be a string")
+    for key in ("replicas", "shards"):
+        val = cfg.get(key)
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
+            errors.append(f"elasticsearch.{key}: must be a non-negative integer")
+    return errors
+
+
+def make_client(cfg: Mapping[str, Any]) -> Any:
+    """An ``elasticsearch.Elasticsearch`` client from the config block."""
+    from elasticsearch import Elasticsearch
+
+    hosts = cfg["hosts"]
+    if isinstance(hosts, str):
+        hosts = [hosts]
+    kw: dict[str, Any] = {
+        "request_timeout": float(cfg.get("request_timeout", 30)),
+        "retry_on_timeout": False,
+        "max_retries": 0,
+    }
+    if cfg.get("username"):
+        kw["basic_auth"] = (cfg["username"], cfg.get("password") or "")
+    if cfg.get("api_key"):
+        kw["api_key"] = cfg["api_key"]
+    if cfg.get("ca_certs"):
+        kw["ca_certs"] = cfg["ca_certs"]
+    if cfg.get("verify_certs") is not None:
+        kw["verify_certs"] = bool(cfg["verify_certs"])
+    return Elasticsearch(hosts, **kw)
+
+
+def index_name(prefix: str, kind: str, ts_ms: int, daily: bool = True) -> str:
+    """``<prefix>-<kind>-YYYY.MM.DD`` (UTC) for daily indices, else ``<prefix>-<kind>``."""
+    if not daily:
+        return f"{prefix}-{kind}"
+    return f"{prefix}-{kind}-{time.strftime('%Y.%m.%d', time.gmtime(ts_ms / 1000))}"
+
+
+_DATE = {"type": "date", "format": "epoch_millis||strict_date_optional_time"}
+_KW = {"type": "keyword"}
+
+MAPPINGS: dict[str, dict[str, Any]] = {
+    "readings": {
+        "@timestamp": _DATE,
+        "gateway": _KW,
+        "site": _KW,
+        "sensor": _KW,
+        "metric": _KW,
+        "value": {"type": "double"},
+        "unit": _KW,
+        "seq": {"type": "long"},
+        "epoch": _KW,
+        "quality": _KW,
+        "agg": {
+            "properties": {
+                "window_s": {"type": "double"},
+                "min": {"type": "double"},
+                "max": {"type": "double"},
+                "count": {"type": "long"},
+                "first": _DATE,
+                "last": _DATE,
+            }
+        },
+        "labels": {"type": "object", "dynamic": True},
+        "location": {"type": "geo_point"},
+        "relayed_at": _DATE,
+    },
+    "health": {
+        "@timestamp": _DATE,
+        "gateway": _KW,
+        "site": _KW,
+        "last_seq": {"type": "long"},
+        "epoch": _KW,
+        "location": {"type": "geo_point"},
+    },
+    "deadletter": {
+        "@timestamp": _DATE,
+        "gateway": _KW,
+        "reason": _KW,
+        "detail": {"type": "text"},
+        "stage": _KW,
+        "doc_id": _KW,
+        "original": {"type": "object", "enabled": False},
+    },
+    "metrics": {
+        "@timestamp": _DATE,
+        "relay": _KW,
+        "counters": {"type": "object", "dynamic": True},
+    },
+    "anomalies": {
+        "@timestamp": _DATE,
+        "gateway": _KW,
+        "site": _KW,
+        "sensor": _KW,
+        "metric": _KW,
+        "value": {"type": "double"},
+        "score": {"type": "double"},
+        "location": {"type": "geo_point"},
+    },
+}
+
+
+def install_templates(client: Any, prefix: str, *, replicas: int = 1, shards: int = 1) -> None:
+    """Component template for shared settings plus one index template per kind."""
+    client.cluster.put_component_template(
+        name=f"{prefix}-settings",
+        template={
+            "settings": {
+                "number_of_shards": shards,
+                "number_of_replicas": replicas,
+                "refresh_interval": "1s",
+            }
+        },
+    )
+    for kind in KINDS:
+        client.cluster.put_component_template(
+            name=f"{prefix}-{kind}-mappings",
+            template={"mappings": {"dynamic": "false" if kind == "deadletter" else True,
+                                   "properties": MAPPINGS[kind]}},
+        )
+        client.indices.put_index_template(
+            name=f"{prefix}-{kind}",
+            index_patterns=[f"{prefix}-{kind}-*", f"{prefix}-{kind}"],
+            composed_of=[f"{prefix}-settings", f"{prefix}-{kind}-mappings"],
+            priority=200,
+            meta={"managed_by": "tributary"},
+        )

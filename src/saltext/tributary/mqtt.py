@@ -1,0 +1,170 @@
+"""The MQTT source: a paho-mqtt subscriber thread that spools readings durably.
+
+It runs off the minion's loop (paho's network thread plus one flusher thread), so a beacon run
+never waits on the broker. Messages are taken with QoS 1 on a persistent session
+(``clean_session=False`` and a fixed client id): the broker keeps queueing while the minion is
+down. Acknowledgements are manual and sent only after the readings are committed to the spool,
+so a crash between receipt and commit makes the broker redeliver instead of losing data.
+Reconnects are paho's, with capped exponential backoff; a broker restart or a network loss
+does not leave the subscriber dead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from saltext.tributary.payload import Mapper
+from saltext.tributary.reading import Reading, RejectedReading
+from saltext.tributary.spool import GatewaySpool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = 30
+    tls_ca: str | None = None
+    qos: int = 1
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+
+
+class MqttSource:
+    """Subscribe, parse, spool, then acknowledge."""
+
+    FLUSH_EVERY_S = 0.05
+    FLUSH_ROWS = 500
+
+    def __init__(self, broker: BrokerConfig, mapper: Mapper, spool_path: str, **spool_kw: Any):
+        import paho.mqtt.client as mqtt  # gateway extra
+
+        self.broker = broker
+        self.mapper = mapper
+        self.spool_path = spool_path
+        self.spool_kw = spool_kw
+        self._pending: list[Reading] = []
+        self._pending_acks: list[int] = []
+        self._pending_counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.connected = False
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=broker.client_id,
+            clean_session=False,
+            manual_ack=True,
+        )
+        if broker.username:
+            self.client.username_pw_set(broker.username, broker.password)
+        if broker.tls_ca:
+            self.client.tls_set(ca_certs=broker.tls_ca)
+        self.client.reconnect_delay_set(
+            min_delay=max(1, int(broker.reconnect_min)), max_delay=int(broker.reconnect_max)
+        )
+        self.client.max_inflight_messages_set(1000)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self._flusher = threading.Thread(target=self._flush_loop, name="tributary-mqtt-flush")
+        self._flusher.daemon = True
+        self._spool: GatewaySpool | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self.client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive)
+        self.client.loop_start()
+        self._flusher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._flusher.join(timeout=5)
+        self._flush()
+
+    # -- paho callbacks (network thread) ----------------------------------------------------
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None):
+        if rc == 0 or getattr(rc, "value", None) == 0:
+            self.connected = True
+            log.info("tributary mqtt: connected to %s:%s", self.broker.host, self.broker.port)
+            for sub in self.mapper.subscriptions:
+                client.subscribe(sub, qos=self.broker.qos)
+        else:
+            log.warning("tributary mqtt: broker refused connection: %s", rc)
+        with self._lock:
+            self._pending_counts["connects"] += 1
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None):
+        self.connected = False
+        if not self._stop.is_set():
+            log.warning("tributary mqtt: disconnected (%s); paho reconnects with backoff", rc)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        now_ms = int(time.time() * 1000)
+        counts: Counter[str] = Counter(received=1)
+        readings: list[Reading] = []
+        try:
+            readings = self.mapper.parse(msg.topic, msg.payload, now_ms)
+            counts["readings"] += len(readings)
+        except RejectedReading as exc:
+            counts[f"rejected:{exc.reason}"] += 1
+            log.info("tributary mqtt: rejected message on %s: %s", msg.topic, exc)
+        except Exception as exc:  # never let a parser bug kill the subscriber
+            counts["rejected:parser_error"] += 1
+            log.exception("tributary mqtt: parser error on %s: %s", msg.topic, exc)
+        with self._lock:
+            self._pending.extend(readings)
+            self._pending_counts.update(counts)
+            if msg.qos > 0:
+                self._pending_acks.append(msg.mid)
+            full = len(self._pending) >= self.FLUSH_ROWS
+        if full:
+            self._flush()
+
+    # -- spooling (flusher thread) ----------------------------------------------------------
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.FLUSH_EVERY_S):
+            try:
+                self._flush()
+            except Exception:  # keep flushing: a transient sqlite error must not end the thread
+                log.exception("tributary mqtt: spool flush failed; will retry")
+                time.sleep(1)
+
+    def _flush(self) -> None:
+        with self._lock:
+            if not self._pending and not self._pending_acks and not self._pending_counts:
+                return
+            readings, self._pending = self._pending, []
+            acks, self._pending_acks = self._pending_acks, []
+            counts, self._pending_counts = self._pending_counts, Counter()
+            if self._spool is None:
+                self._spool = GatewaySpool(self.spool_path, **self.spool_kw)
+            spool = self._spool
+            try:
+                spool.append(readings, counts)
+                spool.set_state("broker", "connected" if self.connected else "disconnected")
+            except BaseException:
+                # Put them back: nothing is acknowledged that is not committed.
+                self._pending[:0] = readings
+                self._pending_acks[:0] = acks
+                self._pending_counts.update(counts)
+                raise
+        for mid in acks:
+            self.client.ack(mid, 1)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "broker": f"{self.broker.host}:{self.broker.port}",
+            "connected": self.connected,
+            "subscriptions": self.mapper.subscriptions,
+        }
