@@ -50,7 +50,8 @@ def __virtual__():
     if not HAS_LIBS:
         return (
             False,
-            f"tributary_relay: saltext.tributary[master] (elasticsearch) is not installed: {MISSING}",
+            "tributary_relay: saltext.tributary[master] (elasticsearch) is not installed: "
+            + MISSING,
         )
     return __virtualname__
 

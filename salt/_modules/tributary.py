@@ -38,3 +38,38 @@ def status():
         salt -G 'site:brisbane' tributary.status
     """
     return gateway.status(__opts__, __pillar__)
+
+
+def replay(epoch, from_seq, to_seq, pace=0.05):
+    """
+    Re-emit the readings ``from_seq``..``to_seq`` of ``epoch`` from this gateway's spool, in
+    byte-capped batches, ``pace`` seconds apart. Elasticsearch ids are deterministic, so a
+    range that is already indexed creates no new documents. An unknown epoch or a range the
+    spool no longer holds answers with an error that says what is held.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call tributary.replay 3f9c2a1b7d10 1 500
+        salt gw-brisbane-1 tributary.replay 3f9c2a1b7d10 1200 1300
+    """
+    import time
+
+    from saltext.tributary.spool import SpoolError
+
+    try:
+        batches = gateway.replay_batches(
+            __opts__, __pillar__, __grains__, str(epoch), int(from_seq), int(to_seq)
+        )
+    except (SpoolError, ValueError) as exc:
+        return {"result": False, "error": str(exc)}
+    tag = "salt/beacon/{}/tributary_replay/batch".format(__opts__["id"])
+    sent = 0
+    for n, batch in enumerate(batches):
+        if n:
+            time.sleep(float(pace))
+        if not __salt__["event.fire_master"](batch, tag):
+            return {"result": False, "error": f"event.fire_master failed after {sent} readings"}
+        sent += len(batch["r"])
+    return {"result": True, "epoch": str(epoch), "batches": len(batches), "readings": sent}

@@ -97,14 +97,24 @@ class Elasticsearch:
 
     @property
     def client_config(self) -> dict:
-        cfg = {"hosts": [self.url], "username": self.username, "password": self.password,
-               "replicas": 0}
+        cfg = {
+            "hosts": [self.url],
+            "username": self.username,
+            "password": self.password,
+            "replicas": 0,
+        }
         if self.ca_path:
             cfg["ca_certs"] = self.ca_path
         return cfg
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                ctype: str = "application/json", timeout: float = 30) -> tuple[int, bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        ctype: str = "application/json",
+        timeout: float = 30,
+    ) -> tuple[int, bytes]:
         req = urllib.request.Request(self.url + path, data=body, method=method)
         token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
         req.add_header("Authorization", f"Basic {token}")
@@ -127,10 +137,13 @@ class Elasticsearch:
         last = ""
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"Elasticsearch exited ({self.proc.returncode}): {self.log_tail()}")
+                raise RuntimeError(
+                    f"Elasticsearch exited ({self.proc.returncode}): {self.log_tail()}"
+                )
             try:
-                code, body = self.request("GET", "/_cluster/health?wait_for_status=yellow&timeout=1s",
-                                          timeout=5)
+                code, body = self.request(
+                    "GET", "/_cluster/health?wait_for_status=yellow&timeout=1s", timeout=5
+                )
                 if code == 200:
                     return
                 last = f"{code} {body[:200]!r}"
@@ -183,8 +196,11 @@ class Elasticsearch:
         import json
 
         self.refresh(index)
-        code, body = self.request("POST", f"/{index}/_count?ignore_unavailable=true&allow_no_indices=true",
-                                  json.dumps({"query": query or {"match_all": {}}}).encode())
+        code, body = self.request(
+            "POST",
+            f"/{index}/_count?ignore_unavailable=true&allow_no_indices=true",
+            json.dumps({"query": query or {"match_all": {}}}).encode(),
+        )
         if code != 200:
             raise RuntimeError(f"count failed: {code} {body[:300]!r}")
         return json.loads(body)["count"]
@@ -193,8 +209,11 @@ class Elasticsearch:
         import json
 
         self.refresh(index)
-        code, out = self.request("POST", f"/{index}/_search?ignore_unavailable=true&allow_no_indices=true",
-                                 json.dumps(body).encode())
+        code, out = self.request(
+            "POST",
+            f"/{index}/_search?ignore_unavailable=true&allow_no_indices=true",
+            json.dumps(body).encode(),
+        )
         if code != 200:
             raise RuntimeError(f"search failed: {code} {out[:300]!r}")
         return json.loads(out)
@@ -216,22 +235,51 @@ def _make_tls(conf: Path, home: Path, env: dict, run_as_es) -> str:
     certs = conf / "certs"
     certs.mkdir(exist_ok=True)
     subprocess.run(
-        [str(home / "bin" / "elasticsearch-certutil"), "ca", "--pem", "--silent",
-         "--out", str(certs / "ca.zip")],
-        env=env, check=True, capture_output=True, preexec_fn=run_as_es,
+        [
+            str(home / "bin" / "elasticsearch-certutil"),
+            "ca",
+            "--pem",
+            "--silent",
+            "--out",
+            str(certs / "ca.zip"),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        preexec_fn=run_as_es,
     )
     subprocess.run(["unzip", "-q", "-o", str(certs / "ca.zip"), "-d", str(certs)], check=True)
     subprocess.run(
-        [str(home / "bin" / "elasticsearch-certutil"), "cert", "--pem", "--silent",
-         "--ca-cert", str(certs / "ca" / "ca.crt"), "--ca-key", str(certs / "ca" / "ca.key"),
-         "--ip", "127.0.0.1", "--dns", "localhost", "--name", "node", "--out", str(certs / "node.zip")],
-        env=env, check=True, capture_output=True, preexec_fn=run_as_es,
+        [
+            str(home / "bin" / "elasticsearch-certutil"),
+            "cert",
+            "--pem",
+            "--silent",
+            "--ca-cert",
+            str(certs / "ca" / "ca.crt"),
+            "--ca-key",
+            str(certs / "ca" / "ca.key"),
+            "--ip",
+            "127.0.0.1",
+            "--dns",
+            "localhost",
+            "--name",
+            "node",
+            "--out",
+            str(certs / "node.zip"),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        preexec_fn=run_as_es,
     )
     subprocess.run(["unzip", "-q", "-o", str(certs / "node.zip"), "-d", str(certs)], check=True)
     return str(certs / "ca" / "ca.crt")
 
 
-def start_elasticsearch(*, tls: bool = False, heap_mb: int = 768, port: int | None = None) -> Elasticsearch:
+def start_elasticsearch(
+    *, tls: bool = False, heap_mb: int = 768, port: int | None = None
+) -> Elasticsearch:
     """Unpack-free start: the cached distribution is linked into a fresh work dir."""
     dist = cache_dir() / "es" / "current"
     if not dist.exists():
@@ -272,18 +320,34 @@ def start_elasticsearch(*, tls: bool = False, heap_mb: int = 768, port: int | No
     (conf / "jvm.options.d").mkdir(exist_ok=True)
     (conf / "jvm.options.d" / "heap.options").write_text(f"-Xms{heap_mb}m\n-Xmx{heap_mb}m\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ES_", "JAVA_"))}
-    env.update({"ES_JAVA_HOME": java_home, "ES_TMPDIR": str(workdir / "tmp"),
-                "ES_PATH_CONF": str(conf), "HOME": str(workdir)})
+    env.update(
+        {
+            "ES_JAVA_HOME": java_home,
+            "ES_TMPDIR": str(workdir / "tmp"),
+            "ES_PATH_CONF": str(conf),
+            "HOME": str(workdir),
+        }
+    )
     run_as_es = None
     if os.geteuid() == 0:
         pw = pwd.getpwnam(ES_USER)
-        subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(workdir / "data"),
-                        str(workdir / "logs"), str(workdir / "tmp"), str(conf)], check=True)
+        subprocess.run(
+            [
+                "chown",
+                "-R",
+                f"{pw.pw_uid}:{pw.pw_gid}",
+                str(workdir / "data"),
+                str(workdir / "logs"),
+                str(workdir / "tmp"),
+                str(conf),
+            ],
+            check=True,
+        )
         os.chown(workdir, pw.pw_uid, pw.pw_gid)
         run_as_es = _demote()
     ca_path = None
     if tls:
-        ca_path = _make_tls(conf, home, env, run_as_es)
+        ca_path = _make_tls(conf, home, env, None)
         settings["xpack.security.http.ssl.key"] = "certs/node/node.key"
         settings["xpack.security.http.ssl.certificate"] = "certs/node/node.crt"
         settings["xpack.security.http.ssl.certificate_authorities"] = "certs/ca/ca.crt"
@@ -293,11 +357,28 @@ def start_elasticsearch(*, tls: bool = False, heap_mb: int = 768, port: int | No
         os.chmod(workdir, 0o755)
     (conf / "elasticsearch.yml").write_text("".join(f"{k}: {v}\n" for k, v in settings.items()))
     subprocess.run(
-        [str(home / "bin" / "elasticsearch-users"), "useradd", "tributary", "-p", password,
-         "-r", "superuser"],
-        env=env, check=True, capture_output=True, preexec_fn=run_as_es,
+        [
+            str(home / "bin" / "elasticsearch-users"),
+            "useradd",
+            "tributary",
+            "-p",
+            password,
+            "-r",
+            "superuser",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        preexec_fn=run_as_es,
     )
-    node = Elasticsearch(port=port, password=password, tls=tls, ca_path=ca_path,
-                         workdir=str(workdir), version=version, env=env)
+    node = Elasticsearch(
+        port=port,
+        password=password,
+        tls=tls,
+        ca_path=ca_path,
+        workdir=str(workdir),
+        version=version,
+        env=env,
+    )
     node.start()
     return node

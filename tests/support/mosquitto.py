@@ -47,8 +47,12 @@ class Broker:
 
     def start(self, timeout: float = 20) -> None:
         self.write_conf()
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", self.conf], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", self.conf],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -84,13 +88,27 @@ class Broker:
             payloads = [payloads]
         data = "".join(p + "\n" for p in payloads)
         subprocess.run(
-            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(self.port), "-q", str(qos),
-             "-t", topic, "-l"],
-            input=data.encode(), check=True, timeout=120,
+            [
+                "mosquitto_pub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-q",
+                str(qos),
+                "-t",
+                topic,
+                "-l",
+            ],
+            input=data.encode(),
+            check=True,
+            timeout=120,
         )
 
 
 def start_broker(extra: str = "") -> Broker:
-    broker = Broker(port=free_port(), workdir=tempfile.mkdtemp(prefix="tributary-mqtt-"), extra=extra)
+    broker = Broker(
+        port=free_port(), workdir=tempfile.mkdtemp(prefix="tributary-mqtt-"), extra=extra
+    )
     broker.start()
     return broker

@@ -151,8 +151,12 @@ def install_templates(client: Any, prefix: str, *, replicas: int = 1, shards: in
     for kind in KINDS:
         client.cluster.put_component_template(
             name=f"{prefix}-{kind}-mappings",
-            template={"mappings": {"dynamic": "false" if kind == "deadletter" else True,
-                                   "properties": MAPPINGS[kind]}},
+            template={
+                "mappings": {
+                    "dynamic": "false" if kind == "deadletter" else True,
+                    "properties": MAPPINGS[kind],
+                }
+            },
         )
         client.indices.put_index_template(
             name=f"{prefix}-{kind}",

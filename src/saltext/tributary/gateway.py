@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,7 +49,9 @@ def spool_path(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> str:
     path = spool.get("path") if isinstance(spool, Mapping) else None
     if path:
         return str(path)
-    return os.path.join(str(opts.get("cachedir", "/var/cache/salt/minion")), "tributary", "spool.db")
+    return os.path.join(
+        str(opts.get("cachedir", "/var/cache/salt/minion")), "tributary", "spool.db"
+    )
 
 
 def spool_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -223,11 +226,13 @@ def status(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> dict[str, Any]
         if cfg["_module"] == "tributary_mqtt":
             broker = cfg.get("broker") or {}
             entry["broker"] = f"{broker.get('host', '127.0.0.1')}:{broker.get('port', 1883)}"
-            entry["topics"] = [t.get("topic") for t in cfg.get("topics") or [] if isinstance(t, Mapping)]
+            entry["topics"] = [
+                t.get("topic") for t in cfg.get("topics") or [] if isinstance(t, Mapping)
+            ]
         sources[name] = entry
     if not paths:
         paths.add(spool_path({}, opts))
-    spools = {}
+    spools: dict[str, dict[str, Any]] = {}
     for path in sorted(paths):
         if not os.path.exists(path):
             spools[path] = {"error": "no spool yet (no reading accepted)"}
@@ -245,3 +250,35 @@ def status(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> dict[str, Any]
                 out[key] = only[key]
         out["spool_depth"] = only.get("held", {}).get("count", 0)
     return out
+
+
+def open_spool(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> GatewaySpool:
+    """The gateway spool named by the first Tributary beacon config (or the default path)."""
+    configs = find_beacon_configs(opts, pillar)
+    cfg = next(iter(configs.values()), {})
+    return GatewaySpool(spool_path(cfg, opts), **spool_options(cfg))
+
+
+def replay_batches(
+    opts: Mapping[str, Any],
+    pillar: Mapping[str, Any],
+    grains: Mapping[str, Any],
+    epoch: str,
+    from_seq: int,
+    to_seq: int,
+) -> list[dict[str, Any]]:
+    """Batches re-encoding a held range (raises SpoolError saying what is held)."""
+    spool = open_spool(opts, pillar)
+    try:
+        batches = spool.replay(epoch, int(from_seq), int(to_seq))
+    finally:
+        spool.close()
+    site = grains.get("site")
+    # A replay is a new request: its batches carry a request id, so the relay's intake
+    # de-duplication (which folds the syndic's second copy of an event) lets them through.
+    request = uuid.uuid4().hex[:8]
+    for b in batches:
+        b["replay"] = request
+        if site:
+            b["site"] = str(site)
+    return batches

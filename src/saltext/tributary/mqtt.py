@@ -58,6 +58,7 @@ class MqttSource:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.connected = False
+        self.subscribed = False
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=broker.client_id,
@@ -75,6 +76,7 @@ class MqttSource:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self._flusher = threading.Thread(target=self._flush_loop, name="tributary-mqtt-flush")
         self._flusher.daemon = True
         self._spool: GatewaySpool | None = None
@@ -104,8 +106,14 @@ class MqttSource:
         with self._lock:
             self._pending_counts["connects"] += 1
 
+    def _on_subscribe(self, client: Any, userdata: Any, mid: Any, rcs: Any, props: Any = None):
+        with self._lock:
+            self._pending_counts["subscribed"] += 1
+            self.subscribed = True
+
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None):
         self.connected = False
+        self.subscribed = False
         if not self._stop.is_set():
             log.warning("tributary mqtt: disconnected (%s); paho reconnects with backoff", rc)
 
@@ -113,9 +121,12 @@ class MqttSource:
         now_ms = int(time.time() * 1000)
         counts: Counter[str] = Counter(received=1)
         readings: list[Reading] = []
+        rejects: list[RejectedReading] = []
         try:
-            readings = self.mapper.parse(msg.topic, msg.payload, now_ms)
+            readings = self.mapper.parse(msg.topic, msg.payload, now_ms, rejects)
             counts["readings"] += len(readings)
+            for exc in rejects:
+                counts[f"rejected:{exc.reason}"] += 1
         except RejectedReading as exc:
             counts[f"rejected:{exc.reason}"] += 1
             log.info("tributary mqtt: rejected message on %s: %s", msg.topic, exc)
@@ -152,7 +163,7 @@ class MqttSource:
             spool = self._spool
             try:
                 spool.append(readings, counts)
-                spool.set_state("broker", "connected" if self.connected else "disconnected")
+                spool.set_state("broker", self.state)
             except BaseException:
                 # Put them back: nothing is acknowledged that is not committed.
                 self._pending[:0] = readings
@@ -161,6 +172,12 @@ class MqttSource:
                 raise
         for mid in acks:
             self.client.ack(mid, 1)
+
+    @property
+    def state(self) -> str:
+        if self.subscribed and self.connected:
+            return "subscribed"
+        return "connected" if self.connected else "disconnected"
 
     def status(self) -> dict[str, Any]:
         return {

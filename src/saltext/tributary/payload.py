@@ -98,11 +98,17 @@ def _conversion(value: Any, where: str) -> tuple[float, float, str | None]:
         return 1.0, 0.0, None
     if isinstance(value, str):
         if value not in CONVERSIONS:
-            raise ConfigError(f"{where}: unknown conversion {value!r} (known: {sorted(CONVERSIONS)})")
+            raise ConfigError(
+                f"{where}: unknown conversion {value!r} (known: {sorted(CONVERSIONS)})"
+            )
         return CONVERSIONS[value]
     if isinstance(value, Mapping):
         try:
-            return float(value.get("scale", 1.0)), float(value.get("offset", 0.0)), value.get("unit")
+            return (
+                float(value.get("scale", 1.0)),
+                float(value.get("offset", 0.0)),
+                value.get("unit"),
+            )
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: scale/offset must be numbers")
     raise ConfigError(f"{where}: must be a conversion name or {{scale, offset}}")
@@ -217,9 +223,13 @@ def _ts(value: Any, fmt: str) -> int:
             if not isinstance(value, str):
                 raise ValueError
             return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
             raise ValueError
-        return int(round(value * 1000)) if fmt == "s" else int(value)
+        return round(value * 1000) if fmt == "s" else int(value)
     except (ValueError, OverflowError):
         raise RejectedReading("bad_timestamp", f"timestamp {value!r} is not {fmt}")
 
@@ -263,8 +273,16 @@ class Mapper:
                 return rule, m.groupdict()
         return None
 
-    def parse(self, topic: str, payload: bytes, now_ms: int) -> list[Reading]:
-        """Readings in one message; raises RejectedReading (with a reason) for a bad message."""
+    def parse(
+        self, topic: str, payload: bytes, now_ms: int, rejects: list[RejectedReading] | None = None
+    ) -> list[Reading]:
+        """Readings in one message; raises RejectedReading (with a reason) for a bad message.
+
+        Where a message carries several readings (a JSON field map, a flat object), a bad
+        field is appended to ``rejects`` and the good fields are still returned.
+        """
+        if rejects is None:
+            rejects = []
         if len(payload) > MAX_PAYLOAD:
             raise RejectedReading("too_large", f"{len(payload)} bytes > {MAX_PAYLOAD}")
         found = self.match(topic)
@@ -279,7 +297,9 @@ class Mapper:
                 value = float(text)
             except (UnicodeDecodeError, ValueError):
                 raise RejectedReading("not_numeric", repr(payload[:40]))
-            return [self._reading(sensor, metric, value, now_ms, rule.unit, rule.scale, rule.offset)]
+            return [
+                self._reading(sensor, metric, value, now_ms, rule.unit, rule.scale, rule.offset)
+            ]
         doc = _loads(payload)
         if rule.fmt == "senml":
             return self._senml(doc, sensor, rule, now_ms)
@@ -294,20 +314,29 @@ class Mapper:
         if rule.fmt == "json" or (rule.fmt == "flat" and rule.fields):
             for f in rule.fields:
                 val = _get(doc, f.path)
-                if val is None:
-                    if rule.fmt == "flat":
-                        continue
-                    raise RejectedReading("missing_field", ".".join(f.path))
-                out.append(
-                    self._reading(sensor, f.metric, val, ts, f.unit or rule.unit, f.scale, f.offset)
-                )
+                try:
+                    if val is None:
+                        if rule.fmt == "flat":
+                            continue
+                        raise RejectedReading("missing_field", ".".join(f.path))
+                    out.append(
+                        self._reading(
+                            sensor, f.metric, val, ts, f.unit or rule.unit, f.scale, f.offset
+                        )
+                    )
+                except RejectedReading as exc:
+                    # One bad field is one bad reading: set it aside, keep the others.
+                    rejects.append(exc)
         else:  # flat, every numeric top-level key
             skip = rule.ts_field[0] if rule.ts_field else None
             for key, val in doc.items():
                 if key == skip or isinstance(val, bool) or not isinstance(val, (int, float)):
                     continue
-                out.append(self._reading(sensor, key, val, ts, None, 1.0, 0.0))
-        if not out:
+                try:
+                    out.append(self._reading(sensor, key, val, ts, None, 1.0, 0.0))
+                except RejectedReading as exc:
+                    rejects.append(exc)
+        if not out and not rejects:
             raise RejectedReading("no_values", "message carried no numeric field")
         return out
 
@@ -346,7 +375,7 @@ class Mapper:
                 raise RejectedReading("bad_timestamp", f"SenML t {t!r}")
             when = bt + t
             # RFC 8428 section 4.5.3: values below 2**28 are relative to now.
-            ts = now_ms + int(round(when * 1000)) if when < 2**28 else int(round(when * 1000))
+            ts = now_ms + round(when * 1000) if when < 2**28 else round(when * 1000)
             v = rec["v"]
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise RejectedReading("not_numeric", f"SenML v {v!r}")

@@ -50,7 +50,9 @@ class Reading:
 def check_name(kind: str, name: object) -> str:
     """Return ``name`` if it is a usable sensor or metric name, else raise RejectedReading."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise RejectedReading(f"bad_{kind}", f"{kind} name {name!r} is not [A-Za-z0-9_.:@-]{{1,128}}")
+        raise RejectedReading(
+            f"bad_{kind}", f"{kind} name {name!r} is not [A-Za-z0-9_.:@-]{{1,128}}"
+        )
     return name
 
 

@@ -33,7 +33,9 @@ from saltext.tributary.wire import WireError, decode_batch
 
 log = logging.getLogger(__name__)
 
-TAG_RE = re.compile(r"^(?:syndic/[^/]+/)*salt/beacon/(?P<gw>[^/]+)/(?P<beacon>[^/]+)/(?P<kind>batch|health)$")
+TAG_RE = re.compile(
+    r"^(?:syndic/[^/]+/)*salt/beacon/(?P<gw>[^/]+)/(?P<beacon>[^/]+)/(?P<kind>batch|health)$"
+)
 RETRYABLE = {429, 500, 502, 503, 504}
 
 SCHEMA = """
@@ -75,7 +77,8 @@ class RelaySpool:
     def put(self, gateway: str, kind: str, ukey: str, data: Any) -> bool:
         body = msgpack.packb(data, use_bin_type=True, default=str)
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO batches (gateway, kind, ukey, received, body) VALUES (?,?,?,?,?)",
+            "INSERT OR IGNORE INTO batches (gateway, kind, ukey, received, body)"
+            " VALUES (?,?,?,?,?)",
             (gateway, kind, ukey, _now_ms(), body),
         )
         return cur.rowcount == 1
@@ -122,7 +125,9 @@ class Docs:
 
 
 def batch_key(gateway: str, data: Mapping[str, Any]) -> str:
-    return f"{gateway}:{data.get('epoch')}:{data.get('first')}:{data.get('last')}"
+    """Identity of one emission of a batch (a replay request is a new emission)."""
+    key = f"{gateway}:{data.get('epoch')}:{data.get('first')}:{data.get('last')}"
+    return f"{key}:r{data['replay']}" if data.get("replay") else key
 
 
 class Relay:
@@ -152,6 +157,10 @@ class Relay:
             return False
         gateway, kind = m.group("gw"), m.group("kind")
         self._inc("events_in", 1)
+        if isinstance(data, Mapping) and "v" not in data and isinstance(data.get("data"), Mapping):
+            # A single event sent with event.fire_master arrives as the whole request load
+            # (masterapi._minion_event fires the load itself): the batch is its "data".
+            data = data["data"]
         if not isinstance(data, Mapping):
             data = {"_raw": repr(data)[:4096]}
         ukey = f"{kind}:{batch_key(gateway, data)}"
@@ -196,7 +205,9 @@ class Relay:
                 self._inc("retried", 1)
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning(
-                    "tributary relay: shipping failed (%s); retrying in %.1fs", self.last_error, backoff
+                    "tributary relay: shipping failed (%s); retrying in %.1fs",
+                    self.last_error,
+                    backoff,
                 )
                 self._stop.wait(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, self.config.backoff_max_s)
@@ -237,7 +248,9 @@ class Relay:
             for bad in batch.rejected:
                 self._inc(f"rejected:{bad['reason']}")
                 did = doc_id(gateway, batch.epoch, bad["seq"])
-                lines.extend(self._deadletter(gateway, bad["reason"], bad["detail"], "wire", did, bad))
+                lines.extend(
+                    self._deadletter(gateway, bad["reason"], bad["detail"], "wire", did, bad)
+                )
                 owners.append(row_id)
                 originals.append(bad)
             self._inc("readings_in", len(batch.readings))
@@ -314,7 +327,9 @@ class Relay:
         spool.done(done)
         spool.bump(self._drain_counters())
         if retry_rows:
-            raise RuntimeError(f"{len(retry_rows)} batches need a retry (429/5xx on some documents)")
+            raise RuntimeError(
+                f"{len(retry_rows)} batches need a retry (429/5xx on some documents)"
+            )
         return len(done)
 
     def _inc(self, name: str, n: int = 1) -> None:
@@ -334,7 +349,7 @@ class Relay:
         retry: set[int] = set()
         second: list[str] = []
         for n, item in enumerate(items):
-            (op, res), = item.items()
+            ((op, res),) = item.items()
             status = res.get("status", 0)
             if status in (200, 201):
                 self._inc("indexed" if op == "create" else "health_indexed", 1)
@@ -344,7 +359,9 @@ class Relay:
                 retry.add(docs.owners[n])
             else:
                 err = res.get("error") or {}
-                reason = err.get("type", f"status_{status}") if isinstance(err, Mapping) else str(err)
+                reason = (
+                    err.get("type", f"status_{status}") if isinstance(err, Mapping) else str(err)
+                )
                 detail = err.get("reason", "") if isinstance(err, Mapping) else ""
                 orig = docs.originals[n]
                 did = res.get("_id")
@@ -359,7 +376,7 @@ class Relay:
             resp2 = self.client.bulk(operations="\n".join(second) + "\n", refresh=False)
             if resp2.get("errors"):
                 for item in resp2["items"]:
-                    (_, res), = item.items()
+                    ((_, res),) = item.items()
                     if res.get("status") not in (200, 201, 409):
                         raise RuntimeError(f"dead-letter write failed: {res.get('error')}")
         return retry
@@ -435,3 +452,32 @@ def relay_config(config: Mapping[str, Any], cachedir: str) -> RelayConfig:
         bulk_max_wait_s=bulk.get("max_wait_s", RelayConfig.bulk_max_wait_s),
         daily=config.get("indices", "daily") == "daily",
     )
+
+
+def engine_config(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``tributary_relay`` engine block from master opts ({} if not configured)."""
+    for entry in opts.get("engines") or []:
+        if isinstance(entry, Mapping) and "tributary_relay" in entry:
+            return dict(entry["tributary_relay"] or {})
+    return {}
+
+
+def status_from_opts(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``salt-run tributary.status`` reports about the relay on this master."""
+    cfg = engine_config(opts)
+    rcfg = relay_config(cfg, str(opts.get("cachedir", "/var/cache/salt/master")))
+    out: dict[str, Any] = {"spool_path": rcfg.spool_path}
+    if not os.path.exists(rcfg.spool_path):
+        out["error"] = "no relay spool yet (engine not started or no batch received)"
+        return out
+    spool = RelaySpool(rcfg.spool_path)
+    try:
+        depth, oldest = spool.depth()
+        out.update(
+            spool_batches=depth,
+            spool_oldest_age_s=round((_now_ms() - oldest) / 1000, 1) if oldest else 0,
+            counters=spool.counters(),
+        )
+    finally:
+        spool.close()
+    return out

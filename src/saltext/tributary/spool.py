@@ -279,14 +279,18 @@ class GatewaySpool:
     ) -> list[dict[str, Any]]:
         """Batches re-encoding ``[from_seq, to_seq]`` of ``epoch`` (the cursor does not move)."""
         held = self.held()
+        holds = (
+            f"epoch {self.epoch}, sequences {held['first']}..{held['last']}"
+            if held["first"] is not None
+            else f"epoch {self.epoch}, no readings"
+        )
         if epoch != self.epoch:
-            raise SpoolError(f"unknown epoch {epoch!r}: this spool holds epoch {self.epoch} {held}")
+            raise SpoolError(f"unknown epoch {epoch!r}: this spool holds {holds}")
         if from_seq > to_seq:
             raise SpoolError(f"empty range {from_seq}..{to_seq}")
         if held["first"] is None or from_seq < held["first"] or to_seq > held["last"]:
             raise SpoolError(
-                f"range {from_seq}..{to_seq} of epoch {epoch} is not held: "
-                f"this spool holds {held['first']}..{held['last']}"
+                f"range {from_seq}..{to_seq} of epoch {epoch} is not held: this spool holds {holds}"
             )
         out = []
         lo = from_seq
@@ -393,4 +397,3 @@ class GatewaySpool:
             "counters": self.counters(),
             "state": states,
         }
-

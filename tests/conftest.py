@@ -1,0 +1,206 @@
+"""Shared fixtures: real Elasticsearch, real Mosquitto brokers, a real three-tier Salt topology.
+
+Topology (pytest-salt-factories, session scoped)::
+
+    top master "top" (order_masters, engine tributary_relay -> Elasticsearch)
+      <- salt-syndic "syndic-1" + its master (file_roots = repo salt/, pillar_roots = pillar/)
+           <- gateway minions gw-brisbane-1 (site brisbane), gw-sydney-1 (site sydney),
+              each with its own Mosquitto broker and the tributary_mqtt beacon.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.support.es import start_elasticsearch
+from tests.support.mosquitto import start_broker
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
+
+GATEWAYS = {"gw-brisbane-1": "brisbane", "gw-sydney-1": "sydney"}
+QUIET = {"log_level_logfile": "warning", "log_level": "warning"}
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 60,
+    what: str = "condition",
+    interval: float = 0.25,
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def es_node():
+    node = start_elasticsearch(tls=True)
+    yield node
+    node.cleanup()
+
+
+@pytest.fixture(scope="session")
+def salt_factories_config():
+    root = tempfile.mkdtemp(prefix="tributary-salt-")
+    return {"root_dir": root, "start_timeout": 120, "inject_sitecustomize": False}
+
+
+def relay_engine_config(es_node, **extra) -> dict:
+    cfg = {
+        "elasticsearch": es_node.client_config,
+        "index_prefix": "tributary",
+        "bulk": {"max_docs": 5000, "max_wait_s": 0.1},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def top_master(salt_factories, es_node):
+    factory = salt_factories.salt_master_daemon(
+        "top",
+        order_masters=True,
+        overrides={
+            **QUIET,
+            "engines_dirs": [str(REPO / "salt" / "_engines")],
+            "runner_dirs": [str(REPO / "salt" / "_runners")],
+            "engines": [{"tributary_relay": relay_engine_config(es_node)}],
+        },
+    )
+    with factory.started():
+        yield factory
+
+
+@pytest.fixture(scope="session")
+def syndic(top_master):
+    factory = top_master.salt_syndic_daemon(
+        "syndic-1",
+        master_overrides={
+            **QUIET,
+            "file_roots": {"base": [str(REPO / "salt")]},
+            "pillar_roots": {"base": [str(REPO / "pillar")]},
+        },
+        minion_overrides={**QUIET, "publish_port": 4506},
+        overrides={**QUIET, "syndic_event_forward_timeout": 0.5},
+    )
+    with factory.started():
+        yield factory
+
+
+@pytest.fixture(scope="session")
+def brokers():
+    started = {gw: start_broker() for gw in GATEWAYS}
+    yield started
+    for b in started.values():
+        b.cleanup()
+
+
+def beacon_config(broker_port: int) -> list[dict]:
+    return [
+        {"broker": {"host": "127.0.0.1", "port": broker_port}},
+        {
+            "topics": [
+                {"topic": "sensors/{sensor}/{metric}", "format": "number", "unit": "C"},
+                {
+                    "topic": "json/{sensor}",
+                    "format": "json",
+                    "fields": {
+                        "temp": {"metric": "temperature", "unit": "C"},
+                        "env.hum": {"metric": "humidity", "unit": "%"},
+                    },
+                    "timestamp": {"field": "ts", "format": "ms"},
+                },
+            ]
+        },
+        {"interval": 1},
+    ]
+
+
+def gateway_subscribed(factory) -> bool:
+    ret = factory.salt_call_cli(timeout=60).run("tributary.status")
+    return ret.returncode == 0 and (ret.data.get("state") or {}).get("broker") == "subscribed"
+
+
+@pytest.fixture(scope="session")
+def gateways(syndic, brokers):
+    factories = {}
+    for gw, site in GATEWAYS.items():
+        factory = syndic.master.salt_minion_daemon(
+            gw,
+            overrides={
+                **QUIET,
+                "grains": {"site": site, "role": "gateway"},
+                "beacons": {"tributary_mqtt": beacon_config(brokers[gw].port)},
+            },
+        )
+        factory.start()
+        factories[gw] = factory
+    try:
+        for factory in factories.values():
+            ret = factory.salt_call_cli(timeout=120).run("saltutil.sync_all")
+            assert ret.returncode == 0, ret
+            # The beacon module arrived with the sync: reload beacons so it runs.
+            ret = factory.salt_call_cli(timeout=60).run("saltutil.refresh_beacons")
+            assert ret.returncode == 0, ret
+        for factory in factories.values():
+            wait_for(
+                lambda f=factory: gateway_subscribed(f),
+                timeout=90,
+                what=f"{factory.id}'s MQTT subscription",
+            )
+        yield factories
+    finally:
+        for factory in factories.values():
+            factory.terminate()
+
+
+@pytest.fixture(scope="session")
+def topology(es_node, top_master, syndic, gateways, brokers):
+    return {
+        "es": es_node,
+        "top": top_master,
+        "syndic": syndic,
+        "gateways": gateways,
+        "brokers": brokers,
+    }
+
+
+def es_readings(es_node, gateway: str, sensor: str | None = None, size: int = 10000) -> list[dict]:
+    must: list[dict] = [{"term": {"gateway": gateway}}]
+    if sensor:
+        must.append({"term": {"sensor": sensor}})
+    res = es_node.search(
+        "tributary-readings-*",
+        {"size": size, "query": {"bool": {"must": must}}, "sort": [{"seq": "asc"}]},
+    )
+    return [h["_source"] | {"_id": h["_id"]} for h in res["hits"]["hits"]]
+
+
+def es_count(es_node, gateway: str, sensor: str | None = None) -> int:
+    must: list[dict] = [{"term": {"gateway": gateway}}]
+    if sensor:
+        must.append({"term": {"sensor": sensor}})
+    return es_node.count("tributary-readings-*", {"bool": {"must": must}})
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+os.environ.setdefault("TRIBUTARY_REPO", str(REPO))

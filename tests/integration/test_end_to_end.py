@@ -1,0 +1,158 @@
+"""An MQTT reading on a gateway becomes exactly one Elasticsearch document, through a syndic."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import GATEWAYS, dumps, es_count, es_readings, wait_for
+
+pytestmark = pytest.mark.usefixtures("topology")
+
+N = 150
+
+
+def _status(factory) -> dict:
+    ret = factory.salt_call_cli(timeout=60).run("tributary.status")
+    assert ret.returncode == 0, ret
+    return ret.data
+
+
+def test_mqtt_readings_land_exactly_once(topology):
+    es, brokers = topology["es"], topology["brokers"]
+    base_ts = int(time.time() * 1000) - 60_000
+    for gw in GATEWAYS:
+        # plain numbers (timestamped at receipt) and JSON with their own timestamps
+        brokers[gw].publish("sensors/e2e-num/temperature", [f"{20 + i / 10:.1f}" for i in range(N)])
+        brokers[gw].publish(
+            "json/e2e-json",
+            [dumps({"ts": base_ts + i, "temp": i / 4, "env": {"hum": 50 + i}}) for i in range(N)],
+        )
+    for gw, site in GATEWAYS.items():
+        wait_for(
+            lambda gw=gw: (
+                es_count(es, gw, "e2e-num") >= N and es_count(es, gw, "e2e-json") >= 2 * N
+            ),
+            timeout=120,
+            what=f"{gw} readings in Elasticsearch",
+        )
+        nums = es_readings(es, gw, "e2e-num")
+        jsons = es_readings(es, gw, "e2e-json")
+        assert len(nums) == N and len(jsons) == 2 * N
+        assert sorted(d["value"] for d in nums) == sorted(20 + i / 10 for i in range(N))
+        assert {d["site"] for d in nums + jsons} == {site}
+        assert {d["gateway"] for d in nums + jsons} == {gw}
+        assert {(d["sensor"], d["metric"], d["unit"]) for d in nums} == {
+            ("e2e-num", "temperature", "C")
+        }
+        temps = sorted((d["@timestamp"], d["value"]) for d in jsons if d["metric"] == "temperature")
+        assert temps == [(base_ts + i, i / 4) for i in range(N)]
+        hums = sorted(
+            (d["@timestamp"], d["value"], d["unit"]) for d in jsons if d["metric"] == "humidity"
+        )
+        assert hums == [(base_ts + i, 50.0 + i, "%") for i in range(N)]
+        # ids are <gateway>:<epoch>:<seq> and unique
+        ids = [d["_id"] for d in nums + jsons]
+        assert len(set(ids)) == len(ids)
+        assert all(
+            i == f"{gw}:{d['epoch']}:{d['seq']}" for i, d in zip(ids, nums + jsons, strict=True)
+        )
+    # nothing more arrives later (no duplicates trickling in)
+    for gw in GATEWAYS:
+        assert es_count(es, gw, "e2e-num") == N
+        assert es_count(es, gw, "e2e-json") == 2 * N
+
+
+def test_replay_of_indexed_range_creates_nothing(topology):
+    es, gateways, brokers = topology["es"], topology["gateways"], topology["brokers"]
+    gw = "gw-brisbane-1"
+    brokers[gw].publish("sensors/e2e-replay/temperature", [str(i) for i in range(40)])
+    wait_for(
+        lambda: es_count(es, gw, "e2e-replay") == 40, timeout=120, what="replay sensor indexed"
+    )
+    docs = es_readings(es, gw, "e2e-replay")
+    epoch = docs[0]["epoch"]
+    lo, hi = docs[0]["seq"], docs[-1]["seq"]
+    before = es_count(es, gw)
+    ret = gateways[gw].salt_call_cli(timeout=60).run("tributary.replay", epoch, lo, hi)
+    assert ret.returncode == 0, ret
+    assert ret.data["result"] is True and ret.data["readings"] == hi - lo + 1
+    # The relay counts the replayed documents as already present; wait for that, then compare.
+    top = topology["top"]
+
+    def replay_seen():
+        r = top.salt_run_cli(timeout=60).run("tributary.status")
+        return (
+            r.returncode == 0
+            and r.data["relay"]["counters"].get("already_present", 0) >= hi - lo + 1
+        )
+
+    wait_for(replay_seen, timeout=90, what="replayed documents answered 409")
+    assert es_count(es, gw) == before
+    assert es_count(es, gw, "e2e-replay") == 40
+
+
+def test_replay_of_unknown_epoch_says_what_is_held(topology):
+    gw = topology["gateways"]["gw-sydney-1"]
+    ret = gw.salt_call_cli(timeout=60).run("tributary.replay", "nope", 1, 5)
+    assert ret.returncode == 1, ret  # salt-call exits non-zero when result is False
+    assert ret.data["result"] is False
+    assert "unknown epoch 'nope'" in ret.data["error"]
+    assert "this spool holds epoch " in ret.data["error"] and "sequences 1.." in ret.data["error"]
+
+
+def test_grain_targeting_through_the_syndic(topology):
+    top = topology["top"]
+    ret = top.salt_cli(timeout=90).run("-G", "tributary.status", minion_tgt="site:brisbane")
+    assert ret.returncode == 0, ret
+    assert ret.data, ret
+    assert set(ret.data) == {"gw-brisbane-1"}
+    status = ret.data["gw-brisbane-1"]
+    assert status["gateway"] == "gw-brisbane-1"
+    assert status["sources"]["tributary_mqtt"]["module"] == "tributary_mqtt"
+    assert status["last_seq"] >= 1
+
+
+def test_bad_payloads_are_counted_and_the_beacon_keeps_running(topology):
+    es, gateways, brokers = topology["es"], topology["gateways"], topology["brokers"]
+    gw = "gw-sydney-1"
+    before = _status(gateways[gw])["counters"]
+    broker = brokers[gw]
+    broker.publish("sensors/e2e-bad/temperature", ["1.5", "2.5"])
+    broker.publish("sensors/e2e-bad/temperature", ["not-a-number", "NaN", "inf"])
+    broker.publish("json/e2e-bad", ["{truncated", '"a string"', dumps({"temp": "warm"})])
+    broker.publish("sensors/e2e-bad/temperature", ["3.5", "4.5"])
+    wait_for(
+        lambda: es_count(es, gw, "e2e-bad") == 4, timeout=120, what="good readings around bad ones"
+    )
+    assert sorted(d["value"] for d in es_readings(es, gw, "e2e-bad")) == [1.5, 2.5, 3.5, 4.5]
+
+    seen: list[dict] = []
+
+    def counted():
+        c = _status(gateways[gw])["counters"]
+        delta = {k: c.get(k, 0) - before.get(k, 0) for k in c}
+        seen.append(delta)
+        return (
+            delta
+            if (
+                delta.get("rejected:not_numeric", 0) >= 2
+                and delta.get("rejected:not_finite", 0) >= 1
+                and delta.get("rejected:bad_json", 0) >= 1
+                and delta.get("rejected:not_object", 0) >= 1
+            )
+            else None
+        )
+
+    try:
+        delta = wait_for(counted, timeout=30, what="rejections counted")
+    except AssertionError:
+        raise AssertionError(f"counters moved by {seen[-1:]}")
+    # "NaN"/"inf" parse as non-finite floats; "not-a-number" and "warm" are not numbers
+    assert delta["rejected:not_numeric"] == 2
+    assert delta["rejected:not_finite"] == 2
+    assert delta["rejected:bad_json"] == 1
+    assert delta["rejected:not_object"] == 1
+    assert delta["rejected:missing_field"] == 1  # {"temp": "warm"} has no env.hum either
+    assert es_count(es, gw, "e2e-bad") == 4
