@@ -116,6 +116,7 @@ def beacon_config(broker_port: int) -> list[dict]:
         {"broker": {"host": "127.0.0.1", "port": broker_port}},
         {
             "topics": [
+                {"topic": "sensors/{sensor}/level", "metric": "level", "unit": "%"},
                 {"topic": "sensors/{sensor}/{metric}", "format": "number", "unit": "C"},
                 {
                     "topic": "json/{sensor}",
