@@ -73,3 +73,62 @@ def replay(epoch, from_seq, to_seq, pace=0.05):
             return {"result": False, "error": f"event.fire_master failed after {sent} readings"}
         sent += len(batch["r"])
     return {"result": True, "epoch": str(epoch), "batches": len(batches), "readings": sent}
+
+
+def read(sensor=None):
+    """
+    Read the sources now, without spooling or emitting, for field checks. sysfs and health
+    sources are read fresh; MQTT sensors push, so their newest received reading is shown.
+    ``sensor`` is an fnmatch pattern on the sensor name or ``<sensor>/<metric>``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call tributary.read
+        salt-call tributary.read '28-*'
+        salt -G 'tributary:sensors:temperature' tributary.read
+    """
+    return gateway.read_now(__opts__, __pillar__, sensor)
+
+
+def tail(n=10):
+    """
+    The last ``n`` readings in the gateway spool (sequence, sensor key, unit, time, value).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call tributary.tail
+        salt-call tributary.tail 50
+    """
+    return gateway.tail(__opts__, __pillar__, int(n))
+
+
+def trim():
+    """
+    Apply the spool's retention budget (age and bytes) now; oldest readings go first and
+    never-sent readings that had to go are counted as dropped.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call tributary.trim
+    """
+    return gateway.trim(__opts__, __pillar__)
+
+
+def reset_counters():
+    """
+    Zero the spool's counters (received, rejected, filtered, spooled, emitted, dropped, ...);
+    returns the values they had.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call tributary.reset_counters
+    """
+    return gateway.reset_counters(__opts__, __pillar__)

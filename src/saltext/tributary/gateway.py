@@ -8,6 +8,7 @@ normal Python import: it survives Salt reloading the beacon modules (``saltutil.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -17,8 +18,12 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from saltext.tributary import health as health_mod
+from saltext.tributary.filters import FilterConfigError, Filters, compile_filters
 from saltext.tributary.payload import ConfigError, Mapper, compile_rules
-from saltext.tributary.spool import GatewaySpool
+from saltext.tributary.reading import Reading, RejectedReading
+from saltext.tributary.spool import GatewaySpool, SpoolFull
+from saltext.tributary.sysfs import SysfsConfigError, SysfsSource, compile_sources
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,10 @@ HARD_RUN_BYTES = 131_072
 _registry_lock = threading.Lock()
 _sources: dict[str, tuple[str, Any]] = {}
 _spools: dict[str, GatewaySpool] = {}
+_filters: dict[str, tuple[str, Filters]] = {}
+_last_trim: dict[str, float] = {}
+#: How often a beacon run applies the retention budget (seconds).
+TRIM_EVERY_S = 60.0
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -94,7 +103,72 @@ def validate_common(cfg: Mapping[str, Any]) -> list[str]:
                 errors.append(f"batch.{err}")
     if "site" in cfg and not isinstance(cfg["site"], str):
         errors.append("site: must be a string")
+    try:
+        compile_filters(cfg.get("filters"))
+    except FilterConfigError as exc:
+        errors.append(str(exc))
+    errors.extend(validate_bandwidth(cfg.get("bandwidth")))
     return errors
+
+
+def validate_bandwidth(bw: Any) -> list[str]:
+    if bw is None:
+        return []
+    if not isinstance(bw, Mapping):
+        return ["bandwidth: must be a mapping (bytes_per_s, window_s, burst_s)"]
+    errors = []
+    if "bytes_per_s" not in bw:
+        errors.append("bandwidth.bytes_per_s: required")
+    for key in ("bytes_per_s", "window_s", "burst_s", "max_window_s"):
+        val = bw.get(key)
+        if val is not None and (
+            isinstance(val, bool) or not isinstance(val, (int, float)) or val <= 0
+        ):
+            errors.append(f"bandwidth.{key}: must be a positive number, got {val!r}")
+    unknown = sorted(set(bw) - {"bytes_per_s", "window_s", "burst_s", "max_window_s"})
+    if unknown:
+        errors.append(f"bandwidth.{unknown[0]}: unknown key")
+    return errors
+
+
+def validate_sysfs(config: Any) -> tuple[bool, str]:
+    """Validate a ``tributary_sysfs`` beacon config; never raises."""
+    try:
+        if not isinstance(config, (list, Mapping)):
+            return False, "tributary_sysfs: configuration must be a list of mappings"
+        cfg = config_to_dict(config)
+        errors = validate_common(cfg)
+        root = cfg.get("root", "/")
+        if not isinstance(root, str) or not root:
+            errors.append("root: must be a directory path string")
+        try:
+            compile_sources(cfg.get("sources"))
+        except SysfsConfigError as exc:
+            errors.append(str(exc))
+        if errors:
+            return False, "tributary_sysfs: " + "; ".join(errors)
+        return True, "valid"
+    except Exception as exc:  # validate() must never raise
+        return False, f"tributary_sysfs: invalid configuration: {exc}"
+
+
+def validate_health(config: Any) -> tuple[bool, str]:
+    """Validate a ``tributary_health`` beacon config; never raises."""
+    try:
+        if not isinstance(config, (list, Mapping)):
+            return False, "tributary_health: configuration must be a list of mappings"
+        cfg = config_to_dict(config)
+        errors = validate_common(cfg)
+        for key in ("root", "disk_path", "sensor"):
+            if key in cfg and (not isinstance(cfg[key], str) or not cfg[key]):
+                errors.append(f"{key}: must be a non-empty string")
+        if "spool_metrics" in cfg and not isinstance(cfg["spool_metrics"], bool):
+            errors.append("spool_metrics: must be true or false")
+        if errors:
+            return False, "tributary_health: " + "; ".join(errors)
+        return True, "valid"
+    except Exception as exc:  # validate() must never raise
+        return False, f"tributary_health: invalid configuration: {exc}"
 
 
 def validate_mqtt(config: Any) -> tuple[bool, str]:
@@ -151,6 +225,7 @@ def ensure_mqtt_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
             BrokerConfig(**broker_cfg),
             Mapper(compile_rules(cfg["topics"])),
             path,
+            Filters(compile_filters(cfg.get("filters"))),
             **spool_options(cfg),
         )
         source.start()
@@ -162,8 +237,12 @@ def stop_sources() -> None:
     """Stop every subscriber (beacon ``close``, tests)."""
     with _registry_lock:
         for _, source in _sources.values():
-            source.stop()
+            if hasattr(source, "stop"):
+                source.stop()
         _sources.clear()
+        _filters.clear()
+        _budgets.clear()
+        _last_trim.clear()
         for spool in _spools.values():
             spool.close()
         _spools.clear()
@@ -178,17 +257,105 @@ def emitting_spool(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> GatewaySp
         return spool
 
 
-def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, Any]) -> list[dict]:
-    """The beacon's output: the next unsent batches within the byte caps, as events."""
+def _filters_for(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Filters:
+    key = f"{spool_path(cfg, opts)}|{cfg.get('_beacon_name', '')}"
+    fp = _fingerprint({"filters": cfg.get("filters") or []})
+    with _registry_lock:
+        cur = _filters.get(key)
+        if cur is None or cur[0] != fp:
+            cur = _filters[key] = (fp, Filters(compile_filters(cfg.get("filters"))))
+        return cur[1]
+
+
+def spool_readings(
+    cfg: Mapping[str, Any],
+    opts: Mapping[str, Any],
+    readings: list[Reading],
+    rejects: list[RejectedReading],
+    extra_counts: Mapping[str, int] | None = None,
+) -> tuple[int, int]:
+    """Filter and append readings of an in-process source (sysfs, health) to the spool."""
+    counts: dict[str, int] = {"received": len(readings) + len(rejects), **(extra_counts or {})}
+    counts["readings"] = len(readings)
+    for exc in rejects:
+        counts[f"rejected:{exc.reason}"] = counts.get(f"rejected:{exc.reason}", 0) + 1
+    kept, fcounts, aside = _filters_for(cfg, opts).apply(readings)
+    for k, v in fcounts.items():
+        counts[k] = counts.get(k, 0) + v
     spool = emitting_spool(cfg, opts)
+    try:
+        return spool.append(kept, counts, aside)
+    except SpoolFull:
+        # No broker to hold them: these readings are lost, so say so (counted, logged).
+        spool_count_safely(spool, {"dropped:disk_full": len(kept)})
+        return 0, 0
+
+
+def spool_count_safely(spool: GatewaySpool, counts: Mapping[str, int]) -> None:
+    try:
+        spool.count(counts)
+    except Exception as exc:  # a full disk may refuse even this
+        log.error("tributary: could not record counters %s: %s", dict(counts), exc)
+
+
+def maybe_trim(spool: GatewaySpool, now: float | None = None) -> int:
+    """Apply the retention budget at most every TRIM_EVERY_S seconds; returns dropped."""
+    import time
+
+    now = time.monotonic() if now is None else now
+    last = _last_trim.get(spool.path)
+    if last is not None and now - last < TRIM_EVERY_S:
+        return 0
+    _last_trim[spool.path] = now
+    return spool.trim()
+
+
+def finalize_batch(batch: dict[str, Any], opts: Mapping[str, Any]) -> dict[str, Any]:
+    """The single place where an outgoing batch (beacon or replay) is finalised."""
+    return batch
+
+
+_budgets: dict[str, Any] = {}
+
+
+def _budget_for(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
+    from saltext.tributary.bandwidth import Budget
+
+    bw = cfg.get("bandwidth")
+    if not bw:
+        return None
+    path = spool_path(cfg, opts)
+    fp = _fingerprint(bw)
+    with _registry_lock:
+        cur = _budgets.get(path)
+        if cur is None or cur[0] != fp:
+            cur = _budgets[path] = (fp, Budget.from_config(bw))
+        return cur[1]
+
+
+def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, Any]) -> list[dict]:
+    """The beacon's output: the next unsent batches within the byte caps, as events.
+
+    With a ``bandwidth`` budget, batches that would exceed it are replaced by per-sensor
+    window aggregates (``agg`` = window seconds) instead of being dropped.
+    """
+    spool = emitting_spool(cfg, opts)
+    try:
+        maybe_trim(spool)
+    except Exception as exc:  # retention must never stop emitting
+        log.warning("tributary: retention trim failed: %s", exc)
     batch_cfg = cfg.get("batch") or {}
     site = cfg.get("site") or grains.get("site")
-    batches = spool.next_batches(
-        max_batch_bytes=batch_cfg.get("max_bytes", DEFAULT_BATCH_BYTES),
-        max_run_bytes=min(batch_cfg.get("max_run_bytes", DEFAULT_RUN_BYTES), HARD_RUN_BYTES),
-        site=str(site) if site else None,
-    )
-    return [{"tag": "batch", **b} for b in batches]
+    max_batch = batch_cfg.get("max_bytes", DEFAULT_BATCH_BYTES)
+    max_run = min(batch_cfg.get("max_run_bytes", DEFAULT_RUN_BYTES), HARD_RUN_BYTES)
+    budget = _budget_for(cfg, opts)
+    if budget is not None:
+        batches = budget.emit(spool, max_batch_bytes=max_batch, site=str(site) if site else None)
+    else:
+        batches = spool.next_batches(
+            max_batch_bytes=max_batch, max_run_bytes=max_run, site=str(site) if site else None
+        )
+    return [{"tag": "batch", **finalize_batch(b, opts)} for b in batches]
 
 
 def run_mqtt_beacon(config: Any, opts: Mapping[str, Any], grains: Mapping[str, Any]) -> list[dict]:
@@ -229,6 +396,13 @@ def status(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> dict[str, Any]
             entry["topics"] = [
                 t.get("topic") for t in cfg.get("topics") or [] if isinstance(t, Mapping)
             ]
+        elif cfg["_module"] == "tributary_sysfs":
+            entry["root"] = cfg.get("root", "/")
+            entry["kinds"] = [
+                s.get("kind") for s in cfg.get("sources") or [] if isinstance(s, Mapping)
+            ]
+        if cfg.get("bandwidth"):
+            entry["bandwidth"] = dict(cfg["bandwidth"])
         sources[name] = entry
     if not paths:
         paths.add(spool_path({}, opts))
@@ -245,10 +419,13 @@ def status(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> dict[str, Any]
     out: dict[str, Any] = {"gateway": opts.get("id"), "sources": sources, "spools": spools}
     if len(spools) == 1:
         only = next(iter(spools.values()))
-        for key in ("epoch", "last_seq", "unsent", "counters", "state"):
+        for key in ("epoch", "last_seq", "unsent", "dropped", "counters", "state"):
             if key in only:
                 out[key] = only[key]
         out["spool_depth"] = only.get("held", {}).get("count", 0)
+        out["spool_bytes"] = only.get("bytes", 0)
+        out["spool_oldest_age_s"] = only.get("oldest_age_s", 0)
+        out["broker"] = (only.get("state") or {}).get("broker", "n/a")
     return out
 
 
@@ -281,4 +458,222 @@ def replay_batches(
         b["replay"] = request
         if site:
             b["site"] = str(site)
-    return batches
+    return [finalize_batch(b, opts) for b in batches]
+
+
+# -- sysfs and health beacons ---------------------------------------------------------------
+def sysfs_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> SysfsSource:
+    """The (registry-held) sysfs poller for this beacon config."""
+    path = spool_path(cfg, opts)
+    key = f"{path}|{cfg.get('_beacon_name', 'tributary_sysfs')}"
+    fp = _fingerprint({"root": cfg.get("root", "/"), "sources": cfg.get("sources")})
+    with _registry_lock:
+        current = _sources.get(key)
+        if current and current[0] == fp:
+            return current[1]
+        source = SysfsSource(str(cfg.get("root", "/")), compile_sources(cfg.get("sources")))
+        _sources[key] = (fp, source)
+        return source
+
+
+def run_sysfs_beacon(config: Any, opts: Mapping[str, Any], grains: Mapping[str, Any]) -> list[dict]:
+    """One ``tributary_sysfs`` run: read the due sensors, spool them, emit batches."""
+    cfg = config_to_dict(config)
+    cfg.setdefault("_beacon_name", "tributary_sysfs")
+    readings, rejects = sysfs_source(cfg, opts).poll()
+    for exc in rejects:
+        log.info("tributary sysfs: rejected: %s", exc)
+    if readings or rejects:
+        spool_readings(cfg, opts, readings, rejects)
+    return emit(cfg, opts, grains)
+
+
+def run_health_beacon(
+    config: Any, opts: Mapping[str, Any], grains: Mapping[str, Any]
+) -> list[dict]:
+    """One ``tributary_health`` run: spool the health metrics, emit batches, then heartbeat."""
+    cfg = config_to_dict(config)
+    cfg.setdefault("_beacon_name", "tributary_health")
+    spool = emitting_spool(cfg, opts)
+    now = health_mod.now_ms()
+    metrics = health_mod.collect(
+        spool.status(),
+        root=str(cfg.get("root", "/")),
+        disk_path=str(cfg.get("disk_path") or os.path.dirname(spool.path) or "/"),
+    )
+    if cfg.get("spool_metrics", True):
+        spool_readings(
+            cfg, opts, health_mod.readings(metrics, now, str(cfg.get("sensor", "health"))), []
+        )
+    out = emit(cfg, opts, grains)
+    st = spool.status()
+    metrics.update(
+        spool_unsent=st["unsent"],
+        spool_held=st["held"]["count"],
+        dropped=st["dropped"],
+        counters=st["counters"],
+    )
+    out.append(health_mod.event(spool.epoch, st["last_seq"], metrics, now))
+    site = cfg.get("site") or grains.get("site")
+    if site:
+        out[-1]["site"] = str(site)
+    return out
+
+
+# -- execution module helpers ---------------------------------------------------------------
+def read_now(
+    opts: Mapping[str, Any], pillar: Mapping[str, Any], sensor: str | None = None
+) -> dict[str, Any]:
+    """Read the sources now without spooling or emitting (``tributary.read``)."""
+    configs = find_beacon_configs(opts, pillar)
+    out: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name, cfg in configs.items():
+        if cfg["_module"] == "tributary_sysfs":
+            try:
+                src = SysfsSource(str(cfg.get("root", "/")), compile_sources(cfg.get("sources")))
+                readings, rejects = src.poll(force=True, match=sensor)
+            except SysfsConfigError as exc:
+                errors[name] = str(exc)
+                continue
+            for r in readings:
+                out[r.key] = {"value": r.value, "unit": r.unit, "ts_ms": r.ts_ms, "source": name}
+            for rej in rejects:
+                errors[f"{name}:{rej.detail.split(':')[0]}"] = f"{rej.reason}: {rej.detail}"
+        elif cfg["_module"] == "tributary_health":
+            metrics = health_mod.collect({}, root=str(cfg.get("root", "/")))
+            for r in health_mod.readings(metrics, health_mod.now_ms(), cfg.get("sensor", "health")):
+                if (
+                    sensor is None
+                    or fnmatch.fnmatchcase(r.sensor, sensor)
+                    or fnmatch.fnmatchcase(r.key, sensor)
+                ):
+                    out[r.key] = {
+                        "value": r.value,
+                        "unit": r.unit,
+                        "ts_ms": r.ts_ms,
+                        "source": name,
+                    }
+        elif cfg["_module"] == "tributary_mqtt":
+            # MQTT sensors push; "now" is the newest reading the broker delivered.
+            path = spool_path(cfg, opts)
+            if not os.path.exists(path):
+                continue
+            spool = GatewaySpool(path)
+            try:
+                for key, row in spool.latest().items():
+                    if sensor is not None and not (
+                        fnmatch.fnmatchcase(key.rsplit("/", 1)[0], sensor)
+                        or fnmatch.fnmatchcase(key, sensor)
+                    ):
+                        continue
+                    if key.startswith("health/") or key in out:
+                        continue
+                    out[key] = {
+                        "value": row["value"],
+                        "unit": row["unit"],
+                        "ts_ms": row["ts_ms"],
+                        "source": f"{name} (last received)",
+                    }
+            finally:
+                spool.close()
+    result: dict[str, Any] = {"readings": out}
+    if errors:
+        result["errors"] = errors
+    return result
+
+
+def tail(opts: Mapping[str, Any], pillar: Mapping[str, Any], n: int = 10) -> list[dict]:
+    spool = open_spool(opts, pillar)
+    try:
+        return spool.tail(max(1, min(int(n), 10_000)))
+    finally:
+        spool.close()
+
+
+def trim(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> dict[str, Any]:
+    spool = open_spool(opts, pillar)
+    try:
+        before = spool.held()
+        dropped = spool.trim()
+        after = spool.held()
+        return {
+            "dropped_unsent": dropped,
+            "held_before": before,
+            "held_after": after,
+            "budget": {"max_bytes": spool.max_bytes, "max_age_s": spool.max_age_s},
+        }
+    finally:
+        spool.close()
+
+
+def reset_counters(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> dict[str, Any]:
+    spool = open_spool(opts, pillar)
+    try:
+        return {"reset": True, "previous": spool.reset_counters()}
+    finally:
+        spool.close()
+
+
+# -- grains ---------------------------------------------------------------------------------
+def hardware_model(root: str = "/") -> str:
+    for rel in (
+        "proc/device-tree/model",
+        "sys/firmware/devicetree/base/model",
+        "sys/class/dmi/id/product_name",
+    ):
+        try:
+            with open(os.path.join(root, rel), encoding="utf-8", errors="replace") as fh:
+                text = fh.read().strip("\x00\n ")
+            if text:
+                return text
+        except OSError:
+            continue
+    import platform
+
+    return platform.machine() or "unknown"
+
+
+def grains(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``tributary`` grain: site, role, hardware model and the sensors present.
+
+    ``sensors`` lists metric kinds (``temperature``, ``humidity``, ...), so
+    ``salt -G 'tributary:sensors:temperature'`` targets gateways with a temperature sensor;
+    ``sensor_ids`` lists ``<sensor>/<metric>`` keys.
+    """
+    static = opts.get("grains") or {}
+    configs = find_beacon_configs(opts, {})
+    keys: set[str] = set()
+    metrics: set[str] = set()
+    site = static.get("site")
+    for cfg in configs.values():
+        site = site or cfg.get("site")
+        mod = cfg["_module"]
+        try:
+            if mod == "tributary_sysfs":
+                src = SysfsSource(str(cfg.get("root", "/")), compile_sources(cfg.get("sources")))
+                src._refresh(0.0)
+                keys.update(s.key for s in src.sensors)
+            elif mod == "tributary_mqtt":
+                for rule in compile_rules(cfg.get("topics")):
+                    if rule.metric and "{" not in rule.metric:
+                        metrics.add(rule.metric)
+                    metrics.update(f.metric for f in rule.fields)
+            path = spool_path(cfg, opts)
+            if os.path.exists(path) and mod != "tributary_health":
+                spool = GatewaySpool(path)
+                try:
+                    keys.update(k for k in spool.sensor_keys() if not k.startswith("health/"))
+                finally:
+                    spool.close()
+        except Exception as exc:  # grains must never fail the minion
+            log.warning("tributary grains: %s: %s", cfg.get("_beacon_name"), exc)
+    metrics.update(k.rsplit("/", 1)[1] for k in keys)
+    return {
+        "site": site,
+        "role": static.get("role") or ("gateway" if configs else None),
+        "hardware": hardware_model(),
+        "sensors": sorted(metrics),
+        "sensor_ids": sorted(keys),
+        "sources": sorted(c["_module"] for c in configs.values()),
+    }

@@ -18,9 +18,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from saltext.tributary.filters import Filters
 from saltext.tributary.payload import Mapper
 from saltext.tributary.reading import Reading, RejectedReading
-from saltext.tributary.spool import GatewaySpool
+from saltext.tributary.spool import GatewaySpool, SpoolFull
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,20 @@ class MqttSource:
     FLUSH_EVERY_S = 0.05
     FLUSH_ROWS = 500
 
-    def __init__(self, broker: BrokerConfig, mapper: Mapper, spool_path: str, **spool_kw: Any):
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        mapper: Mapper,
+        spool_path: str,
+        filters: Filters | None = None,
+        **spool_kw: Any,
+    ):
         import paho.mqtt.client as mqtt  # gateway extra
 
         self.broker = broker
         self.mapper = mapper
+        self.filters = filters or Filters([])
+        self._pending_aside: list[tuple[Reading, str]] = []
         self.spool_path = spool_path
         self.spool_kw = spool_kw
         self._pending: list[Reading] = []
@@ -80,6 +90,7 @@ class MqttSource:
         self._flusher = threading.Thread(target=self._flush_loop, name="tributary-mqtt-flush")
         self._flusher.daemon = True
         self._spool: GatewaySpool | None = None
+        self._reported_state = ""
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -133,20 +144,32 @@ class MqttSource:
         except Exception as exc:  # never let a parser bug kill the subscriber
             counts["rejected:parser_error"] += 1
             log.exception("tributary mqtt: parser error on %s: %s", msg.topic, exc)
+        aside: list[tuple[Reading, str]] = []
+        if readings:
+            readings, fcounts, aside = self.filters.apply(readings)
+            counts.update(fcounts)
         with self._lock:
             self._pending.extend(readings)
+            self._pending_aside.extend(aside)
             self._pending_counts.update(counts)
             if msg.qos > 0:
                 self._pending_acks.append(msg.mid)
             full = len(self._pending) >= self.FLUSH_ROWS
         if full:
-            self._flush()
+            try:
+                self._flush()
+            except Exception as exc:  # the flusher thread retries; never raise into paho
+                log.warning("tributary mqtt: spool append failed (%s); will retry", exc)
 
     # -- spooling (flusher thread) ----------------------------------------------------------
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.FLUSH_EVERY_S):
             try:
                 self._flush()
+            except SpoolFull as exc:
+                # Nothing acknowledged: the broker keeps the messages until there is room.
+                log.error("tributary mqtt: %s; holding acknowledgements, retrying", exc)
+                time.sleep(1)
             except Exception:  # keep flushing: a transient sqlite error must not end the thread
                 log.exception("tributary mqtt: spool flush failed; will retry")
                 time.sleep(1)
@@ -154,19 +177,24 @@ class MqttSource:
     def _flush(self) -> None:
         with self._lock:
             if not self._pending and not self._pending_acks and not self._pending_counts:
+                if self._spool is not None and self._reported_state != self.state:
+                    self._spool.set_state("broker", self.state)
+                    self._reported_state = self.state
                 return
             readings, self._pending = self._pending, []
+            aside, self._pending_aside = self._pending_aside, []
             acks, self._pending_acks = self._pending_acks, []
             counts, self._pending_counts = self._pending_counts, Counter()
             if self._spool is None:
                 self._spool = GatewaySpool(self.spool_path, **self.spool_kw)
             spool = self._spool
             try:
-                spool.append(readings, counts)
+                spool.append(readings, counts, aside)
                 spool.set_state("broker", self.state)
             except BaseException:
                 # Put them back: nothing is acknowledged that is not committed.
                 self._pending[:0] = readings
+                self._pending_aside[:0] = aside
                 self._pending_acks[:0] = acks
                 self._pending_counts.update(counts)
                 raise

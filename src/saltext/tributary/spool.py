@@ -34,7 +34,12 @@ CREATE TABLE IF NOT EXISTS readings (seq INTEGER PRIMARY KEY, sid INTEGER NOT NU
                                      ts INTEGER NOT NULL, value REAL NOT NULL,
                                      added INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS aside (id INTEGER PRIMARY KEY, key TEXT NOT NULL, ts INTEGER NOT NULL,
+                                  value REAL NOT NULL, reason TEXT NOT NULL,
+                                  added INTEGER NOT NULL);
 """
+#: Readings set aside (implausible values) kept for inspection; the oldest go first.
+ASIDE_KEEP = 1000
 #: Rough on-disk bytes per reading row (for the byte budget; measured with sqlite3_analyzer-like
 #: page counts on a 100k-row spool: ~30 B of row + index overhead).
 ROW_BYTES = 32
@@ -42,6 +47,19 @@ ROW_BYTES = 32
 
 class SpoolError(RuntimeError):
     """A request the spool cannot satisfy (unknown epoch, range no longer held)."""
+
+
+class SpoolFull(RuntimeError):
+    """The spool's filesystem is full: nothing of the failed append was committed.
+
+    Callers keep the readings (the MQTT source does not acknowledge them, so the broker keeps
+    them) and retry; readings committed earlier are untouched.
+    """
+
+
+def _is_full(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "full" in text or "no space" in text
 
 
 def _now_ms() -> int:
@@ -141,8 +159,12 @@ class GatewaySpool:
     def counters(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT name, n FROM counters ORDER BY name").fetchall())
 
-    def reset_counters(self) -> None:
-        self.db.execute("DELETE FROM counters")
+    def reset_counters(self) -> dict[str, int]:
+        """Zero every counter; returns the values they had."""
+        with self._lock:
+            before = self.counters()
+            self.db.execute("DELETE FROM counters")
+        return before
 
     def set_state(self, key: str, value: str) -> None:
         """Store a runtime fact (broker connection, last error) for status readers."""
@@ -165,13 +187,32 @@ class GatewaySpool:
         return sid
 
     def append(
-        self, readings: Sequence[Reading], counts: Mapping[str, int] | None = None
+        self,
+        readings: Sequence[Reading],
+        counts: Mapping[str, int] | None = None,
+        aside: Sequence[tuple[Reading, str]] = (),
     ) -> tuple[int, int]:
         """Append readings in one transaction; returns (first_seq, last_seq) (0, 0 if none).
 
         ``counts`` are added to the counters in the same transaction, so a crash never leaves
-        counters and data disagreeing.
+        counters and data disagreeing. ``aside`` are readings set aside with their reason
+        (implausible values), kept for inspection but never numbered or emitted. A full disk
+        raises :class:`SpoolFull` with nothing committed.
         """
+        try:
+            return self._append(readings, counts, aside)
+        except sqlite3.OperationalError as exc:
+            if _is_full(exc):
+                log.error("tributary spool %s: filesystem full, append refused: %s", self.path, exc)
+                raise SpoolFull(f"spool {self.path}: filesystem full ({exc})") from exc
+            raise
+
+    def _append(
+        self,
+        readings: Sequence[Reading],
+        counts: Mapping[str, int] | None,
+        aside: Sequence[tuple[Reading, str]],
+    ) -> tuple[int, int]:
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -185,10 +226,22 @@ class GatewaySpool:
                 if rows:
                     self.db.executemany("INSERT INTO readings VALUES (?, ?, ?, ?, ?)", rows)
                     self.db.execute("UPDATE meta SET v=? WHERE k='last_seq'", (str(last),))
+                if aside:
+                    self.db.executemany(
+                        "INSERT INTO aside (key, ts, value, reason, added) VALUES (?, ?, ?, ?, ?)",
+                        [(r.key, r.ts_ms, r.value, why, now) for r, why in aside],
+                    )
+                    self.db.execute(
+                        "DELETE FROM aside WHERE id <= (SELECT MAX(id) FROM aside) - ?",
+                        (ASIDE_KEEP,),
+                    )
                 self._bump({"spooled": len(rows), **(counts or {})})
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
                 self._sensor_ids.clear()
                 raise
         return (first, last) if rows else (0, 0)
@@ -234,6 +287,38 @@ class GatewaySpool:
             n = min(n - 1, int(n * max_bytes / size * 0.95))
         return None
 
+    def peek_unsent(self, max_rows: int = 8_000) -> tuple[list[SpooledReading], int]:
+        """The next unsent readings (contiguous, oldest first) and the not-yet-reported drops."""
+        cursor = int(self._meta("cursor") or 0)
+        oldest = self.db.execute("SELECT MIN(seq) FROM readings").fetchone()[0]
+        rows = self._rows(max(cursor + 1, oldest or 0), None, max_rows)
+        for n in range(1, len(rows)):
+            if rows[n].seq != rows[n - 1].seq + 1:
+                rows = rows[:n]
+                break
+        return rows, int(self._meta("undelivered_dropped") or 0)
+
+    def mark_emitted(self, batch: Mapping[str, Any], readings: int) -> None:
+        """Move the cursor past ``batch`` and count it (one transaction)."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("UPDATE meta SET v=? WHERE k='cursor'", (str(batch["last"]),))
+                if batch.get("dropped"):
+                    self.db.execute(
+                        "UPDATE meta SET v=CAST(MAX(0, CAST(v AS INTEGER) - ?) AS TEXT)"
+                        " WHERE k='undelivered_dropped'",
+                        (int(batch["dropped"]),),
+                    )
+                counts = {"emitted": readings, "batches": 1}
+                if batch.get("agg"):
+                    counts.update(aggregated=readings, agg_batches=1, agg_rows=len(batch["r"]))
+                self._bump(counts)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
     def next_batches(
         self,
         *,
@@ -249,29 +334,19 @@ class GatewaySpool:
         """
         out: list[dict[str, Any]] = []
         spent = 0
-        with self._lock:
-            while spent < max_run_bytes:
-                cursor = int(self._meta("cursor") or 0)
-                oldest = self.db.execute("SELECT MIN(seq) FROM readings").fetchone()[0]
-                lo = max(cursor + 1, oldest or 0)
-                rows = self._rows(lo, None, max_rows)
-                if not rows:
-                    break
-                dropped = int(self._meta("undelivered_dropped") or 0)
-                got = self._batch_within(
-                    rows, min(max_batch_bytes, max_run_bytes - spent), site=site, dropped=dropped
-                )
-                if got is None:
-                    break
-                batch, size = got
-                self.db.execute("BEGIN IMMEDIATE")
-                self.db.execute("UPDATE meta SET v=? WHERE k='cursor'", (str(batch["last"]),))
-                if dropped:
-                    self.db.execute("UPDATE meta SET v='0' WHERE k='undelivered_dropped'")
-                self._bump({"emitted": len(batch["r"]), "batches": 1})
-                self.db.execute("COMMIT")
-                out.append(batch)
-                spent += size
+        while spent < max_run_bytes:
+            rows, dropped = self.peek_unsent(max_rows)
+            if not rows:
+                break
+            got = self._batch_within(
+                rows, min(max_batch_bytes, max_run_bytes - spent), site=site, dropped=dropped
+            )
+            if got is None:
+                break
+            batch, size = got
+            self.mark_emitted(batch, len(batch["r"]))
+            out.append(batch)
+            spent += size
         return out
 
     def replay(
@@ -308,6 +383,29 @@ class GatewaySpool:
     def held(self) -> dict[str, Any]:
         lo, hi = self.db.execute("SELECT MIN(seq), MAX(seq) FROM readings").fetchone()
         return {"epoch": self.epoch, "first": lo, "last": hi}
+
+    def set_aside(self, n: int = 20) -> list[dict[str, Any]]:
+        """The last readings set aside (implausible), newest last."""
+        rows = self.db.execute(
+            "SELECT key, ts, value, reason FROM aside ORDER BY id DESC LIMIT ?", (n,)
+        ).fetchall()
+        return [
+            {"key": k, "ts_ms": ts, "value": v, "reason": why} for k, ts, v, why in reversed(rows)
+        ]
+
+    def latest(self) -> dict[str, dict[str, Any]]:
+        """The newest held reading of every sensor key."""
+        rows = self.db.execute(
+            "SELECT s.key, s.unit, r.seq, r.ts, r.value FROM readings r JOIN sensors s"
+            " ON s.id = r.sid WHERE r.seq IN (SELECT MAX(seq) FROM readings GROUP BY sid)"
+        ).fetchall()
+        return {
+            k: {"unit": u or None, "seq": seq, "ts_ms": ts, "value": v} for k, u, seq, ts, v in rows
+        }
+
+    def sensor_keys(self) -> list[str]:
+        """Every sensor key this spool has numbered (``<sensor>/<metric>``)."""
+        return [k for (k,) in self.db.execute("SELECT key FROM sensors ORDER BY key")]
 
     def tail(self, n: int = 10) -> list[dict[str, Any]]:
         last = int(self._meta("last_seq") or 0)
@@ -385,15 +483,19 @@ class GatewaySpool:
             )
         except OSError:
             size = 0
+        counters = self.counters()
         return {
             "path": self.path,
             "epoch": self.epoch,
             "last_seq": last,
             "cursor": cursor,
-            "unsent": last - cursor,
+            "unsent": max(0, last - cursor),
             "held": {"first": held["first"], "last": held["last"], "count": n},
             "oldest_age_s": round((_now_ms() - oldest_added) / 1000, 1) if oldest_added else 0,
             "bytes": size,
-            "counters": self.counters(),
+            "dropped": counters.get("dropped", 0),
+            "dropped_not_yet_reported": int(self._meta("undelivered_dropped") or 0),
+            "budget": {"max_bytes": self.max_bytes, "max_age_s": self.max_age_s},
+            "counters": counters,
             "state": states,
         }

@@ -1,0 +1,60 @@
+"""
+Tributary health beacon: the gateway's heartbeat.
+
+Each run spools the numeric health metrics as readings of sensor ``health`` (CPU temperature,
+load, memory, disk, uptime, broker connectivity, spool depth and bytes, drops) in the gateway
+spool, emits the next unsent batches, and returns one event tagged ``health``
+(``salt/beacon/<minion id>/tributary_health/health``) with ``v``, ``epoch`` and ``last_seq``
+of the spool plus every metric and counter: the top master uses ``last_seq`` to see a lost
+tail. The logic lives in :mod:`saltext.tributary.health` and :mod:`saltext.tributary.gateway`.
+
+Configuration (minion config or pillar)::
+
+    beacons:
+      tributary_health:
+        - interval: 60
+
+With every option::
+
+    beacons:
+      tributary_health:
+        - root: /
+        - disk_path: /var/cache/salt
+        - sensor: health
+        - spool_metrics: true
+        - spool:
+            path: /var/cache/salt/minion/tributary/spool.db
+            max_bytes: 536870912
+            max_age_s: 604800
+        - interval: 60
+"""
+
+import logging
+
+try:
+    from saltext.tributary import gateway
+
+    HAS_LIBS = True
+    MISSING = ""
+except ImportError as _exc:
+    HAS_LIBS = False
+    MISSING = str(_exc)
+
+log = logging.getLogger(__name__)
+__virtualname__ = "tributary_health"
+
+
+def __virtual__():
+    if not HAS_LIBS:
+        return False, f"tributary_health: the saltext.tributary package is not installed: {MISSING}"
+    return __virtualname__
+
+
+def validate(config):
+    """Validate the beacon configuration; returns ``(bool, message)`` and never raises."""
+    return gateway.validate_health(config)
+
+
+def beacon(config):
+    """Spool health metrics, emit the next unsent batches and the heartbeat event."""
+    return gateway.run_health_beacon(config, __opts__, __grains__)
