@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from saltext.tributary.reading import Reading, RejectedReading, check_name, make_reading
+from saltext.tributary.reading import (
+    Reading,
+    RejectedReading,
+    check_name,
+    check_ts,
+    make_reading,
+)
 
 FORMATS = ("number", "json", "senml", "flat")
 MAX_PAYLOAD = 65_536
@@ -309,7 +315,7 @@ class Mapper:
         if rule.ts_field:
             raw_ts = _get(doc, rule.ts_field)
             if raw_ts is not None:
-                ts = _ts(raw_ts, rule.ts_format)
+                ts = check_ts(_ts(raw_ts, rule.ts_format))
         out: list[Reading] = []
         if rule.fmt == "json" or (rule.fmt == "flat" and rule.fields):
             for f in rule.fields:
