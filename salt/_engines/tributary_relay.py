@@ -7,6 +7,15 @@ at once; a shipper thread bulk-creates one document per reading with the id
 ``<gateway>:<epoch>:<seq>`` and removes a batch from the spool only when Elasticsearch has
 confirmed every document (created, already present, or dead-lettered).
 
+Origin: every batch must carry a valid signature by its gateway's own minion key (see
+``saltext.tributary.signing``); keys come from this master's accepted keys and from the key
+sets that ``tributary_keys`` engines on syndic masters publish. Unsigned, mis-signed or
+unknown-key batches go to the dead-letter index with the reason (``allow_unsigned: true`` lets
+unsigned ones through during a migration).
+
+A gap-repair thread (``saltext.tributary.repair``) asks gateways to replay what the ledger
+shows missing, through LocalClient (it works through syndics).
+
 Configuration (master config)::
 
     engines:
@@ -19,11 +28,26 @@ Configuration (master config)::
             ca_certs: /etc/salt/pki/es-ca.crt
             replicas: 1
           index_prefix: tributary
-          indices: daily
+          indices: daily            # daily | single | data_stream (needs a full ES distribution)
           bulk:
             max_docs: 5000
             max_wait_s: 0.2
+          backoff: {min_s: 0.5, max_s: 30}
           # spool_path: /var/cache/salt/master/tributary/relay.db
+          spool_max_bytes: 2147483648   # past it: oldest batches dropped, counted, logged
+          allow_unsigned: false
+          key_wait_s: 120            # how long a batch waits for its gateway's key set
+          metrics_interval_s: 30     # pipeline self-metrics into <prefix>-metrics-*
+          gaps:
+            enabled: true
+            grace_s: 60              # a gap open this long is requested
+            check_s: 5
+            backoff_s: 30            # per gap, doubled per request, capped by backoff_max_s
+            backoff_max_s: 600
+            per_minute: 6            # replay requests, fleet-wide
+            max_attempts: 8
+            max_readings: 20000      # per request
+            timeout_s: 60
 """
 
 import logging
@@ -61,6 +85,18 @@ def validate(config):
     return relay_lib.validate_relay(config)
 
 
+def _replay_fn(timeout):
+    import salt.client
+
+    client = salt.client.get_local_client(mopts=__opts__)
+
+    def replay(gateway, epoch, lo, hi):
+        ret = client.cmd(gateway, "tributary.replay", [epoch, lo, hi], timeout=timeout)
+        return (ret or {}).get(gateway)
+
+    return replay
+
+
 def start(**config):
     """Run the relay until the master stops it."""
     ok, msg = validate(config)
@@ -69,21 +105,53 @@ def start(**config):
         raise ValueError(msg)
     es_cfg = config["elasticsearch"]
     client = es_lib.make_client(es_cfg)
-    rcfg = relay_lib.relay_config(config, __opts__["cachedir"])
+    rcfg = relay_lib.relay_config(config, __opts__["cachedir"], __opts__.get("pki_dir"))
 
     def setup():
         es_lib.install_templates(
-            client, rcfg.prefix, replicas=es_cfg.get("replicas", 1), shards=es_cfg.get("shards", 1)
+            client,
+            rcfg.prefix,
+            replicas=es_cfg.get("replicas", 1),
+            shards=es_cfg.get("shards", 1),
+            data_streams=config.get("indices") == "data_stream",
         )
 
     relay = relay_lib.Relay(client, rcfg, setup=setup)
+    relay.name = __opts__.get("id") or "relay"
     # Fail loudly at start on a wrong password, CA or URL; events are still spooled meanwhile
     # and the shipper retries the set-up with backoff.
     try:
         setup()
         relay.ready = True
     except Exception as exc:  # pylint: disable=broad-except
-        log.critical("tributary relay: Elasticsearch is not usable at start: %s", exc)
-    with salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=True) as bus:
-        log.info("tributary relay: started, spool %s", rcfg.spool_path)
-        relay_lib.run(lambda: bus.get_event(wait=1, full=True, auto_reconnect=True), relay)
+        log.critical(
+            "tributary relay: Elasticsearch %s is not usable at start (wrong URL, CA or"
+            " credentials?): %s",
+            es_cfg.get("hosts"),
+            exc,
+        )
+    repairer = None
+    gaps = config.get("gaps") or {}
+    if gaps.get("enabled", True):
+        from saltext.tributary.repair import GapRepairer
+
+        repairer = GapRepairer(
+            lambda: relay_lib.RelaySpool(rcfg.spool_path).ledger,
+            _replay_fn(rcfg.replay_timeout_s),
+            grace_s=rcfg.gap_grace_s,
+            check_s=rcfg.gap_check_s,
+            backoff_s=rcfg.replay_backoff_s,
+            backoff_max_s=rcfg.replay_backoff_max_s,
+            per_minute=rcfg.replay_per_minute,
+            max_attempts=rcfg.replay_max_attempts,
+            max_readings=rcfg.replay_max_readings,
+            count=relay._inc,  # pylint: disable=protected-access
+        )
+        repairer.start()
+    try:
+        with salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=True) as bus:
+            log.info("tributary relay: started, spool %s", rcfg.spool_path)
+            relay_lib.run(lambda: bus.get_event(wait=1, full=True, auto_reconnect=True), relay)
+    finally:
+        if repairer is not None:
+            repairer.stop()

@@ -1,13 +1,18 @@
 """
 Tributary on the top master: where every reading is.
 
-The logic lives in :mod:`saltext.tributary.relay`; this runner is its Salt face.
+The logic lives in :mod:`saltext.tributary.relay`, :mod:`saltext.tributary.ledger` and
+:mod:`saltext.tributary.repair`; this runner is their Salt face. It reads the relay engine's
+configuration from this master's ``engines`` list and its spool (ledger, counters) from disk,
+so it works while the engine runs.
 """
 
 import logging
+import time
 
 try:
     from saltext.tributary import relay as relay_lib
+    from saltext.tributary import repair as repair_lib
 
     HAS_LIBS = True
     MISSING = ""
@@ -25,15 +30,99 @@ def __virtual__():
     return __virtualname__
 
 
-def status():
+def status(check_es=True):
     """
-    The relay on this master: spool depth and age, and its counters (events in, batches in,
-    duplicate events, readings in, indexed, already present, dead-lettered, retried).
+    Where every reading is. Per gateway: epoch, last accounted sequence, lag (seconds since the
+    last indexed batch), how far behind its heartbeat it is, open and given-up gaps, missing
+    readings, replays requested, indexed, rejected and dead-lettered counts, relay spool depth
+    and the gateway spool facts from its last heartbeat. Fleet totals, the relay spool, the key
+    sets published by syndics, and whether Elasticsearch is reachable with the engine's
+    configuration (URL, credentials, CA): ``result`` is False when it is not.
 
     CLI Example:
 
     .. code-block:: bash
 
         salt-run tributary.status
+        salt-run tributary.status check_es=False
     """
-    return {"relay": relay_lib.status_from_opts(__opts__)}
+    return relay_lib.status_from_opts(__opts__, check_es=bool(check_es))
+
+
+def gaps(gateway=None, given_up=True):
+    """
+    Sequence gaps the relay's ledger knows of: gateway, epoch, from, to, how long open, replay
+    attempts, state (open / given_up) and the reason a gap was given up.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run tributary.gaps
+        salt-run tributary.gaps gateway=gw-brisbane-1 given_up=False
+    """
+    _, spool = relay_lib.open_status_spool(__opts__)
+    if spool is None:
+        return []
+    try:
+        now = time.time()
+        spool.ledger.refresh(now)
+        return [
+            g.as_dict(now)
+            for g in spool.ledger.gaps(gateway or None, include_given_up=bool(given_up))
+        ]
+    finally:
+        spool.close()
+
+
+def replay(gateway, epoch=None, from_seq=None, to_seq=None, timeout=60):
+    """
+    Ask a gateway (through its syndic) to re-emit readings. With ``epoch``, ``from_seq`` and
+    ``to_seq``: that range. Without: every open gap the ledger holds for that gateway, now,
+    regardless of grace period and backoff (a gap the gateway no longer holds is given up with
+    the gateway's reason). Document ids are deterministic, so nothing is indexed twice.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run tributary.replay gw-brisbane-1
+        salt-run tributary.replay gw-brisbane-1 3f9c2a1b7d10 1200 1300
+    """
+    import salt.client
+
+    client = salt.client.get_local_client(mopts=__opts__)
+
+    def call(gw, ep, lo, hi):
+        ret = client.cmd(gw, "tributary.replay", [ep, int(lo), int(hi)], timeout=int(timeout))
+        return (ret or {}).get(gw)
+
+    if epoch is not None:
+        if from_seq is None or to_seq is None:
+            return {"result": False, "error": "give epoch, from_seq and to_seq, or none of them"}
+        answer = call(gateway, str(epoch), from_seq, to_seq)
+        outcome, detail = repair_lib.classify(answer)
+        return {"result": outcome == "ok", "outcome": outcome, "detail": detail, "answer": answer}
+    rcfg, spool = relay_lib.open_status_spool(__opts__)
+    if spool is None:
+        return {"result": False, "error": "no relay spool on this master"}
+    try:
+        rep = repair_lib.GapRepairer(
+            lambda: spool.ledger,
+            call,
+            backoff_s=rcfg.replay_backoff_s,
+            backoff_max_s=rcfg.replay_backoff_max_s,
+            max_readings=rcfg.replay_max_readings,
+            count=lambda name, n: spool.bump({name: n}),
+        )
+        spool.ledger.refresh()
+        requested = [
+            rep.request(spool.ledger, gap)
+            for gap in spool.ledger.gaps(gateway, include_given_up=False)
+        ]
+    finally:
+        spool.close()
+    return {
+        "result": all(d["outcome"] != "retry" for d in requested),
+        "requests": requested,
+    }

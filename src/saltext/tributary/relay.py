@@ -22,12 +22,14 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
+from saltext.tributary import signing
 from saltext.tributary.es import index_name
+from saltext.tributary.ledger import Ledger
 from saltext.tributary.reading import doc_id
 from saltext.tributary.wire import WireError, decode_batch
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 TAG_RE = re.compile(
     r"^(?:syndic/[^/]+/)*salt/beacon/(?P<gw>[^/]+)/(?P<beacon>[^/]+)/(?P<kind>batch|health)$"
 )
+KEYS_RE = re.compile(r"^(?:syndic/[^/]+/)*tributary/keys/(?P<syndic>[^/]+)$")
 RETRYABLE = {429, 500, 502, 503, 504}
 
 SCHEMA = """
@@ -43,7 +46,15 @@ CREATE TABLE IF NOT EXISTS batches (id INTEGER PRIMARY KEY, gateway TEXT NOT NUL
     kind TEXT NOT NULL, ukey TEXT NOT NULL UNIQUE, received INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS heartbeat_facts (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS gateway_keys (gateway TEXT NOT NULL, source TEXT NOT NULL,
+    pem TEXT NOT NULL, updated REAL NOT NULL, PRIMARY KEY (gateway, source));
 """
+#: Columns added after the first release of the spool schema (migrated in place).
+EXTRA_COLUMNS = {
+    "hold_until": "INTEGER NOT NULL DEFAULT 0",
+    "n": "INTEGER NOT NULL DEFAULT 0",
+}
 
 
 def _now_ms() -> int:
@@ -61,6 +72,25 @@ class RelayConfig:
     backoff_max_s: float = 30.0
     daily: bool = True
     dedup_window: int = 20_000
+    #: Relay spool disk budget; past it the oldest batches are dropped (counted, logged).
+    max_spool_bytes: int = 2 * 1024**3
+    #: The top master's own pki_dir (accepted keys of directly attached gateways, syndics).
+    pki_dir: str = "/etc/salt/pki/master"
+    #: Accept unsigned batches (migrations only); mis-signed batches are still refused.
+    allow_unsigned: bool = False
+    #: How long a batch whose gateway key is not known yet waits for a key set.
+    key_wait_s: float = 120.0
+    #: Gap repair: grace period, request backoff, rate limit, attempts, request size.
+    gap_grace_s: float = 60.0
+    gap_check_s: float = 5.0
+    replay_backoff_s: float = 30.0
+    replay_backoff_max_s: float = 600.0
+    replay_per_minute: int = 6
+    replay_max_attempts: int = 8
+    replay_max_readings: int = 20_000
+    replay_timeout_s: float = 60.0
+    #: Pipeline self-metrics into ``<prefix>-metrics-*`` every so often (0 = off).
+    metrics_interval_s: float = 30.0
 
 
 class RelaySpool:
@@ -73,19 +103,91 @@ class RelaySpool:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(batches)")}
+        for col, decl in EXTRA_COLUMNS.items():
+            if col not in have:
+                try:
+                    self.db.execute(f"ALTER TABLE batches ADD COLUMN {col} {decl}")
+                except sqlite3.OperationalError:  # another connection migrated it meanwhile
+                    pass
+        self.ledger = Ledger(self.db)
+        self._puts = 0
 
     def put(self, gateway: str, kind: str, ukey: str, data: Any) -> bool:
         body = msgpack.packb(data, use_bin_type=True, default=str)
+        rows = data.get("r") if isinstance(data, Mapping) else None
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO batches (gateway, kind, ukey, received, body)"
-            " VALUES (?,?,?,?,?)",
-            (gateway, kind, ukey, _now_ms(), body),
+            "INSERT OR IGNORE INTO batches (gateway, kind, ukey, received, body, n)"
+            " VALUES (?,?,?,?,?,?)",
+            (gateway, kind, ukey, _now_ms(), body, len(rows) if isinstance(rows, list) else 0),
         )
         return cur.rowcount == 1
 
+    def used_bytes(self) -> int:
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = self.db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+
+    def enforce_budget(self, max_bytes: int) -> tuple[int, int]:
+        """Drop the oldest batches until the spool fits ``max_bytes``: (batches, readings)."""
+        batches = readings = 0
+        while self.used_bytes() > max_bytes:
+            rows = self.db.execute("SELECT id, n FROM batches ORDER BY id LIMIT 4").fetchall()
+            if not rows:
+                break
+            self.db.executemany("DELETE FROM batches WHERE id=?", [(r[0],) for r in rows])
+            batches += len(rows)
+            readings += sum(r[1] for r in rows)
+        return batches, readings
+
+    def hold(self, ids: list[int], until_ms: int) -> None:
+        self.db.executemany(
+            "UPDATE batches SET hold_until=? WHERE id=?", [(until_ms, i) for i in ids]
+        )
+
+    def release_holds(self) -> None:
+        self.db.execute("UPDATE batches SET hold_until=0 WHERE hold_until>0")
+
+    def set_keys(self, source: str, keys: Mapping[str, str]) -> None:
+        """Replace the accepted keys published by ``source`` (a syndic id)."""
+        now = time.time()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("DELETE FROM gateway_keys WHERE source=?", (source,))
+            self.db.executemany(
+                "INSERT INTO gateway_keys VALUES (?,?,?,?)",
+                [(gw, source, pem, now) for gw, pem in keys.items()],
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def keys_for(self, gateway: str) -> list[str]:
+        return [
+            r[0]
+            for r in self.db.execute("SELECT pem FROM gateway_keys WHERE gateway=?", (gateway,))
+        ]
+
+    def key_sources(self) -> dict[str, int]:
+        return dict(
+            self.db.execute("SELECT source, COUNT(*) FROM gateway_keys GROUP BY source").fetchall()
+        )
+
+    def depth_by_gateway(self) -> dict[str, tuple[int, int]]:
+        return {
+            gw: (b, n)
+            for gw, b, n in self.db.execute(
+                "SELECT gateway, COUNT(*), SUM(n) FROM batches GROUP BY gateway"
+            )
+        }
+
     def take(self, limit: int) -> list[tuple[int, str, str, int, Any]]:
         rows = self.db.execute(
-            "SELECT id, gateway, kind, received, body FROM batches ORDER BY id LIMIT ?", (limit,)
+            "SELECT id, gateway, kind, received, body FROM batches WHERE hold_until<=?"
+            " ORDER BY id LIMIT ?",
+            (_now_ms(), limit),
         ).fetchall()
         return [
             (i, gw, kind, rec, msgpack.unpackb(body, raw=False, strict_map_key=False))
@@ -122,6 +224,13 @@ class Docs:
     owners: list[int]  # spool row id per operation
     originals: list[dict[str, Any]]
     ids: list[int]
+    #: per spool row: (gateway, epoch, first, last) accounted for once the row is done
+    ranges: dict[int, tuple[str, str, int, int]] = field(default_factory=dict)
+    #: per spool row: (gateway, epoch, last_seq) from a health heartbeat
+    heartbeats: dict[int, tuple[str, str, int]] = field(default_factory=dict)
+    facts: dict[int, tuple[str, Any]] = field(default_factory=dict)
+    #: rows waiting for their gateway's key (not shipped now)
+    held: list[int] = field(default_factory=list)
 
 
 def batch_key(gateway: str, data: Mapping[str, Any]) -> str:
@@ -148,12 +257,18 @@ class Relay:
         self.counters: Counter[str] = Counter()
         self._clock = threading.Lock()
         self.last_error: str | None = None
+        self._puts = 0
+        self._last_metrics = time.monotonic()
+        self.name = "relay"
 
     # -- intake (event loop thread) -------------------------------------------------------
     def accept(self, tag: str, data: Any) -> bool:
         """Spool one bus event if it is a Tributary batch; True if it was taken."""
         m = TAG_RE.match(tag)
         if m is None:
+            k = KEYS_RE.match(tag)
+            if k is not None:
+                return self.accept_keys(k.group("syndic"), data)
             return False
         gateway, kind = m.group("gw"), m.group("kind")
         self._inc("events_in", 1)
@@ -175,10 +290,80 @@ class Relay:
         payload = {k: v for k, v in data.items() if k not in ("_stamp",)}
         if self.spool.put(gateway, kind, ukey, payload):
             self._inc("batches_in", 1)
+            self._puts += 1
+            if self._puts % 64 == 0:
+                self.check_budget()
             self._wake.set()
             return True
         self._inc("duplicate_events", 1)
         return False
+
+    def check_budget(self) -> None:
+        """Past the disk budget, drop the oldest spooled batches: counted, logged loudly."""
+        batches, readings = self.spool.enforce_budget(self.config.max_spool_bytes)
+        if batches:
+            self._inc("spool_dropped_batches", batches)
+            self._inc("spool_dropped_readings", readings)
+            log.error(
+                "tributary relay: spool past its budget of %d bytes: dropped the %d oldest"
+                " batches (%d readings); the ledger will ask gateways to replay them",
+                self.config.max_spool_bytes,
+                batches,
+                readings,
+            )
+
+    def accept_keys(self, syndic_id: str, data: Any) -> bool:
+        """A syndic master's accepted gateway keys, signed by that syndic's own key."""
+        if (
+            isinstance(data, Mapping)
+            and "keys" not in data
+            and isinstance(data.get("data"), Mapping)
+        ):
+            data = data["data"]
+        digest = repr(data.get("sig") if isinstance(data, Mapping) else data)
+        if digest in self._recent:
+            return False
+        self._recent[digest] = None
+        try:
+            keys = signing.verify_keyset(syndic_id, data, self.local_key(syndic_id))
+        except signing.SignatureError as exc:
+            self._inc(f"keyset_rejected:{exc.reason}", 1)
+            log.error("tributary relay: key set claiming syndic %s refused: %s", syndic_id, exc)
+            return False
+        self.spool.set_keys(syndic_id, keys)
+        self.spool.release_holds()
+        self._inc("keysets_in", 1)
+        self._wake.set()
+        return True
+
+    def local_key(self, minion_id: str) -> str | None:
+        """The key this master itself accepted for ``minion_id`` (None if not accepted)."""
+        if not minion_id or minion_id in (".", "..") or os.sep in minion_id:
+            return None
+        path = os.path.join(self.config.pki_dir, "minions", minion_id)
+        try:
+            with open(path, encoding="ascii") as fh:
+                return fh.read()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def check_origin(self, spool: RelaySpool, gateway: str, data: Mapping[str, Any]) -> None:
+        """Raise SignatureError unless the batch is signed by ``gateway``'s accepted key."""
+        pems = [p for p in [self.local_key(gateway), *spool.keys_for(gateway)] if p]
+        if data.get("sig") is None and self.config.allow_unsigned:
+            self._inc("unsigned_accepted", 1)
+            return
+        if not pems:
+            signing.verify_batch(gateway, data, None)
+        last: signing.SignatureError | None = None
+        for pem in pems:
+            try:
+                signing.verify_batch(gateway, data, pem)
+                return
+            except signing.SignatureError as exc:
+                last = exc
+        assert last is not None
+        raise last
 
     # -- shipping (shipper thread) --------------------------------------------------------
     def start(self) -> None:
@@ -196,6 +381,7 @@ class Relay:
         backoff = self.config.backoff_min_s
         while not self._stop.is_set():
             try:
+                self._maybe_metrics(spool)
                 shipped = self.ship_once(spool)
                 backoff = self.config.backoff_min_s
                 if not shipped:
@@ -213,38 +399,69 @@ class Relay:
                 backoff = min(backoff * 2, self.config.backoff_max_s)
         spool.close()
 
-    def build_docs(self, rows: list[tuple[int, str, str, int, Any]]) -> Docs:
+    def build_docs(
+        self, rows: list[tuple[int, str, str, int, Any]], spool: RelaySpool | None = None
+    ) -> Docs:
         cfg = self.config
+        spool = spool or self.spool
         now = _now_ms()
         lines: list[str] = []
         owners: list[int] = []
         originals: list[dict[str, Any]] = []
         ids: list[int] = []
+        docs = Docs(lines, owners, originals, ids)
         dumps = json.dumps
-        for row_id, gateway, kind, _received, data in rows:
-            ids.append(row_id)
+        for row_id, gateway, kind, received, data in rows:
             if kind == "health":
+                ids.append(row_id)
+                epoch, last_seq = data.get("epoch"), data.get("last_seq")
+                if (
+                    isinstance(epoch, str)
+                    and isinstance(last_seq, int)
+                    and not isinstance(last_seq, bool)
+                ):
+                    docs.heartbeats[row_id] = (gateway, epoch, last_seq)
+                docs.facts[row_id] = (gateway, data)
                 doc = {
                     "@timestamp": now,
                     "gateway": gateway,
                     **{k: v for k, v in data.items() if k not in ("tag", "id")},
                 }
                 idx = index_name(cfg.prefix, "health", now, cfg.daily)
-                lines.append(dumps({"index": {"_index": idx}}))
+                lines.append(dumps({"create": {"_index": idx}}))
                 lines.append(dumps(doc, default=str))
                 owners.append(row_id)
                 originals.append(doc)
                 continue
             try:
+                self.check_origin(spool, gateway, data)
+            except signing.SignatureError as exc:
+                if exc.reason == "unknown_key" and now - received < cfg.key_wait_s * 1000:
+                    docs.held.append(row_id)  # the syndic's key set may not have arrived yet
+                    continue
+                ids.append(row_id)
+                self._inc(f"rejected:{exc.reason}", 1)
+                self._inc(f"rejected@{gateway}", 1)
+                log.warning("tributary relay: batch under %s set aside: %s", gateway, exc)
+                lines.extend(
+                    self._deadletter(gateway, exc.reason, exc.detail, "origin", None, _brief(data))
+                )
+                owners.append(row_id)
+                originals.append(data)
+                continue
+            ids.append(row_id)
+            try:
                 batch = decode_batch(data)
             except WireError as exc:
                 self._inc(f"rejected:{exc.reason}", 1)
-                dl = self._deadletter(gateway, exc.reason, exc.detail, "wire", None, data)
+                self._inc(f"rejected@{gateway}", 1)
+                dl = self._deadletter(gateway, exc.reason, exc.detail, "wire", None, _brief(data))
                 lines.extend(dl)
                 owners.append(row_id)
                 originals.append(data)
                 continue
             site = batch.site
+            docs.ranges[row_id] = (gateway, batch.epoch, batch.first, batch.last)
             for bad in batch.rejected:
                 self._inc(f"rejected:{bad['reason']}")
                 did = doc_id(gateway, batch.epoch, bad["seq"])
@@ -273,7 +490,7 @@ class Relay:
                 lines.append(dumps(doc))
                 owners.append(row_id)
                 originals.append(doc)
-        return Docs(lines, owners, originals, ids)
+        return docs
 
     def _deadletter(
         self,
@@ -299,6 +516,7 @@ class Relay:
             "original": original if isinstance(original, Mapping) else {"value": repr(original)},
         }
         self._inc("dead_lettered", 1)
+        self._inc(f"dead_lettered@{gateway}", 1)
         return [json.dumps({"create": meta}), json.dumps(doc, default=str)]
 
     def ship_once(self, spool: RelaySpool) -> int:
@@ -318,19 +536,61 @@ class Relay:
             n += k
         if not rows:
             return 0
-        docs = self.build_docs(rows)
-        if not docs.lines:
-            spool.done(docs.ids)
-            return len(docs.ids)
-        retry_rows = self._bulk(docs)
+        docs = self.build_docs(rows, spool)
+        if docs.held:
+            spool.hold(docs.held, _now_ms() + 2_000)
+        retry_rows = self._bulk(docs) if docs.lines else set()
         done = [i for i in docs.ids if i not in retry_rows]
+        for i in done:
+            if i in docs.ranges:
+                gw, epoch, first, last = docs.ranges[i]
+                spool.ledger.add_range(gw, epoch, first, last)
+            if i in docs.heartbeats:
+                spool.ledger.heartbeat(*docs.heartbeats[i])
+            if i in docs.facts:
+                gw, data = docs.facts[i]
+                spool.db.execute(
+                    "INSERT OR REPLACE INTO heartbeat_facts VALUES (?,?)",
+                    (gw, json.dumps({"received_ms": _now_ms(), **data}, default=str)[:8192]),
+                )
         spool.done(done)
         spool.bump(self._drain_counters())
+        if not done and docs.held:
+            return 0
         if retry_rows:
             raise RuntimeError(
                 f"{len(retry_rows)} batches need a retry (429/5xx on some documents)"
             )
         return len(done)
+
+    def metrics_doc(self, spool: RelaySpool) -> dict[str, Any]:
+        depth, oldest = spool.depth()
+        counters = spool.counters()
+        for k, v in self.counters.items():
+            counters[k] = counters.get(k, 0) + v
+        gaps = spool.ledger.gaps(include_given_up=False)
+        return {
+            "@timestamp": _now_ms(),
+            "relay": self.name,
+            "counters": {k.replace(":", "_").replace("@", "_at_"): v for k, v in counters.items()},
+            "spool_batches": depth,
+            "spool_bytes": spool.used_bytes(),
+            "spool_oldest_age_s": round((_now_ms() - oldest) / 1000, 1) if oldest else 0,
+            "open_gaps": len(gaps),
+            "missing_readings": sum(g.size for g in gaps),
+        }
+
+    def _maybe_metrics(self, spool: RelaySpool) -> None:
+        every = self.config.metrics_interval_s
+        if not every or time.monotonic() - self._last_metrics < every or not self.ready:
+            return
+        self._last_metrics = time.monotonic()
+        doc = self.metrics_doc(spool)
+        idx = index_name(self.config.prefix, "metrics", doc["@timestamp"], self.config.daily)
+        try:
+            self.client.index(index=idx, document=doc, op_type="create")
+        except Exception as exc:  # metrics never stop the shipping
+            log.debug("tributary relay: metrics not indexed: %s", exc)
 
     def _inc(self, name: str, n: int = 1) -> None:
         with self._clock:
@@ -349,13 +609,18 @@ class Relay:
         retry: set[int] = set()
         second: list[str] = []
         for n, item in enumerate(items):
-            ((op, res),) = item.items()
+            ((_op, res),) = item.items()
             status = res.get("status", 0)
             if status in (200, 201):
-                self._inc("indexed" if op == "create" else "health_indexed", 1)
+                if f"{self.config.prefix}-readings" in str(res.get("_index", "")):
+                    self._inc("indexed", 1)
+                    self._inc(f"indexed@{docs.originals[n].get('gateway', '?')}", 1)
+                elif "-health" in str(res.get("_index", "")):
+                    self._inc("health_indexed", 1)
             elif status == 409:
                 self._inc("already_present", 1)
             elif status in RETRYABLE:
+                self._inc("retried_docs", 1)
                 retry.add(docs.owners[n])
             else:
                 err = res.get("error") or {}
@@ -365,7 +630,7 @@ class Relay:
                 detail = err.get("reason", "") if isinstance(err, Mapping) else ""
                 orig = docs.originals[n]
                 did = res.get("_id")
-                if str(res.get("_index", "")).startswith(f"{self.config.prefix}-deadletter"):
+                if f"{self.config.prefix}-deadletter" in str(res.get("_index", "")):
                     log.error("tributary relay: dead letter itself rejected: %s %s", reason, detail)
                     self._inc("deadletter_failed", 1)
                     continue
@@ -391,6 +656,13 @@ class Relay:
         }
 
 
+def _brief(data: Any, rows: int = 20) -> Any:
+    """A dead letter's copy of a whole batch: everything but at most ``rows`` rows."""
+    if isinstance(data, Mapping) and isinstance(data.get("r"), list) and len(data["r"]) > rows:
+        return {**data, "r": data["r"][:rows], "r_total": len(data["r"])}
+    return data
+
+
 def run(
     events: Callable[[], Mapping[str, Any] | None],
     relay: Relay,
@@ -411,6 +683,28 @@ def run(
         relay.stop()
 
 
+def _num(
+    errors: list[str], block: Mapping[str, Any], key: str, name: str, lo: float, hi: float
+) -> None:
+    if key not in block:
+        return
+    val = block[key]
+    if isinstance(val, bool) or not isinstance(val, (int, float)) or not lo <= val <= hi:
+        errors.append(f"{name}: must be a number in {lo:g}..{hi:g}, got {val!r}")
+
+
+GAP_KEYS = {
+    "grace_s": ("gap_grace_s", 0, 86400 * 30),
+    "check_s": ("gap_check_s", 0.1, 3600),
+    "backoff_s": ("replay_backoff_s", 0, 86400),
+    "backoff_max_s": ("replay_backoff_max_s", 0, 86400 * 7),
+    "per_minute": ("replay_per_minute", 1, 10_000),
+    "max_attempts": ("replay_max_attempts", 1, 1000),
+    "max_readings": ("replay_max_readings", 1, 10_000_000),
+    "timeout_s": ("replay_timeout_s", 1, 3600),
+}
+
+
 def validate_relay(config: Any) -> tuple[bool, str]:
     """Validate the ``tributary_relay`` engine config; never raises."""
     from saltext.tributary.es import validate_es_config
@@ -422,8 +716,9 @@ def validate_relay(config: Any) -> tuple[bool, str]:
         prefix = config.get("index_prefix", "tributary")
         if not isinstance(prefix, str) or not re.match(r"^[a-z0-9][a-z0-9_-]*$", prefix):
             errors.append("index_prefix: lowercase letters, digits, '-' and '_' only")
-        if "spool_path" in config and not isinstance(config["spool_path"], str):
-            errors.append("spool_path: must be a string")
+        for key in ("spool_path", "pki_dir"):
+            if key in config and not isinstance(config[key], str):
+                errors.append(f"{key}: must be a string")
         bulk = config.get("bulk", {})
         if not isinstance(bulk, Mapping):
             errors.append("bulk: must be a mapping (max_docs, max_wait_s)")
@@ -434,8 +729,30 @@ def validate_relay(config: Any) -> tuple[bool, str]:
             mw = bulk.get("max_wait_s", 0.1)
             if isinstance(mw, bool) or not isinstance(mw, (int, float)) or mw < 0:
                 errors.append("bulk.max_wait_s: must be a non-negative number")
-        if config.get("indices", "daily") not in ("daily", "single"):
-            errors.append("indices: must be 'daily' or 'single'")
+        if config.get("indices", "daily") not in ("daily", "single", "data_stream"):
+            errors.append("indices: must be 'daily', 'single' or 'data_stream'")
+        if not isinstance(config.get("allow_unsigned", False), bool):
+            errors.append("allow_unsigned: must be true or false")
+        _num(errors, config, "spool_max_bytes", "spool_max_bytes", 1024 * 1024, 2**50)
+        _num(errors, config, "key_wait_s", "key_wait_s", 0, 86400)
+        _num(errors, config, "metrics_interval_s", "metrics_interval_s", 0, 86400)
+        backoff = config.get("backoff", {})
+        if not isinstance(backoff, Mapping):
+            errors.append("backoff: must be a mapping (min_s, max_s)")
+        else:
+            _num(errors, backoff, "min_s", "backoff.min_s", 0.01, 3600)
+            _num(errors, backoff, "max_s", "backoff.max_s", 0.01, 86400)
+        gaps = config.get("gaps", {})
+        if not isinstance(gaps, Mapping):
+            errors.append("gaps: must be a mapping (grace_s, backoff_s, per_minute, ...)")
+        else:
+            for key, (_, lo, hi) in GAP_KEYS.items():
+                _num(errors, gaps, key, f"gaps.{key}", lo, hi)
+            unknown = set(gaps) - set(GAP_KEYS) - {"enabled"}
+            if unknown:
+                errors.append(f"gaps: unknown keys {sorted(unknown)}")
+            if not isinstance(gaps.get("enabled", True), bool):
+                errors.append("gaps.enabled: must be true or false")
         if errors:
             return False, "tributary_relay: " + "; ".join(errors)
         return True, "valid"
@@ -443,15 +760,30 @@ def validate_relay(config: Any) -> tuple[bool, str]:
         return False, f"tributary_relay: invalid configuration: {exc}"
 
 
-def relay_config(config: Mapping[str, Any], cachedir: str) -> RelayConfig:
+def relay_config(
+    config: Mapping[str, Any], cachedir: str, pki_dir: str | None = None
+) -> RelayConfig:
     bulk = config.get("bulk") or {}
-    return RelayConfig(
+    backoff = config.get("backoff") or {}
+    rc = RelayConfig(
         prefix=config.get("index_prefix", "tributary"),
         spool_path=config.get("spool_path") or os.path.join(cachedir, "tributary", "relay.db"),
         bulk_max_docs=bulk.get("max_docs", RelayConfig.bulk_max_docs),
         bulk_max_wait_s=bulk.get("max_wait_s", RelayConfig.bulk_max_wait_s),
+        backoff_min_s=backoff.get("min_s", RelayConfig.backoff_min_s),
+        backoff_max_s=backoff.get("max_s", RelayConfig.backoff_max_s),
         daily=config.get("indices", "daily") == "daily",
+        max_spool_bytes=int(config.get("spool_max_bytes", RelayConfig.max_spool_bytes)),
+        pki_dir=config.get("pki_dir") or pki_dir or RelayConfig.pki_dir,
+        allow_unsigned=bool(config.get("allow_unsigned", False)),
+        key_wait_s=float(config.get("key_wait_s", RelayConfig.key_wait_s)),
+        metrics_interval_s=float(config.get("metrics_interval_s", RelayConfig.metrics_interval_s)),
     )
+    for key, (attr, _, _) in GAP_KEYS.items():
+        val = (config.get("gaps") or {}).get(key)
+        if val is not None:
+            setattr(rc, attr, type(getattr(rc, attr))(val))
+    return rc
 
 
 def engine_config(opts: Mapping[str, Any]) -> dict[str, Any]:
@@ -462,22 +794,106 @@ def engine_config(opts: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def status_from_opts(opts: Mapping[str, Any]) -> dict[str, Any]:
-    """What ``salt-run tributary.status`` reports about the relay on this master."""
-    cfg = engine_config(opts)
-    rcfg = relay_config(cfg, str(opts.get("cachedir", "/var/cache/salt/master")))
-    out: dict[str, Any] = {"spool_path": rcfg.spool_path}
-    if not os.path.exists(rcfg.spool_path):
-        out["error"] = "no relay spool yet (engine not started or no batch received)"
-        return out
-    spool = RelaySpool(rcfg.spool_path)
+def check_elasticsearch(es_cfg: Any) -> dict[str, Any]:
+    """Can the relay reach and authenticate to Elasticsearch with this config? Never raises."""
+    from saltext.tributary.es import make_client, validate_es_config
+
+    errors = validate_es_config(es_cfg)
+    if errors:
+        return {"reachable": False, "error": "; ".join(errors)}
     try:
+        client = make_client({**es_cfg, "request_timeout": es_cfg.get("request_timeout", 10)})
+        info = client.info()
+        return {
+            "reachable": True,
+            "cluster": info.get("cluster_name"),
+            "version": (info.get("version") or {}).get("number"),
+        }
+    except Exception as exc:  # report, never raise
+        return {"reachable": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def open_status_spool(opts: Mapping[str, Any]) -> tuple[RelayConfig, RelaySpool | None]:
+    cfg = engine_config(opts)
+    rcfg = relay_config(
+        cfg, str(opts.get("cachedir", "/var/cache/salt/master")), opts.get("pki_dir")
+    )
+    if not os.path.exists(rcfg.spool_path):
+        return rcfg, None
+    return rcfg, RelaySpool(rcfg.spool_path)
+
+
+def status_from_opts(opts: Mapping[str, Any], check_es: bool = True) -> dict[str, Any]:
+    """What ``salt-run tributary.status`` reports: per gateway, fleet totals, Elasticsearch."""
+    cfg = engine_config(opts)
+    out: dict[str, Any] = {}
+    if not cfg:
+        return {"result": False, "error": "no tributary_relay engine configured on this master"}
+    if check_es:
+        out["elasticsearch"] = check_elasticsearch(cfg.get("elasticsearch"))
+    rcfg, spool = open_status_spool(opts)
+    out["spool_path"] = rcfg.spool_path
+    if spool is None:
+        out["error"] = "no relay spool yet (engine not started or no batch received)"
+        out["result"] = bool(out.get("elasticsearch", {}).get("reachable", True))
+        return out
+    try:
+        now = time.time()
         depth, oldest = spool.depth()
+        counters = spool.counters()
+        ledger = spool.ledger
+        ledger.refresh(now)
+        gateways = ledger.summary(now)
+        per_gw_depth = spool.depth_by_gateway()
+        for gw in set(per_gw_depth) | {k.split("@", 1)[1] for k in counters if "@" in k}:
+            gateways.setdefault(gw, {"epochs": {}, "open_gaps": 0, "missing": 0})
+        for gw, entry in gateways.items():
+            b, n = per_gw_depth.get(gw, (0, 0))
+            entry["relay_spool"] = {"batches": b, "readings": n or 0}
+            for name in ("indexed", "dead_lettered", "rejected", "replays_requested"):
+                entry[name] = counters.get(f"{name}@{gw}", 0)
+            entry["gateway_spool"] = entry.pop("gateway_spool", None)
+        for gw, hb in _last_heartbeats(spool).items():
+            if gw in gateways:
+                gateways[gw]["gateway_spool"] = hb
+        totals = {k: v for k, v in counters.items() if "@" not in k}
         out.update(
-            spool_batches=depth,
-            spool_oldest_age_s=round((_now_ms() - oldest) / 1000, 1) if oldest else 0,
-            counters=spool.counters(),
+            result=bool(out.get("elasticsearch", {}).get("reachable", True)),
+            gateways=gateways,
+            fleet={
+                "gateways": len(gateways),
+                "open_gaps": sum(g.get("open_gaps", 0) for g in gateways.values()),
+                "missing_readings": sum(g.get("missing", 0) for g in gateways.values()),
+                "given_up_gaps": sum(g.get("given_up_gaps", 0) for g in gateways.values()),
+                "relay_spool_batches": depth,
+                "relay_spool_bytes": spool.used_bytes(),
+                "relay_spool_oldest_age_s": round((_now_ms() - oldest) / 1000, 1) if oldest else 0,
+                "key_sets": spool.key_sources(),
+                "counters": totals,
+            },
         )
     finally:
         spool.close()
     return out
+
+
+def _last_heartbeats(spool: RelaySpool) -> dict[str, Any]:
+    """Gateway spool facts from the last heartbeat each gateway sent (kept as a counter row)."""
+    out: dict[str, Any] = {}
+    for name, body in (
+        spool.db.execute("SELECT name, body FROM heartbeat_facts").fetchall()
+        if _has_table(spool.db, "heartbeat_facts")
+        else []
+    ):
+        try:
+            out[name] = json.loads(body)
+        except ValueError:
+            continue
+    return out
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    return (
+        db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone()
+        is not None
+    )

@@ -1,0 +1,247 @@
+"""Relay intake, origin checks, disk budget and config validation (SQLite spool, no daemons).
+
+Shipping to Elasticsearch is covered by the integration and fault tests against a real cluster;
+these tests stop at the bulk body the relay would send.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from saltext.tributary import signing
+from saltext.tributary.relay import Relay, RelayConfig, RelaySpool, relay_config, validate_relay
+from saltext.tributary.wire import SpooledReading, encode_batch
+from tests.unit.test_signing import _keypair
+
+TAG = "salt/beacon/{}/tributary_mqtt/batch"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pki")
+    return {name: _keypair(base, name) for name in ("gw-a", "gw-b", "syndic-1")}
+
+
+@pytest.fixture
+def master_pki(tmp_path, keys):
+    pki = tmp_path / "master-pki"
+    (pki / "minions").mkdir(parents=True)
+    (pki / "minions" / "syndic-1").write_text(keys["syndic-1"][1])
+    return str(pki)
+
+
+def make_relay(tmp_path, master_pki, **kw) -> Relay:
+    cfg = RelayConfig(spool_path=str(tmp_path / "relay.db"), pki_dir=master_pki, **kw)
+    return Relay(None, cfg)
+
+
+def batch(gw: str, keys, first: int = 1, n: int = 3, sign: bool = True, **extra) -> dict:
+    rows = [
+        SpooledReading(first + i, "t1/temperature", "C", 1_700_000_000_000 + i, 20.0 + i)
+        for i in range(n)
+    ]
+    b = encode_batch("ep1", rows, site="x") | extra
+    if sign:
+        signing.sign_batch(b, {"id": gw, "pki_dir": keys[gw][0]})
+    return b
+
+
+def publish_keys(relay: Relay, keys, which=("gw-a", "gw-b")) -> bool:
+    data = signing.sign_keyset(
+        "syndic-1",
+        {gw: keys[gw][1] for gw in which},
+        os.path.join(keys["syndic-1"][0], "minion.pem"),
+    )
+    return relay.accept("syndic/syndic-1/tributary/keys/syndic-1", data)
+
+
+def bulk_ops(relay: Relay):
+    docs = relay.build_docs(relay.spool.take(100))
+    ops = [json.loads(line) for line in docs.lines[0::2]]
+    bodies = [json.loads(line) for line in docs.lines[1::2]]
+    return docs, ops, bodies
+
+
+def test_syndic_copy_is_taken_once(tmp_path, master_pki, keys):
+    relay = make_relay(tmp_path, master_pki)
+    b = batch("gw-a", keys)
+    assert relay.accept(TAG.format("gw-a"), b)
+    assert not relay.accept("syndic/syndic-1/" + TAG.format("gw-a"), dict(b))
+    assert relay.spool.depth()[0] == 1
+    # a replay is a new emission
+    assert relay.accept(TAG.format("gw-a"), batch("gw-a", keys, replay="r1"))
+    assert relay.spool.depth()[0] == 2
+
+
+def test_fire_master_load_is_unwrapped(tmp_path, master_pki, keys):
+    relay = make_relay(tmp_path, master_pki)
+    b = batch("gw-a", keys)
+    assert relay.accept(
+        TAG.format("gw-a"), {"id": "gw-a", "tag": "x", "data": b, "cmd": "_minion_event"}
+    )
+    publish_keys(relay, keys)
+    docs, ops, _ = bulk_ops(relay)
+    assert [o["create"]["_id"] for o in ops] == [f"gw-a:ep1:{i}" for i in (1, 2, 3)]
+    assert docs.ranges[docs.ids[0]] == ("gw-a", "ep1", 1, 3)
+
+
+def test_signed_batches_from_published_keys(tmp_path, master_pki, keys):
+    relay = make_relay(tmp_path, master_pki)
+    assert publish_keys(relay, keys)
+    relay.accept(TAG.format("gw-a"), batch("gw-a", keys))
+    relay.accept(TAG.format("gw-b"), batch("gw-b", keys))
+    docs, ops, bodies = bulk_ops(relay)
+    assert all("create" in o for o in ops)
+    assert {b["gateway"] for b in bodies} == {"gw-a", "gw-b"}
+    assert not docs.held
+
+
+def test_forged_unsigned_and_unknown_are_dead_lettered(tmp_path, master_pki, keys):
+    relay = make_relay(tmp_path, master_pki, key_wait_s=0)
+    publish_keys(relay, keys, which=("gw-a",))
+    forged = batch("gw-a", keys, first=10)  # gw-a's key, published under gw-b's... name:
+    relay.accept(TAG.format("gw-a"), batch("gw-a", keys, first=20, sign=False))
+    relay.accept(TAG.format("gw-b"), forged)  # gw-b's key is not known at all
+    publish_keys(relay, keys)  # now it is: the forged batch is mis-signed
+    relay.accept(TAG.format("gw-b"), batch("gw-a", keys, first=30))
+    relay.accept(TAG.format("gw-c"), batch("gw-a", keys, first=40))  # nobody accepted gw-c
+    docs, ops, bodies = bulk_ops(relay)
+    reasons = sorted(b["reason"] for b in bodies)
+    assert reasons == ["bad_signature", "bad_signature", "unknown_key", "unsigned"]
+    assert all(
+        b["stage"] == "origin" and "deadletter" in o["create"]["_index"]
+        for o, b in zip(ops, bodies)
+    )
+    assert not docs.ranges  # nothing accounted for in the ledger
+    assert relay.counters["rejected:bad_signature"] == 2
+    assert relay.counters["rejected@gw-b"] == 2
+
+
+def test_unknown_key_waits_for_the_key_set(tmp_path, master_pki, keys):
+    relay = make_relay(tmp_path, master_pki, key_wait_s=60)
+    relay.accept(TAG.format("gw-a"), batch("gw-a", keys))
+    docs = relay.build_docs(relay.spool.take(10))
+    assert docs.held and not docs.lines
+    relay.spool.hold(docs.held, 2**62)
+    assert relay.spool.take(10) == []
+    publish_keys(relay, keys)  # releases the hold
+    docs, ops, _ = bulk_ops(relay)
+    assert len(ops) == 3 and not docs.held
+
+
+def test_allow_unsigned_is_off_by_default(tmp_path, master_pki, keys):
+    assert RelayConfig().allow_unsigned is False
+    relay = make_relay(tmp_path, master_pki, allow_unsigned=True)
+    publish_keys(relay, keys)
+    relay.accept(TAG.format("gw-a"), batch("gw-a", keys, sign=False))
+    relay.accept(TAG.format("gw-b"), batch("gw-a", keys, first=5))  # mis-signed: still refused
+    _, ops, bodies = bulk_ops(relay)
+    assert sum("_id" in o["create"] and "readings" in o["create"]["_index"] for o in ops) == 3
+    assert [b["reason"] for b in bodies if "reason" in b] == ["bad_signature"]
+
+
+def test_forged_key_set_is_refused(tmp_path, master_pki, keys):
+    relay = make_relay(tmp_path, master_pki)
+    data = signing.sign_keyset(
+        "syndic-1", {"gw-b": keys["gw-a"][1]}, os.path.join(keys["gw-a"][0], "minion.pem")
+    )
+    assert not relay.accept("tributary/keys/syndic-1", data)
+    assert relay.counters["keyset_rejected:bad_signature"] == 1
+    # an unknown syndic cannot publish either
+    assert not relay.accept("tributary/keys/syndic-9", data)
+    assert relay.spool.keys_for("gw-b") == []
+
+
+def test_malformed_batches_are_dead_lettered_with_reasons(tmp_path, master_pki, keys):
+    relay = make_relay(tmp_path, master_pki, allow_unsigned=True)
+    good = batch("gw-a", keys, first=1, sign=False)
+    bad_version = dict(good, v=99, first=100, last=102)
+    bad_types = dict(good, first="x", last=200)
+    oversized = dict(good, first=300, last=300 + 60_000 - 1, r=[[0, 0, 1]] * 60_000)
+    bad_row = dict(good, first=400, last=402, r=[[0, 0, 1], [0, 0, "hot"], [0, 0, 2]])
+    for b in (bad_version, bad_types, oversized, bad_row, good):
+        relay.accept(TAG.format("gw-a"), b)
+    docs, ops, bodies = bulk_ops(relay)
+    reasons = sorted(b["reason"] for b in bodies if "reason" in b)
+    assert reasons == ["bad_field", "bad_version", "not_numeric", "oversized"]
+    over = next(b for b in bodies if b.get("reason") == "oversized")
+    assert over["original"]["r_total"] == 60_000 and len(over["original"]["r"]) == 20
+    readings = [b for b in bodies if "seq" in b and "reason" not in b]
+    assert sorted(r["seq"] for r in readings) == [1, 2, 3, 400, 402]
+
+
+def test_disk_budget_drops_oldest_and_counts(tmp_path, master_pki, keys):
+    relay = make_relay(tmp_path, master_pki, max_spool_bytes=1024 * 1024)
+    big = [
+        SpooledReading(i + 1, f"s{i % 50}/m", "C", 1_700_000_000_000 + i, i * 1.37)
+        for i in range(2000)
+    ]
+    first_ids = None
+    for k in range(40):
+        b = encode_batch(f"e{k}", big)
+        relay.accept(TAG.format("gw-a"), b)
+        if first_ids is None:
+            first_ids = relay.spool.take(1)[0][0]
+    relay.check_budget()
+    assert relay.spool.used_bytes() <= 1024 * 1024
+    assert relay.counters["spool_dropped_batches"] > 0
+    assert (
+        relay.counters["spool_dropped_readings"] == 2000 * relay.counters["spool_dropped_batches"]
+    )
+    remaining = [r[4]["epoch"] for r in relay.spool.take(100)]
+    assert "e0" not in remaining and "e39" in remaining  # oldest first
+
+
+def test_spool_survives_reopen(tmp_path, master_pki, keys):
+    relay = make_relay(tmp_path, master_pki)
+    relay.accept(TAG.format("gw-a"), batch("gw-a", keys))
+    relay.spool.close()
+    again = RelaySpool(str(tmp_path / "relay.db"))
+    assert again.depth()[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("cfg", "key"),
+    [
+        ({}, "elasticsearch"),
+        (
+            {"elasticsearch": {"hosts": ["https://x:9200"]}, "allow_unsigned": "yes"},
+            "allow_unsigned",
+        ),
+        ({"elasticsearch": {"hosts": ["https://x:9200"]}, "gaps": {"grace_s": -1}}, "gaps.grace_s"),
+        ({"elasticsearch": {"hosts": ["https://x:9200"]}, "gaps": {"nope": 1}}, "gaps"),
+        ({"elasticsearch": {"hosts": ["https://x:9200"]}, "indices": "weekly"}, "indices"),
+        ({"elasticsearch": {"hosts": ["https://x:9200"]}, "spool_max_bytes": 5}, "spool_max_bytes"),
+        (
+            {"elasticsearch": {"hosts": ["https://x:9200"]}, "backoff": {"max_s": 0}},
+            "backoff.max_s",
+        ),
+        (
+            {"elasticsearch": {"hosts": ["https://x:9200"], "api_key": "k", "username": "u"}},
+            "api_key",
+        ),
+    ],
+)
+def test_validate_names_the_key(cfg, key):
+    ok, msg = validate_relay(cfg)
+    assert ok is False and key in msg
+
+
+def test_validate_never_raises_and_config_maps():
+    assert validate_relay(None)[0] is False
+    assert validate_relay({"elasticsearch": {"hosts": ["https://x:9200"]}}) == (True, "valid")
+    rc = relay_config(
+        {"gaps": {"grace_s": 5, "per_minute": 2}, "indices": "data_stream", "allow_unsigned": True},
+        "/c",
+        "/pki",
+    )
+    assert (rc.gap_grace_s, rc.replay_per_minute, rc.daily, rc.allow_unsigned) == (
+        5,
+        2,
+        False,
+        True,
+    )
+    assert rc.pki_dir == "/pki" and rc.spool_path == "/c/tributary/relay.db"
