@@ -1,0 +1,115 @@
+"""Gateway faults with real daemons: a minion down for a minute, a broker restart mid-stream.
+
+These tests stop and restart shared session fixtures (a gateway minion, a Mosquitto broker)
+and always bring them back to running (try/finally) for the tests that follow.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.conftest import es_count, es_readings, gateway_subscribed, wait_for
+
+pytestmark = [pytest.mark.usefixtures("topology"), pytest.mark.fault]
+
+DOWN_S = 60
+
+
+class Publisher(threading.Thread):
+    """Publishes numbered readings (QoS 1, real mosquitto_pub) until stopped."""
+
+    def __init__(self, broker, sensor: str, per_round: int = 20, pace_s: float = 0.5):
+        super().__init__(daemon=True)
+        self.broker, self.sensor = broker, sensor
+        self.per_round, self.pace_s = per_round, pace_s
+        self.sent = 0
+        self.errors: list[str] = []
+        self._stop_evt = threading.Event()
+        # held during each publish: a restart never cuts a mosquitto_pub run in half (which
+        # would leave it unknown which of its messages the broker took)
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        while not self._stop_evt.is_set():
+            values = [str(self.sent + i) for i in range(self.per_round)]
+            with self.lock:
+                try:
+                    self.broker.publish(f"sensors/{self.sensor}/temperature", values)
+                    self.sent += len(values)
+                except Exception as exc:  # broker not accepting: retry the same values
+                    self.errors.append(str(exc))
+            self._stop_evt.wait(self.pace_s)  # producer pacing, not a wait for a result
+
+    def stop(self) -> int:
+        self._stop_evt.set()
+        self.join(timeout=130)
+        return self.sent
+
+
+def assert_exactly_once(es, gw: str, sensor: str, n: int) -> None:
+    wait_for(lambda: es_count(es, gw, sensor) >= n, timeout=300, what=f"{n} {sensor} docs")
+    docs = es_readings(es, gw, sensor, size=n + 100)
+    values = sorted(d["value"] for d in docs)
+    assert values == [float(i) for i in range(n)], (
+        f"{len(docs)} docs; missing {sorted(set(range(n)) - {int(v) for v in values})[:20]}"
+    )
+    ids = [d["_id"] for d in docs]
+    assert len(set(ids)) == len(ids) == n
+
+
+def test_gateway_down_a_minute_loses_nothing(topology):
+    es, brokers, gateways = topology["es"], topology["brokers"], topology["gateways"]
+    gw = "gw-brisbane-1"
+    factory = gateways[gw]
+    pub = Publisher(brokers[gw], "gw-outage")
+    pub.start()
+    try:
+        wait_for(lambda: es_count(es, gw, "gw-outage") > 0, timeout=120, what="stream flowing")
+        factory.terminate()
+        down_at = time.monotonic()
+        # the broker queues for the persistent session while the minion is down
+        wait_for(
+            lambda: time.monotonic() - down_at >= DOWN_S,
+            timeout=DOWN_S + 30,
+            what="a minute of outage",
+            interval=1,
+        )
+        published_while_down = pub.sent
+    finally:
+        if not factory.is_running():
+            factory.start()
+    try:
+        wait_for(lambda: gateway_subscribed(factory), timeout=120, what=f"{gw} resubscribed")
+        n = pub.stop()
+        assert n > published_while_down > 0
+        assert_exactly_once(es, gw, "gw-outage", n)
+    finally:
+        pub.stop()
+
+
+def test_broker_restart_mid_stream_reconnects_and_loses_nothing(topology):
+    es, brokers, gateways = topology["es"], topology["brokers"], topology["gateways"]
+    gw = "gw-sydney-1"
+    broker, factory = brokers[gw], gateways[gw]
+    pub = Publisher(broker, "gw-broker-restart")
+    pub.start()
+    try:
+        wait_for(
+            lambda: es_count(es, gw, "gw-broker-restart") > 0, timeout=120, what="stream flowing"
+        )
+        with pub.lock:
+            before = pub.sent
+            broker.restart()  # SIGTERM (queue persisted) and start again on the same port
+        wait_for(lambda: pub.sent > before + 100, timeout=120, what="publishing resumed")
+        wait_for(lambda: gateway_subscribed(factory), timeout=120, what="beacon reconnected")
+        n = pub.stop()
+        assert_exactly_once(es, gw, "gw-broker-restart", n)
+        st = factory.salt_call_cli(timeout=60).run("tributary.status")
+        assert st.data["counters"].get("connects", 0) >= 2  # it did reconnect
+    finally:
+        pub.stop()
+        if broker.proc is None or broker.proc.poll() is not None:
+            broker.start()
