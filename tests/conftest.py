@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 
 GATEWAYS = {"gw-brisbane-1": "brisbane", "gw-sydney-1": "sydney"}
 QUIET = {"log_level_logfile": "warning", "log_level": "warning"}
+#: Syndic master overrides: the tributary_keys engine publishes accepted gateway keys upward.
+SYNDIC_KEYS_ENGINE = {
+    "engines_dirs": [str(REPO / "salt" / "_engines")],
+    "engines": [{"tributary_keys": {"interval": 5, "syndic_id": "syndic-1"}}],
+}
 
 
 def wait_for(
@@ -97,7 +102,9 @@ def syndic(top_master):
             "pillar_roots": {"base": [str(REPO / "pillar")]},
         },
         minion_overrides={**QUIET, "publish_port": 4506},
-        overrides={**QUIET, "syndic_event_forward_timeout": 0.5},
+        # master.d/syndic.conf (these overrides) sets the syndic master's engines list too, so
+        # the key-publishing engine for origin authentication goes here.
+        overrides={**QUIET, "syndic_event_forward_timeout": 0.5, **SYNDIC_KEYS_ENGINE},
     )
     with factory.started():
         yield factory
@@ -205,3 +212,16 @@ def dumps(obj: Any) -> str:
 
 
 os.environ.setdefault("TRIBUTARY_REPO", str(REPO))
+
+
+def pytest_unconfigure(config):
+    """Drop Salt's deferred console handler: it buffers every record forwarded by the daemons
+    and dumps them at exit onto pytest's already-closed capture stream."""
+    try:
+        from salt._logging.handlers import DeferredStreamHandler
+    except ImportError:
+        return
+    for handler in list(logging.root.handlers):
+        if isinstance(handler, DeferredStreamHandler):
+            logging.root.removeHandler(handler)
+            handler._DeferredStreamHandler__messages.clear()  # type: ignore[attr-defined]
