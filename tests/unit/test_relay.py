@@ -113,7 +113,7 @@ def test_forged_unsigned_and_unknown_are_dead_lettered(tmp_path, master_pki, key
     assert reasons == ["bad_signature", "bad_signature", "unknown_key", "unsigned"]
     assert all(
         b["stage"] == "origin" and "deadletter" in o["create"]["_index"]
-        for o, b in zip(ops, bodies)
+        for o, b in zip(ops, bodies, strict=True)
     )
     assert not docs.ranges  # nothing accounted for in the ledger
     assert relay.counters["rejected:bad_signature"] == 2
@@ -164,7 +164,7 @@ def test_malformed_batches_are_dead_lettered_with_reasons(tmp_path, master_pki, 
     bad_row = dict(good, first=400, last=402, r=[[0, 0, 1], [0, 0, "hot"], [0, 0, 2]])
     for b in (bad_version, bad_types, oversized, bad_row, good):
         relay.accept(TAG.format("gw-a"), b)
-    docs, ops, bodies = bulk_ops(relay)
+    _, _, bodies = bulk_ops(relay)
     reasons = sorted(b["reason"] for b in bodies if "reason" in b)
     assert reasons == ["bad_field", "bad_version", "not_numeric", "oversized"]
     over = next(b for b in bodies if b.get("reason") == "oversized")

@@ -312,7 +312,10 @@ def maybe_trim(spool: GatewaySpool, now: float | None = None) -> int:
 
 def finalize_batch(batch: dict[str, Any], opts: Mapping[str, Any]) -> dict[str, Any]:
     """The single place where an outgoing batch (beacon or replay) is finalised."""
-    return batch
+    # Origin authentication (relay issue 4): sign with this minion's own key, last of all.
+    from saltext.tributary import signing
+
+    return signing.sign_batch(batch, opts)
 
 
 _budgets: dict[str, Any] = {}

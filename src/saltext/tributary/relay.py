@@ -859,6 +859,12 @@ def status_from_opts(opts: Mapping[str, Any], check_es: bool = True) -> dict[str
         totals = {k: v for k, v in counters.items() if "@" not in k}
         out.update(
             result=bool(out.get("elasticsearch", {}).get("reachable", True)),
+            # the relay itself, as the skeleton's status reported it
+            relay={
+                "spool_batches": depth,
+                "spool_oldest_age_s": round((_now_ms() - oldest) / 1000, 1) if oldest else 0,
+                "counters": counters,
+            },
             gateways=gateways,
             fleet={
                 "gateways": len(gateways),

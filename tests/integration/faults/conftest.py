@@ -1,0 +1,138 @@
+"""A topology of our own for the fault tests: they stop, kill and restart its daemons.
+
+Package scoped, so every fault test shares one topology (start-up costs about two minutes)::
+
+    Elasticsearch (own node, TLS + basic auth)
+    top master "ftop" (relay engine, tuned for short outages: backoff <= 5 s, gap grace 8 s)
+      <- salt-syndic "fsyn-1" + its master (tributary_keys engine publishing gateway keys)
+           <- gateways fgw-brisbane / fgw-sydney, each with its own Mosquitto broker
+
+Nothing here is shared with the session topology of ``tests/conftest.py``, so stopping a daemon
+never disturbs another test.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import QUIET, REPO, beacon_config, gateway_subscribed, wait_for
+from tests.support.es import start_elasticsearch
+from tests.support.mosquitto import start_broker
+
+FGATEWAYS = {"fgw-brisbane": "brisbane", "fgw-sydney": "sydney"}
+SYNDIC_ID = "fsyn-1"
+
+
+def fault_relay_config(es_node) -> dict:
+    return {
+        "elasticsearch": {**es_node.client_config, "request_timeout": 10},
+        "index_prefix": "tributary",
+        "bulk": {"max_docs": 5000, "max_wait_s": 0.1},
+        "backoff": {"min_s": 0.5, "max_s": 5},
+        "key_wait_s": 120,
+        "metrics_interval_s": 5,
+        "gaps": {
+            "grace_s": 8,
+            "check_s": 2,
+            "backoff_s": 10,
+            "backoff_max_s": 30,
+            "per_minute": 60,
+            "max_attempts": 20,
+            "timeout_s": 30,
+        },
+    }
+
+
+@pytest.fixture(scope="package")
+def f_es():
+    node = start_elasticsearch(tls=True)
+    yield node
+    node.cleanup()
+
+
+@pytest.fixture(scope="package")
+def f_top(salt_factories, f_es):
+    factory = salt_factories.salt_master_daemon(
+        "ftop",
+        order_masters=True,
+        overrides={
+            **QUIET,
+            "engines_dirs": [str(REPO / "salt" / "_engines")],
+            "runner_dirs": [str(REPO / "salt" / "_runners")],
+            "engines": [{"tributary_relay": fault_relay_config(f_es)}],
+        },
+    )
+    with factory.started():
+        yield factory
+
+
+@pytest.fixture(scope="package")
+def f_syndic(f_top):
+    factory = f_top.salt_syndic_daemon(
+        SYNDIC_ID,
+        master_overrides={
+            **QUIET,
+            "file_roots": {"base": [str(REPO / "salt")]},
+            "pillar_roots": {"base": [str(REPO / "pillar")]},
+        },
+        minion_overrides={**QUIET, "publish_port": 4506},
+        overrides={
+            **QUIET,
+            "syndic_event_forward_timeout": 0.5,
+            "engines_dirs": [str(REPO / "salt" / "_engines")],
+            "engines": [{"tributary_keys": {"interval": 5, "syndic_id": SYNDIC_ID}}],
+        },
+    )
+    with factory.started():
+        yield factory
+
+
+@pytest.fixture(scope="package")
+def f_brokers():
+    started = {gw: start_broker() for gw in FGATEWAYS}
+    yield started
+    for b in started.values():
+        b.cleanup()
+
+
+@pytest.fixture(scope="package")
+def f_gateways(f_syndic, f_brokers):
+    factories = {}
+    for gw, site in FGATEWAYS.items():
+        factory = f_syndic.master.salt_minion_daemon(
+            gw,
+            overrides={
+                **QUIET,
+                "grains": {"site": site, "role": "gateway"},
+                "beacons": {"tributary_mqtt": beacon_config(f_brokers[gw].port)},
+            },
+        )
+        factory.start()
+        factories[gw] = factory
+    try:
+        for factory in factories.values():
+            ret = factory.salt_call_cli(timeout=120).run("saltutil.sync_all")
+            assert ret.returncode == 0, ret
+            ret = factory.salt_call_cli(timeout=60).run("saltutil.refresh_beacons")
+            assert ret.returncode == 0, ret
+        for factory in factories.values():
+            wait_for(
+                lambda f=factory: gateway_subscribed(f),
+                timeout=90,
+                what=f"{factory.id}'s MQTT subscription",
+            )
+        yield factories
+    finally:
+        for factory in factories.values():
+            factory.terminate()
+
+
+@pytest.fixture(scope="package")
+def faults(f_es, f_top, f_syndic, f_gateways, f_brokers):
+    return {
+        "es": f_es,
+        "top": f_top,
+        "syndic": f_syndic,
+        "gateways": f_gateways,
+        "brokers": f_brokers,
+    }

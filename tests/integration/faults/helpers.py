@@ -1,0 +1,83 @@
+"""Streams of real MQTT readings and exact-count checks for the fault tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tests.conftest import es_readings, wait_for
+
+
+class Stream:
+    """Publish ``per_tick`` readings per gateway every ``every`` seconds on a background thread.
+
+    Each reading of a stream has a distinct value (a running counter), so the final check can
+    prove that every published reading is in Elasticsearch exactly once.
+    """
+
+    def __init__(self, brokers, sensor: str, per_tick: int = 10, every: float = 1.0) -> None:
+        self.brokers = brokers
+        self.sensor = sensor
+        self.per_tick = per_tick
+        self.every = every
+        self.sent: dict[str, list[int]] = {gw: [] for gw in brokers}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors: list[str] = []
+
+    def tick(self) -> None:
+        for gw, broker in self.brokers.items():
+            start = len(self.sent[gw])
+            values = list(range(start, start + self.per_tick))
+            try:
+                broker.publish(f"sensors/{self.sensor}/temperature", [str(v) for v in values])
+            except Exception as exc:  # recorded; the test fails on it
+                self.errors.append(f"{gw}: {exc}")
+                continue
+            self.sent[gw].extend(values)
+
+    def start(self) -> Stream:
+        def loop() -> None:
+            while not self._stop.is_set():
+                self.tick()
+                self._stop.wait(self.every)
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=60)
+        assert not self.errors, self.errors
+
+
+def assert_exactly(es, stream: Stream, timeout: float = 240) -> None:
+    """Elasticsearch holds every reading of the stream exactly once, for every gateway."""
+    for gw, values in stream.sent.items():
+        expected = sorted(float(v) for v in values)
+
+        def have(gw: str = gw) -> list[dict]:
+            return es_readings(es, gw, stream.sensor)
+
+        n = len(expected)
+        wait_for(
+            lambda n=n, have=have: len(have()) >= n,
+            timeout=timeout,
+            interval=2,
+            what=f"{len(expected)} {stream.sensor} readings of {gw}",
+        )
+        docs = have()
+        assert len(docs) == len(expected), (gw, len(docs), len(expected))
+        assert sorted(d["value"] for d in docs) == expected
+        seqs = [(d["epoch"], d["seq"]) for d in docs]
+        assert len(set(seqs)) == len(seqs), "duplicate sequence numbers"
+        assert {d["gateway"] for d in docs} == {gw}
+
+
+def sleep_outage(seconds: float, since: float) -> None:
+    """The outage itself (the scenario demands its length), measured from ``since``."""
+    left = seconds - (time.monotonic() - since)
+    if left > 0:
+        time.sleep(left)
