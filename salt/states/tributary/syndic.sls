@@ -1,0 +1,59 @@
+{#- A syndic master: forwards to the top master and serves its gateways the same file tree
+    as the top master (gateways sync custom modules and states from their own syndic
+    master). The syndic host's salt-minion is a minion of the top master, so salt:// below
+    is the top master's tree: it is mirrored (clean: True) into the syndic's file_roots. #}
+{%- from "tributary/map.jinja" import tributary with context %}
+{%- set s = tributary.syndic %}
+
+{%- set served = salt['cp.list_master_dirs']() %}
+{%- for d in s.mirror.dirs if d in served %}
+
+tributary-syndic-file-tree-{{ d }}:
+  file.recurse:
+    - name: {{ s.mirror_dir }}/{{ d }}
+    - source: salt://{{ d }}
+    - clean: True
+    - makedirs: True
+    - require_in:
+      - file: tributary-syndic-config
+{%- endfor %}
+{%- set served_files = salt['cp.list_master']() %}
+{%- for f in s.mirror.files if f in served_files %}
+
+tributary-syndic-file-tree-{{ f }}:
+  file.managed:
+    - name: {{ s.mirror_dir }}/{{ f }}
+    - source: salt://{{ f }}
+    - makedirs: True
+    - require_in:
+      - file: tributary-syndic-config
+{%- endfor %}
+
+tributary-syndic-config:
+  file.serialize:
+    - name: {{ s.config_dir }}/tributary-syndic.conf
+    - serializer: yaml
+    - makedirs: True
+    - mode: '0644'
+    - dataset:
+        syndic_master: {{ s.syndic_master | json }}
+        syndic_event_forward_timeout: {{ s.syndic_event_forward_timeout | json }}
+        file_roots:
+          base:
+            - {{ s.mirror_dir }}
+{%- if s.manage_service %}
+
+tributary-syndic-master-running:
+  service.running:
+    - name: {{ s.service }}
+    - watch:
+      - file: tributary-syndic-config
+
+tributary-syndic-running:
+  service.running:
+    - name: {{ s.syndic_service }}
+    - require:
+      - service: tributary-syndic-master-running
+    - watch:
+      - file: tributary-syndic-config
+{%- endif %}

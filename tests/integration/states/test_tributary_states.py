@@ -1,0 +1,138 @@
+"""tributary.gateway / tributary.master / tributary.syndic applied for real on the test minion.
+
+The gateway state installs the package, syncs the custom modules and configures the
+tributary_mqtt beacon from pillar; the beacon then really subscribes to a broker. The master
+and syndic states write their config into a temp dir (manage_service: false: restarting a
+salt-master is out of reach of a test minion) and the syndic mirrors the file tree."""
+
+from __future__ import annotations
+
+import filecmp
+import pathlib
+import shutil
+import tempfile
+
+import pytest
+import yaml
+
+from tests.integration.states.conftest import REPO, apply, assert_all_ok, changed, wait_for
+from tests.support.mosquitto import start_broker
+
+
+@pytest.fixture
+def tmp_dir():
+    d = pathlib.Path(tempfile.mkdtemp(prefix="trib-states-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_gateway_state_installs_syncs_and_configures_beacons(states_minion, pillar):
+    broker = start_broker()
+    pillar.set(
+        {
+            "tributary": {
+                "beacons": {
+                    "tributary_mqtt": {"broker": {"host": "127.0.0.1", "port": broker.port}}
+                },
+                # per site: the topics; per gateway: the interval
+                "sites": {
+                    "brisbane": {
+                        "beacons": {
+                            "tributary_mqtt": {
+                                "topics": [
+                                    {
+                                        "topic": "sensors/{sensor}/{metric}",
+                                        "format": "number",
+                                        "unit": "C",
+                                    }
+                                ]
+                            }
+                        }
+                    }
+                },
+                "gateways": {"states-gw-1": {"beacons": {"tributary_mqtt": {"interval": 1}}}},
+            }
+        }
+    )
+    cli = states_minion.salt_call_cli(timeout=120)
+    try:
+        res = assert_all_ok(apply(states_minion, "tributary.gateway"))
+        # Salt's beacon.present reports an added beacon in its comment, not in changes
+        assert "Adding tributary_mqtt" in res["tributary-gateway-beacon-tributary_mqtt"]["comment"]
+        beacons = cli.run("beacons.list", "return_yaml=False").data
+        conf = {k: v for item in beacons["tributary_mqtt"] for k, v in item.items()}
+        assert conf["broker"]["port"] == broker.port
+        assert conf["topics"][0]["topic"] == "sensors/{sensor}/{metric}"
+        assert conf["interval"] == 1
+
+        def subscribed():
+            ret = cli.run("tributary.status")
+            return ret.returncode == 0 and (ret.data.get("state") or {}).get("broker")
+
+        assert wait_for(subscribed, 60, "the beacon's MQTT subscription") == "subscribed"
+        res = assert_all_ok(apply(states_minion, "tributary.gateway"))
+        assert changed(res) == {}
+    finally:
+        cli.run("beacons.delete", "tributary_mqtt")
+        cli.run("beacons.save")
+        broker.cleanup()
+
+
+def test_master_state_writes_engine_config_and_credentials(states_minion, pillar, tmp_dir):
+    relay = {
+        "elasticsearch": {
+            "hosts": ["https://es.example.internal:9200"],
+            "username": "tributary",
+            "password": "es-secret",
+            "ca_certs": "/etc/tributary/es-ca.pem",
+        },
+        "index_prefix": "tributary",
+    }
+    pillar.set(
+        {
+            "tributary": {
+                "master": {"config_dir": str(tmp_dir), "manage_service": False, "relay": relay}
+            }
+        }
+    )
+    assert_all_ok(apply(states_minion, "tributary.master"))
+    path = tmp_dir / "tributary.conf"
+    assert path.stat().st_mode & 0o077 == 0  # credentials: owner only
+    conf = yaml.safe_load(path.read_text())
+    assert conf["order_masters"] is True
+    assert conf["engines"] == [{"tributary_relay": relay}]
+    assert conf["file_roots"]["base"][0].endswith("/salt/states")
+    assert changed(assert_all_ok(apply(states_minion, "tributary.master"))) == {}
+
+
+def test_syndic_state_mirrors_the_top_file_tree(states_minion, pillar, tmp_dir):
+    tree = tmp_dir / "tree"
+    pillar.set(
+        {
+            "tributary": {
+                "syndic": {
+                    "config_dir": str(tmp_dir / "master.d"),
+                    "mirror_dir": str(tree),
+                    "manage_service": False,
+                    "syndic_master": "top.example.internal",
+                }
+            }
+        }
+    )
+    assert_all_ok(apply(states_minion, "tributary.syndic"))
+    conf = yaml.safe_load((tmp_dir / "master.d" / "tributary-syndic.conf").read_text())
+    assert conf["syndic_master"] == "top.example.internal"
+    assert conf["file_roots"] == {"base": [str(tree)]}
+    for src, dst in [
+        (REPO / "salt" / "_modules", tree / "_modules"),
+        (REPO / "salt" / "_beacons", tree / "_beacons"),
+        (REPO / "salt" / "states" / "mosquitto", tree / "mosquitto"),
+    ]:
+        cmp = filecmp.dircmp(src, dst, ignore=["__pycache__"])
+        assert not (cmp.left_only or cmp.right_only or cmp.diff_files), (src, cmp.report())
+    assert (tree / "top.sls").read_text() == (REPO / "salt" / "states" / "top.sls").read_text()
+    # a file removed on the top master disappears from the mirror on the next apply
+    (tree / "_modules" / "stale.py").write_text("# gone upstream\n")
+    res = assert_all_ok(apply(states_minion, "tributary.syndic"))
+    assert not (tree / "_modules" / "stale.py").exists()
+    assert set(changed(res)) == {"tributary-syndic-file-tree-_modules"}
