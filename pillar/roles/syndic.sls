@@ -1,0 +1,3 @@
+tributary:
+  syndic:
+    syndic_master: top.example.internal
