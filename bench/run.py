@@ -1,0 +1,665 @@
+"""``make bench``: Tributary's pipeline figures from one run against one Elasticsearch.
+
+Prints one JSON document. Everything runs on this machine with real parts: Elasticsearch (the
+test distribution, TLS + basic auth), a real salt-master with the ``tributary_relay`` engine, a
+syndic master + salt-syndic below it, one gateway salt-minion with the ``tributary_mqtt`` beacon
+and its own Mosquitto broker.
+
+Figures (issue 4 targets in brackets; benchmarks, never test assertions):
+
+* ``raw_bulk``: ``_bulk`` create rate of N pre-built reading documents (readings/s).
+* ``relay``: the same N readings arriving as signed batch events on the top master's bus,
+  through the relay engine (spool, verify, bulk) into Elasticsearch; ratio to raw [>= 0.9].
+* ``naive_relay``: one document per event with one index request each (what Salt's old
+  Elasticsearch returner did), on the same bus and cluster.
+* ``end_to_end``: readings published to the gateway's broker -> beacon -> syndic master ->
+  salt-syndic -> top master -> relay -> Elasticsearch; ratio to raw [>= 0.5].
+* ``replay``: ``salt <gw> tributary.replay`` of a 100k-reading backlog through the syndic, until
+  the relay has confirmed all of it [>= 10k readings/s].
+* ``latency``: sensor (MQTT publish) to searchable (visible to a search), p50 [<= 1.5 s].
+* ``soak``: relay engine RSS over a soak at a steady rate (``TRIBUTARY_BENCH_SOAK_S``, default
+  60 s; 600 for the 10-minute check) [flat within 10 %].
+* ``signing``: sign (gateway) and verify (relay) cost per batch; ``wire``: bytes per reading.
+* ``gateway``: ``bench/gateway.py``'s ``run()`` when present.
+
+Environment: ``TRIBUTARY_BENCH_N`` (default 100000), ``TRIBUTARY_BENCH_SOAK_S``,
+``TRIBUTARY_BENCH_SKIP_GATEWAY=1`` skips ``bench/gateway.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "src")]
+
+from saltext.tributary import signing  # noqa: E402
+from saltext.tributary.es import install_templates, make_client  # noqa: E402
+from saltext.tributary.wire import SpooledReading, bytes_per_reading, encode_batch  # noqa: E402
+
+N = int(os.environ.get("TRIBUTARY_BENCH_N", "100000"))
+SOAK_S = float(os.environ.get("TRIBUTARY_BENCH_SOAK_S", "60"))
+GW = "bench-gw-1"
+VENV_BIN = pathlib.Path(sys.executable).parent
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_yaml(path: pathlib.Path, data: dict) -> None:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+
+
+def wait(pred, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise RuntimeError(f"bench: timed out waiting for {what}")
+
+
+def readings(n: int, first: int = 1, sensors: int = 20) -> list[SpooledReading]:
+    t0 = int(time.time() * 1000) - n
+    return [
+        SpooledReading(
+            first + i, f"s{i % sensors}/temperature", "C", t0 + i, round(20 + (i % 997) / 100, 2)
+        )
+        for i in range(n)
+    ]
+
+
+def make_key(folder: pathlib.Path) -> tuple[str, str]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "minion.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return str(folder), pub.decode()
+
+
+# -- in-process figures ----------------------------------------------------------------------
+def signing_cost(pki: str, pub: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"key": "RSA 2048 (Salt's default minion key size)"}
+    for rows in (500, 4000):
+        batch = encode_batch("bench", readings(rows))
+        reps = 200
+        t = time.perf_counter()
+        for _ in range(reps):
+            signing.sign_batch(batch, {"id": GW, "pki_dir": pki})
+        sign_s = (time.perf_counter() - t) / reps
+        t = time.perf_counter()
+        for _ in range(reps):
+            signing.verify_batch(GW, batch, pub)
+        verify_s = (time.perf_counter() - t) / reps
+        out[f"batch_{rows}_readings"] = {
+            "sign_ms": round(sign_s * 1000, 3),
+            "verify_ms": round(verify_s * 1000, 3),
+            "sign_us_per_reading": round(sign_s / rows * 1e6, 3),
+            "verify_us_per_reading": round(verify_s / rows * 1e6, 3),
+        }
+    return out
+
+
+def wire_bytes() -> dict[str, Any]:
+    rows = readings(4000)
+    plain = [encode_batch("3f9c2a1b7d10", rows[i : i + 500]) for i in range(0, 4000, 500)]
+    signed = [dict(b, sig="x" * 344) for b in plain]  # a 2048-bit signature is 344 base64 chars
+    return {
+        "unsigned_500_row_batches": round(bytes_per_reading(plain), 2),
+        "signed_500_row_batches": round(bytes_per_reading(signed), 2),
+    }
+
+
+def raw_bulk(client: Any, n: int) -> dict[str, Any]:
+    now = int(time.time() * 1000)
+    docs = []
+    for r in readings(n):
+        did = f"raw:{r.seq}"
+        docs.append(f'{{"create":{{"_index":"benchraw-readings-x","_id":"{did}"}}}}')
+        docs.append(
+            json.dumps(
+                {
+                    "@timestamp": r.ts_ms,
+                    "gateway": "raw",
+                    "site": "bench",
+                    "sensor": r.key.split("/")[0],
+                    "metric": "temperature",
+                    "value": r.value,
+                    "unit": "C",
+                    "seq": r.seq,
+                    "epoch": "raw",
+                    "relayed_at": now,
+                }
+            )
+        )
+    t = time.perf_counter()
+    for i in range(0, len(docs), 10_000):
+        resp = client.bulk(operations="\n".join(docs[i : i + 10_000]) + "\n", refresh=False)
+        assert not resp["errors"], "raw bulk had errors"
+    dt = time.perf_counter() - t
+    return {"readings": n, "seconds": round(dt, 2), "readings_per_s": round(n / dt)}
+
+
+# -- daemons ---------------------------------------------------------------------------------
+class Daemons:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+
+    def start(self, prog: str, confdir: pathlib.Path) -> subprocess.Popen:
+        p = subprocess.Popen(
+            [str(VENV_BIN / prog), "-c", str(confdir)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        return sum(p.memory_info().rss for p in [psutil.Process(pid)])
+    except psutil.Error:
+        return 0
+
+
+def engine_pid(master_pid: int) -> int | None:
+    import psutil
+
+    for child in psutil.Process(master_pid).children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "Engine(" in cmd and "tributary_relay" in cmd:
+            return int(child.pid)
+    for child in psutil.Process(master_pid).children(recursive=True):
+        try:
+            if "Engine(salt.loaded.ext.engine" in " ".join(child.cmdline()):
+                return int(child.pid)
+        except psutil.Error:
+            continue
+    return None
+
+
+class Counters:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def get(self) -> dict[str, int]:
+        if not os.path.exists(self.path):
+            return {}
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        try:
+            return dict(db.execute("SELECT name, n FROM counters").fetchall())
+        except sqlite3.Error:
+            return {}
+        finally:
+            db.close()
+
+
+def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]) -> None:
+    import paho.mqtt.client as mqtt
+    import salt.config
+    import salt.utils.event
+
+    from tests.support.mosquitto import start_broker
+
+    d = Daemons()
+    broker = start_broker()
+    try:
+        common = {"log_level": "warning", "log_level_logfile": "warning", "user": "root"}
+        top_pub, top_ret = free_port(), free_port()
+        spool = str(root / "top/relay.db")
+        relay_cfg = {
+            "elasticsearch": {**node.client_config, "replicas": 0},
+            "index_prefix": "bench",
+            "bulk": {"max_docs": 5000, "max_wait_s": 0.05},
+            "spool_path": spool,
+            "metrics_interval_s": 30,
+            "gaps": {"enabled": False},
+        }
+        write_yaml(
+            root / "top/master",
+            {
+                **common,
+                "id": "bench-top",
+                "root_dir": str(root / "top"),
+                "interface": "127.0.0.1",
+                "publish_port": top_pub,
+                "ret_port": top_ret,
+                "auto_accept": True,
+                "order_masters": True,
+                "engines_dirs": [str(REPO / "salt/_engines")],
+                "engines": [{"tributary_relay": relay_cfg}],
+            },
+        )
+        # the directly attached bench publisher's key, accepted by the top master
+        pki, pub = make_key(root / "benchkey")
+        (root / "top/etc/salt/pki/master/minions").mkdir(parents=True, exist_ok=True)
+        top = d.start("salt-master", root / "top")
+        counters = Counters(spool)
+        wait(lambda: os.path.exists(spool), 120, "the relay engine's spool", 0.5)
+        mopts = salt.config.master_config(str(root / "top/master"))
+        (pathlib.Path(mopts["pki_dir"]) / "minions").mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(mopts["pki_dir"]) / "minions" / "bench-pub").write_text(pub)
+        wait(lambda: client.indices.exists_index_template(name="bench-readings"), 60, "templates")
+        out["signing"] = signing_cost(pki, pub)
+
+        # relay: N readings as signed batches of 1000 on the top master's bus
+        log(f"relay: {N} readings on the bus")
+        rows = readings(N)
+        batches = [
+            signing.sign_batch(
+                encode_batch("relay-epoch", rows[i : i + 1000]), {"id": "bench-pub", "pki_dir": pki}
+            )
+            for i in range(0, N, 1000)
+        ]
+        bus = salt.utils.event.get_master_event(mopts, mopts["sock_dir"], listen=False)
+        base = counters.get().get("indexed", 0)
+        t = time.perf_counter()
+        for b in batches:
+            bus.fire_event(b, "salt/beacon/bench-pub/tributary_mqtt/batch")
+        wait(lambda: counters.get().get("indexed", 0) - base >= N, 600, "relay indexed N")
+        dt = time.perf_counter() - t
+        out["relay"] = {"readings": N, "seconds": round(dt, 2), "readings_per_s": round(N / dt)}
+        out["relay"]["ratio_to_raw"] = round(
+            out["relay"]["readings_per_s"] / out["raw_bulk"]["readings_per_s"], 3
+        )
+
+        # naive relay: one event, one document, one request
+        m = min(N, 5000)
+        log(f"naive relay: {m} single-reading events")
+        listen = salt.utils.event.get_master_event(mopts, mopts["sock_dir"], listen=True)
+        done = threading.Event()
+        got = [0]
+
+        def naive() -> None:
+            while got[0] < m:
+                ev = listen.get_event(wait=5, tag="bench/naive", full=True)
+                if ev is None:
+                    continue
+                r = ev["data"]
+                client.index(
+                    index="benchnaive-readings-x",
+                    id=f"naive:{r['seq']}",
+                    document=r,
+                    op_type="create",
+                )
+                got[0] += 1
+            done.set()
+
+        th = threading.Thread(target=naive, daemon=True)
+        th.start()
+        time.sleep(0.5)
+        t = time.perf_counter()
+        for r in rows[:m]:
+            bus.fire_event(
+                {"gateway": "naive", "seq": r.seq, "@timestamp": r.ts_ms, "value": r.value},
+                "bench/naive",
+            )
+        done.wait(600)
+        dt = time.perf_counter() - t
+        out["naive_relay"] = {
+            "readings": got[0],
+            "seconds": round(dt, 2),
+            "readings_per_s": round(got[0] / dt),
+            "relay_speedup": round(out["relay"]["readings_per_s"] / max(1, got[0] / dt), 1),
+        }
+
+        # syndic master + salt-syndic + one gateway below the top master
+        syn_pub, syn_ret = free_port(), free_port()
+        synd = root / "syndic"
+        write_yaml(
+            synd / "master",
+            {
+                **common,
+                "id": "bench-syndic",
+                "root_dir": str(synd),
+                "interface": "127.0.0.1",
+                "publish_port": syn_pub,
+                "ret_port": syn_ret,
+                "auto_accept": True,
+                "syndic_master": "127.0.0.1",
+                "syndic_master_port": top_ret,
+                "syndic_event_forward_timeout": 0.5,
+                "engines_dirs": [str(REPO / "salt/_engines")],
+                "engines": [
+                    {
+                        "tributary_keys": {
+                            "interval": 5,
+                            "syndic_id": "bench-syndic",
+                            "signing_key": str(synd / "etc/salt/pki/minion/minion.pem"),
+                        }
+                    }
+                ],
+            },
+        )
+        write_yaml(
+            synd / "minion",
+            {
+                **common,
+                "id": "bench-syndic",
+                "root_dir": str(synd),
+                "master": "127.0.0.1",
+                "master_port": syn_ret,
+                "publish_port": 4506,
+            },
+        )
+        d.start("salt-master", synd)
+        time.sleep(3)
+        d.start("salt-syndic", synd)
+        gwd = root / GW
+        write_yaml(
+            gwd / "minion",
+            {
+                **common,
+                "id": GW,
+                "root_dir": str(gwd),
+                "master": "127.0.0.1",
+                "master_port": syn_ret,
+                "publish_port": syn_pub,
+                "module_dirs": [str(REPO / "salt")],
+                "grains": {"site": "bench"},
+                "beacons": {
+                    "tributary_mqtt": [
+                        {"broker": {"host": "127.0.0.1", "port": broker.port}},
+                        {
+                            "topics": [
+                                {
+                                    "topic": "sensors/{sensor}/{metric}",
+                                    "format": "number",
+                                    "unit": "C",
+                                },
+                                {
+                                    "topic": "json/{sensor}",
+                                    "format": "json",
+                                    "fields": {"temp": {"metric": "temperature", "unit": "C"}},
+                                    "timestamp": {"field": "ts", "format": "ms"},
+                                },
+                            ]
+                        },
+                        {"interval": 1},
+                    ]
+                },
+            },
+        )
+        d.start("salt-minion", gwd)
+        pubc = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-pub")
+        pubc.connect("127.0.0.1", broker.port)
+        pubc.loop_start()
+
+        def indexed_gw() -> int:
+            return counters.get().get(f"indexed@{GW}", 0)
+
+        def warm() -> bool:
+            pubc.publish("sensors/warm/temperature", b"1", qos=1)
+            return indexed_gw() > 0
+
+        log("end to end: waiting for the gateway's first reading through the syndic")
+        wait(warm, 300, "a first reading through the syndic", 1)
+        time.sleep(3)
+
+        # end to end: N readings into the broker
+        n_e2e = max(N, 100_000)
+        log(f"end to end: {n_e2e} readings into the gateway's broker")
+        base = indexed_gw()
+        payloads = [f"{20 + (i % 997) / 100:.2f}" for i in range(n_e2e)]
+        t = time.perf_counter()
+        subprocess.run(
+            [
+                "mosquitto_pub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(broker.port),
+                "-q",
+                "1",
+                "-t",
+                "sensors/e2e/temperature",
+                "-l",
+            ],
+            input=("\n".join(payloads) + "\n").encode(),
+            check=True,
+            timeout=600,
+        )
+        pub_s = time.perf_counter() - t
+        wait(lambda: indexed_gw() - base >= n_e2e, 1200, "end-to-end readings", 0.2)
+        dt = time.perf_counter() - t
+        out["end_to_end"] = {
+            "readings": n_e2e,
+            "publish_seconds": round(pub_s, 2),
+            "seconds": round(dt, 2),
+            "readings_per_s": round(n_e2e / dt),
+        }
+        out["end_to_end"]["ratio_to_raw"] = round(
+            out["end_to_end"]["readings_per_s"] / out["raw_bulk"]["readings_per_s"], 3
+        )
+
+        # latency: MQTT publish -> visible to a search
+        log("latency: 30 single readings, publish -> searchable")
+        lat = []
+        for i in range(30):
+            ts = int(time.time() * 1000)
+            t = time.perf_counter()
+            pubc.publish("json/lat", json.dumps({"ts": ts, "temp": i}).encode(), qos=1)
+
+            def seen(ts: int = ts) -> bool:
+                r = client.search(
+                    index="bench-readings-*",
+                    query={
+                        "bool": {
+                            "must": [{"term": {"sensor": "lat"}}, {"term": {"@timestamp": ts}}]
+                        }
+                    },
+                    size=1,
+                )
+                return bool(r["hits"]["hits"])
+
+            wait(seen, 60, "latency reading", 0.02)
+            lat.append(time.perf_counter() - t)
+            time.sleep(0.3)
+        out["latency"] = {
+            "samples": len(lat),
+            "p50_s": round(statistics.median(lat), 3),
+            "p90_s": round(sorted(lat)[int(len(lat) * 0.9) - 1], 3),
+            "max_s": round(max(lat), 3),
+        }
+
+        # replay: 100k backlog through the syndic (already indexed -> 409 already present)
+        n_rep = 100_000
+        log(f"replay: {n_rep} readings through the syndic")
+        import salt.client
+
+        lc = salt.client.LocalClient(mopts=mopts)
+        st = lc.cmd(GW, "tributary.status", timeout=60).get(GW) or {}
+        epoch = st.get("epoch")
+        first = max(1, int(st.get("last_seq", n_rep)) - n_rep - 40)
+        base_present = counters.get().get("already_present", 0)
+        t = time.perf_counter()
+        ret = lc.cmd(GW, "tributary.replay", [epoch, first, first + n_rep - 1, 0], timeout=600).get(
+            GW
+        )
+        wait(
+            lambda: counters.get().get("already_present", 0) - base_present >= n_rep,
+            600,
+            "replayed readings confirmed",
+            0.2,
+        )
+        dt = time.perf_counter() - t
+        out["replay"] = {
+            "readings": n_rep,
+            "seconds": round(dt, 2),
+            "readings_per_s": round(n_rep / dt),
+            "gateway_answer": {k: v for k, v in (ret or {}).items() if k != "error"}
+            if isinstance(ret, dict)
+            else ret,
+        }
+
+        # soak: relay engine RSS at a steady rate
+        eng = engine_pid(top.pid)
+        rate = 2000
+        log(f"soak: {SOAK_S:.0f} s at {rate} readings/s, relay engine pid {eng}")
+        stop = threading.Event()
+
+        def steady() -> None:
+            tick = time.monotonic()
+            i = 0
+            while not stop.is_set():
+                for _ in range(rate // 10):
+                    pubc.publish("sensors/soak/temperature", f"{i % 1000}".encode(), qos=1)
+                    i += 1
+                tick += 0.1
+                stop.wait(max(0, tick - time.monotonic()))
+
+        th = threading.Thread(target=steady, daemon=True)
+        base = indexed_gw()
+        th.start()
+        samples = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < SOAK_S:
+            samples.append(tree_rss(eng) if eng else 0)
+            time.sleep(max(1.0, SOAK_S / 60))
+        stop.set()
+        th.join(10)
+        mib = 1024 * 1024
+        half = max(1, len(samples) // 2)
+        first_half = sum(samples[:half]) / half
+        second_half = sum(samples[half:]) / max(1, len(samples) - half)
+        out["soak"] = {
+            "seconds": round(time.monotonic() - t0),
+            "target_rate": rate,
+            "indexed_per_s": round((indexed_gw() - base) / (time.monotonic() - t0)),
+            "engine_rss_first_mib": round(samples[0] / mib, 1),
+            "engine_rss_last_mib": round(samples[-1] / mib, 1),
+            "engine_rss_max_mib": round(max(samples) / mib, 1),
+            "second_half_over_first_half": round(second_half / first_half, 3)
+            if first_half
+            else None,
+        }
+        pubc.loop_stop()
+        out["relay_counters"] = {k: v for k, v in counters.get().items() if "@" not in k}
+    finally:
+        d.stop_all()
+        broker.cleanup()
+
+
+def main() -> None:
+    from tests.support.es import start_elasticsearch
+
+    out: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "n": N,
+    }
+    try:
+        import salt.version
+
+        out["machine"]["salt"] = salt.version.__version__
+    except ImportError:
+        pass
+    out["wire_bytes_per_reading"] = wire_bytes()
+    root = pathlib.Path(tempfile.mkdtemp(prefix="tributary-bench-"))
+    log("starting Elasticsearch")
+    node = start_elasticsearch(tls=True)
+    try:
+        out["machine"]["elasticsearch"] = node.version
+        client = make_client({**node.client_config, "request_timeout": 120})
+        install_templates(client, "benchraw", replicas=0)
+        install_templates(client, "benchnaive", replicas=0)
+        log(f"raw _bulk: {N} documents")
+        out["raw_bulk"] = raw_bulk(client, N)
+        try:
+            run_pipeline(node, client, root, out)
+        except Exception as exc:  # report what was measured so far
+            out["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        node.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+    if (
+        os.environ.get("TRIBUTARY_BENCH_SKIP_GATEWAY") != "1"
+        and (REPO / "bench/gateway.py").exists()
+    ):
+        log("bench/gateway.py")
+        try:
+            sys.path.insert(0, str(REPO / "bench"))
+            import gateway as gateway_bench  # type: ignore[import-not-found]
+
+            out["gateway"] = gateway_bench.run()
+        except Exception as exc:
+            out["gateway"] = {"error": f"{type(exc).__name__}: {exc}"}
+    targets = {}
+    if "relay" in out:
+        targets["relay_ge_0.9_raw"] = out["relay"]["ratio_to_raw"] >= 0.9
+    if "end_to_end" in out:
+        targets["end_to_end_ge_0.5_raw"] = out["end_to_end"]["ratio_to_raw"] >= 0.5
+    if "replay" in out:
+        targets["replay_ge_10k_per_s"] = out["replay"]["readings_per_s"] >= 10_000
+    if "latency" in out:
+        targets["latency_p50_le_1.5s"] = out["latency"]["p50_s"] <= 1.5
+    if "soak" in out and out["soak"]["second_half_over_first_half"]:
+        targets[f"relay_rss_flat_within_10pct_over_{out['soak']['seconds']}s"] = (
+            abs(out["soak"]["second_half_over_first_half"] - 1) <= 0.1
+        )
+    out["targets_met"] = targets
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

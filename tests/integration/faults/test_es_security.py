@@ -1,0 +1,74 @@
+"""Elasticsearch security as the relay and the runner see it: TLS with CA verification, basic
+auth and API keys against the real (TLS + auth) cluster; wrong CA or password fail loudly."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from saltext.tributary.relay import check_elasticsearch
+
+
+def _other_ca(path) -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the cluster's CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(path)
+
+
+def test_basic_auth_with_ca_verification(f_es):
+    ok = check_elasticsearch(f_es.client_config)
+    assert ok["reachable"] is True and ok["version"], ok
+
+
+def test_wrong_password_fails_loudly(f_es):
+    bad = check_elasticsearch({**f_es.client_config, "password": "wrong"})
+    assert bad["reachable"] is False
+    assert "401" in bad["error"] or "Authentication" in bad["error"], bad
+
+
+def test_wrong_ca_fails_loudly(f_es, tmp_path):
+    bad = check_elasticsearch({**f_es.client_config, "ca_certs": _other_ca(tmp_path / "ca.pem")})
+    assert bad["reachable"] is False
+    assert "certificate" in bad["error"].lower() or "ssl" in bad["error"].lower(), bad
+
+
+def test_api_key_auth(f_es):
+    code, body = f_es.request(
+        "POST",
+        "/_security/api_key",
+        json.dumps({"name": f"tributary-relay-{int(time.time())}"}).encode(),
+    )
+    assert code == 200, body
+    encoded = json.loads(body)["encoded"]
+    cfg = {k: v for k, v in f_es.client_config.items() if k not in ("username", "password")}
+    ok = check_elasticsearch({**cfg, "api_key": encoded})
+    assert ok["reachable"] is True, ok
+    bad = check_elasticsearch({**cfg, "api_key": "bm9wZTpub3Bl"})
+    assert bad["reachable"] is False, bad
+
+
+def test_runner_status_reports_reachability(faults):
+    ret = faults["top"].salt_run_cli(timeout=60).run("tributary.status")
+    assert ret.returncode == 0, ret
+    assert ret.data["elasticsearch"]["reachable"] is True
+    assert ret.data["result"] is True
+    assert set(ret.data["gateways"]) >= {"fgw-brisbane", "fgw-sydney"}
