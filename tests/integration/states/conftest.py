@@ -125,6 +125,7 @@ class Sub:
         client_id=None,
         clean=True,
         host="127.0.0.1",
+        cafile=None,
     ):
         cmd = ["stdbuf", "-oL", "mosquitto_sub", "-h", host, "-p", str(port), "-q", "1", "-v", "-d"]
         for t in topics:
@@ -135,6 +136,8 @@ class Sub:
             cmd += ["-i", client_id]
         if not clean:
             cmd += ["-c"]
+        if cafile:
+            cmd += ["--cafile", cafile]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
