@@ -136,3 +136,30 @@ def test_syndic_state_mirrors_the_top_file_tree(states_minion, pillar, tmp_dir):
     res = assert_all_ok(apply(states_minion, "tributary.syndic"))
     assert not (tree / "_modules" / "stale.py").exists()
     assert set(changed(res)) == {"tributary-syndic-file-tree-_modules"}
+
+
+def test_example_fleet_pillar_renders_for_a_gateway(states_minion, pillar, pillar_root):
+    # the repo's pillar/ (top.sls + example fleet) served as is; the minion is a brisbane gateway
+    for src in (REPO / "pillar").rglob("*.sls"):
+        dst = pillar_root / src.relative_to(REPO / "pillar")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+    try:
+        cli = states_minion.salt_call_cli(timeout=120)
+        data = cli.run("pillar.items").data
+        bridge = data["mosquitto"]["bridges"]["upstream"]
+        assert bridge["addresses"][0] == "mqtt-a.brisbane.example.internal:8883"
+        assert bridge["remote_clientid"] == "states-gw-1"
+        assert data["mosquitto"]["users"]["sensor"]["password"]
+        assert "brisbane" in data["tributary"]["sites"]
+        assert "sydney" not in data["tributary"]["sites"]
+        # the gateway state renders with it (the mosquitto state needs the TLS files, absent
+        # here, and says so naming the key)
+        ret = cli.run("state.show_sls", "tributary.gateway")
+        assert ret.returncode == 0, ret.stdout
+        ret = cli.run("state.show_sls", "mosquitto")
+        assert "invalid pillar mosquitto:listeners:1:tls:cafile" in ret.stdout
+    finally:
+        for sub in ("fleet.sls", "roles", "sites"):
+            p = pillar_root / sub
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
