@@ -113,3 +113,51 @@ def test_broker_restart_mid_stream_reconnects_and_loses_nothing(topology):
         pub.stop()
         if broker.proc is None or broker.proc.poll() is not None:
             broker.start()
+
+
+def test_grain_targets_gateways_with_temperature_sensors(topology):
+    top = topology["top"]
+    ret = top.salt_cli(timeout=120).run(
+        "-G", "tributary.read", "e2e-*", minion_tgt="tributary:sensors:temperature"
+    )
+    assert ret.returncode == 0, ret
+    assert set(ret.data) == {"gw-brisbane-1", "gw-sydney-1"}, ret.data
+    for gw, answer in ret.data.items():
+        assert isinstance(answer["readings"], dict), (gw, answer)
+    ret = top.salt_cli(timeout=120).run("-G", "test.ping", minion_tgt="tributary:sensors:radiation")
+    assert not ret.data, ret.data
+
+
+def test_health_heartbeat_reaches_elasticsearch(topology):
+    es, gateways = topology["es"], topology["gateways"]
+    gw = "gw-sydney-1"
+    cli = gateways[gw].salt_call_cli(timeout=90)
+    ret = cli.run("beacons.add", "tributary_health", '[{"interval": 2}]')
+    assert ret.returncode == 0 and ret.data["result"], ret
+    try:
+
+        def heartbeats():
+            try:
+                res = es.search(
+                    "tributary-health-*",
+                    {
+                        "size": 5,
+                        "query": {"term": {"gateway": gw}},
+                        "sort": [{"@timestamp": "desc"}],
+                    },
+                )
+            except Exception:
+                return None
+            hits = [h["_source"] for h in res["hits"]["hits"]]
+            return hits or None
+
+        hits = wait_for(heartbeats, timeout=120, what="a health document for the gateway")
+        status = cli.run("tributary.status").data
+        doc = hits[0]
+        assert doc["v"] == 1 and doc["epoch"] == status["epoch"]
+        assert 0 < doc["last_seq"] <= status["last_seq"]
+        assert doc["broker"] == "subscribed" and doc["spool_held"] > 0
+        # the health metrics are numbered readings too
+        wait_for(lambda: es_count(es, gw, "health") > 0, timeout=120, what="health readings")
+    finally:
+        cli.run("beacons.delete", "tributary_health")
