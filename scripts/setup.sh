@@ -23,10 +23,9 @@ command -v mosquitto_pub >/dev/null 2>&1 || need_pkgs+=(mosquitto-clients)
 command -v mvn >/dev/null 2>&1 || need_pkgs+=(maven)
 command -v unzip >/dev/null 2>&1 || need_pkgs+=(unzip)
 ls /usr/lib/jvm/*/bin/java >/dev/null 2>&1 || need_pkgs+=(openjdk-17-jdk-headless)
-# Salt-state tests (tests/integration/states): Docker engine for container-mode Mosquitto,
-# busybox-static for the locally built (registry-free) test images.
+# Salt-state tests (tests/integration/states): Docker engine for container-mode Mosquitto
+# (the image is built FROM scratch from the mosquitto package's binary: no registry).
 command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || need_pkgs+=(docker.io)
-[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need_pkgs+=(busybox-static)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing Debian packages: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

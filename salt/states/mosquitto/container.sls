@@ -44,10 +44,11 @@ tributary-mosquitto-image-build-dir:
 
 tributary-mosquitto-image-context:
   cmd.script:
+    - name: build-context {{ m.bin }} {{ ctx }} {{ m.user }} {{ m.group }}
     - source: salt://mosquitto/files/build-context.sh
-    - args: {{ m.bin }} {{ ctx }} {{ m.user }} {{ m.group }}
     - shell: /bin/bash
-    - stateful: True
+    - stateful:
+      - test_name: build-context --check {{ m.bin }} {{ ctx }} {{ m.user }} {{ m.group }}
     - require:
       - pkg: tributary-mosquitto-package-installed
       - file: tributary-mosquitto-image-build-dir

@@ -170,7 +170,11 @@ class Sub:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:  # seen once: SIGTERM right after SUBACK
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 def pub(

@@ -21,6 +21,7 @@ from tests.integration.states.conftest import (
     assert_all_ok,
     changed,
     pub,
+    state_results,
     wait_for,
 )
 from tests.support.es import free_port
@@ -167,6 +168,15 @@ def test_container_mode_broker_round_trip(states_minion, pillar, dockerd, workdi
         # idempotent: nothing rebuilt, nothing recreated
         res = assert_all_ok(apply(states_minion, "mosquitto"))
         assert changed(res) == {}
+        # test=True on the converged state: nothing to do, nothing failing
+        res = state_results(apply(states_minion, "mosquitto", test=True))
+        pending = {
+            k: (v["result"], v["comment"]) for k, v in res.items() if v["result"] is not True
+        }
+        assert not pending
+        assert changed(res) == {}
+        info2 = json.loads(docker_cli(dockerd, "inspect", "tributary-mosquitto-test").stdout)[0]
+        assert info2["Id"] == info["Id"]
     finally:
         res = assert_all_ok(apply(states_minion, "mosquitto.clean"))
         assert docker_cli(dockerd, "inspect", "tributary-mosquitto-test").returncode != 0

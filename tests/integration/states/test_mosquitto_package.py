@@ -194,6 +194,29 @@ def test_queued_while_upstream_down_arrive_after(upstream, gw_port):
         sub.stop()
 
 
+def test_queued_messages_survive_a_gateway_broker_restart(states_minion, upstream, gw_port):
+    # persistence: what the bridge holds for a down upstream outlives a gateway broker restart
+    sub = Sub(upstream.port, ["site/brisbane/sensors/#"], client_id="up-sub2", clean=False)
+    sub.wait_subscribed()
+    sub.stop()
+    upstream.stop()
+    payloads = [f"kept-{i}" for i in range(10)]
+    for p in payloads:
+        assert pub(gw_port, "sensors/t4/temperature", p, **SENSOR).returncode == 0
+    pid = broker_pid()
+    ret = states_minion.salt_call_cli(timeout=120).run("service.restart", "mosquitto")
+    assert ret.returncode == 0 and ret.data is True, ret
+    wait_for(lambda: broker_pid() not in (None, pid), 30, "the restarted broker")
+    upstream.start()
+    wait_for(lambda: bridge_up(upstream.port), 30, "the bridge to reconnect")
+    sub = Sub(upstream.port, ["site/brisbane/sensors/#"], client_id="up-sub2", clean=False)
+    try:
+        got = sub.wait(len(payloads), 30)
+        assert [p for _, p in got] == payloads
+    finally:
+        sub.stop()
+
+
 def test_test_mode_reports_and_changes_nothing(states_minion, pillar, upstream, gw_port):
     extra = (
         {"topic": "alerts/#", "direction": "out", "qos": 1, "remote_prefix": "site/brisbane/"},

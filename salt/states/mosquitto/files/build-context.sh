@@ -4,8 +4,11 @@
 # libgcc_s.so.1, which glibc loads for thread cancellation: without it the bridge thread
 # crashes), plus passwd/group entries so the broker can drop to the mosquitto user.
 # Stateful for Salt: the last line says whether the context changed.
-#   usage: build-context.sh <mosquitto binary> <context dir> <user> <group>
+#   usage: build-context.sh [--check] <mosquitto binary> <context dir> <user> <group>
+#   --check (Salt's test=True): only say whether the context would change.
 set -euo pipefail
+check=false
+if [ "${1:-}" = --check ]; then check=true; shift; fi
 bin=$1; ctx=$2; user=$3; group=$4
 new=$(mktemp -d "${ctx%/}.new.XXXXXX")
 trap 'rm -rf "$new"' EXIT
@@ -33,6 +36,10 @@ ENTRYPOINT ["$bin"]
 DOCKERFILE
 if [ -d "$ctx" ] && diff -r -q "$ctx" "$new" >/dev/null 2>&1; then
   echo "changed=no comment='image context up to date'"
+  exit 0
+fi
+if $check; then
+  echo "changed=yes comment='image context $ctx would be rewritten'"
   exit 0
 fi
 rm -rf "$ctx"
