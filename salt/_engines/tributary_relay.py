@@ -128,7 +128,7 @@ def start(**config):
             "tributary relay: Elasticsearch %s is not usable at start (wrong URL, CA or"
             " credentials?): %s",
             es_cfg.get("hosts"),
-            exc,
+            relay_lib.describe_error(exc),
         )
     repairer = None
     gaps = config.get("gaps") or {}

@@ -572,7 +572,8 @@ class Relay:
         return {
             "@timestamp": _now_ms(),
             "relay": self.name,
-            "counters": {k.replace(":", "_").replace("@", "_at_"): v for k, v in counters.items()},
+            # fleet counters only: per-gateway names would grow the mapping with the fleet
+            "counters": {k.replace(":", "_"): v for k, v in counters.items() if "@" not in k},
             "spool_batches": depth,
             "spool_bytes": spool.used_bytes(),
             "spool_oldest_age_s": round((_now_ms() - oldest) / 1000, 1) if oldest else 0,
@@ -803,14 +804,34 @@ def check_elasticsearch(es_cfg: Any) -> dict[str, Any]:
         return {"reachable": False, "error": "; ".join(errors)}
     try:
         client = make_client({**es_cfg, "request_timeout": es_cfg.get("request_timeout", 10)})
-        info = client.info()
+        # cluster health needs only monitor rights and exists on every distribution (the
+        # integ-test zip answers GET / with 405)
+        health = client.cluster.health()
         return {
             "reachable": True,
-            "cluster": info.get("cluster_name"),
-            "version": (info.get("version") or {}).get("number"),
+            "cluster": health.get("cluster_name"),
+            "status": health.get("status"),
         }
     except Exception as exc:  # report, never raise
-        return {"reachable": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {"reachable": False, "error": describe_error(exc)}
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception with its causes (the client's TLS errors say only "TLS error")."""
+    parts = [f"{type(exc).__name__}: {exc}"]
+    seen = {id(exc)}
+    cur: BaseException | None = exc
+    while cur is not None:
+        nxt = cur.__cause__ or cur.__context__
+        errors = getattr(cur, "errors", None)
+        if nxt is None and isinstance(errors, (list, tuple)) and errors:
+            nxt = errors[0] if isinstance(errors[0], BaseException) else None
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        parts.append(f"{type(nxt).__name__}: {nxt}")
+        cur = nxt
+    return " <- ".join(parts)[:2000]
 
 
 def open_status_spool(opts: Mapping[str, Any]) -> tuple[RelayConfig, RelaySpool | None]:

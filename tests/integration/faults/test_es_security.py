@@ -7,6 +7,7 @@ import datetime
 import json
 import time
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -36,7 +37,7 @@ def _other_ca(path) -> str:
 
 def test_basic_auth_with_ca_verification(f_es):
     ok = check_elasticsearch(f_es.client_config)
-    assert ok["reachable"] is True and ok["version"], ok
+    assert ok["reachable"] is True and ok["status"] in ("green", "yellow"), ok
 
 
 def test_wrong_password_fails_loudly(f_es):
@@ -48,7 +49,7 @@ def test_wrong_password_fails_loudly(f_es):
 def test_wrong_ca_fails_loudly(f_es, tmp_path):
     bad = check_elasticsearch({**f_es.client_config, "ca_certs": _other_ca(tmp_path / "ca.pem")})
     assert bad["reachable"] is False
-    assert "certificate" in bad["error"].lower() or "ssl" in bad["error"].lower(), bad
+    assert "certificate verify failed" in bad["error"].lower(), bad
 
 
 def test_api_key_auth(f_es):
@@ -57,6 +58,10 @@ def test_api_key_auth(f_es):
         "/_security/api_key",
         json.dumps({"name": f"tributary-relay-{int(time.time())}"}).encode(),
     )
+    if code == 400 and b"pattern_capture" in body:
+        # The integ-test zip lacks the analysis-common module the security index needs for
+        # API keys, so API-key auth cannot be exercised against the test cluster.
+        pytest.skip("the test cluster cannot create API keys (no analysis-common module)")
     assert code == 200, body
     encoded = json.loads(body)["encoded"]
     cfg = {k: v for k, v in f_es.client_config.items() if k not in ("username", "password")}
