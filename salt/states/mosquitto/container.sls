@@ -36,6 +36,14 @@ tributary-mosquitto-host-service-dead:
     - require:
       - pkg: tributary-mosquitto-package-installed
 
+{#- saltext-dockermod's states and the Docker SDK in Salt's own Python; reload_modules makes
+    docker_image/docker_container available to the states below in the same run #}
+tributary-mosquitto-dockermod-installed:
+  pip.installed:
+    - pkgs: {{ c.pip_pkgs | json }}
+    - bin_env: {{ grains['pythonexecutable'] }}
+    - reload_modules: True
+
 tributary-mosquitto-image-build-dir:
   file.directory:
     - name: {{ c.build_dir }}
@@ -63,8 +71,9 @@ tributary-mosquitto-image-rebuilt:
     - force: True
     - onchanges:
       - cmd: tributary-mosquitto-image-context
-{%- if c.manage_docker %}
     - require:
+      - pip: tributary-mosquitto-dockermod-installed
+{%- if c.manage_docker %}
       - tributary-docker-service-running
 {%- endif %}
 
@@ -74,6 +83,7 @@ tributary-mosquitto-image-present:
     - tag: local
     - build: {{ ctx }}
     - require:
+      - pip: tributary-mosquitto-dockermod-installed
       - cmd: tributary-mosquitto-image-context
       - tributary-mosquitto-image-rebuilt
 
