@@ -160,6 +160,49 @@ def _signing_cost(batches: list[dict]) -> float:
         shutil.rmtree(pki, ignore_errors=True)
 
 
+def mqtt_source_cpu(n: int = 20_000) -> dict[str, Any]:
+    """CPU of the real MQTT source (paho QoS 1, manual ack, parse, spool) in this process,
+    fed by mosquitto_pub in another process through a real Mosquitto broker."""
+    from saltext.tributary.mqtt import BrokerConfig, MqttSource
+    from tests.support.mosquitto import start_broker
+
+    tmp = tempfile.mkdtemp(prefix="tributary-bench-")
+    broker = start_broker()
+    src = None
+    try:
+        path = os.path.join(tmp, "spool.db")
+        src = MqttSource(
+            BrokerConfig(port=broker.port, client_id="bench-src"),
+            Mapper(compile_rules(RULES)),
+            path,
+        )
+        src.start()
+        deadline = time.monotonic() + 30
+        while not src.subscribed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        spool = GatewaySpool(path)
+        c0, w0 = time.process_time(), time.perf_counter()
+        broker.publish("sensors/b1/temperature", [f"{20 + i % 100 / 10:.1f}" for i in range(n)])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if spool.counters().get("spooled", 0) >= n:
+                break
+            time.sleep(0.01)
+        c1, w1 = time.process_time(), time.perf_counter()
+        got = spool.counters().get("spooled", 0)
+        spool.close()
+        return {
+            "readings": got,
+            "cpu_us_per_reading": round((c1 - c0) / max(1, got) * 1e6, 2),
+            "readings_per_s": round(got / (w1 - w0)),
+        }
+    finally:
+        if src is not None:
+            src.stop()
+        broker.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def spool_rates(n: int = N) -> dict[str, Any]:
     from saltext.tributary.reading import make_reading
 
@@ -381,6 +424,7 @@ def minion_memory(duration_s: float, rate: int = 1000) -> dict[str, Any]:
         samples: list[dict[str, Any]] = []
         n0 = spooled()
         _, cpu0 = _tree_rss_cpu(minions["tributary-minion"].pid)
+        _, stock_cpu0 = _tree_rss_cpu(minions["stock-minion"].pid)
         t0 = time.monotonic()
         while time.monotonic() - t0 < duration_s:
             rss_t, _ = _tree_rss_cpu(minions["tributary-minion"].pid)
@@ -389,6 +433,7 @@ def minion_memory(duration_s: float, rate: int = 1000) -> dict[str, Any]:
             time.sleep(5)
         n1 = spooled()
         _, cpu1 = _tree_rss_cpu(minions["tributary-minion"].pid)
+        _, stock_cpu1 = _tree_rss_cpu(minions["stock-minion"].pid)
         elapsed = time.monotonic() - t0
         stop.set()
         t_pub.join(timeout=10)
@@ -401,6 +446,11 @@ def minion_memory(duration_s: float, rate: int = 1000) -> dict[str, Any]:
             "duration_s": round(elapsed),
             "readings_spooled_per_s": round((n1 - n0) / elapsed),
             "minion_cpu_us_per_reading": round((cpu1 - cpu0) / max(1, n1 - n0) * 1e6, 2),
+            "minion_cpu_us_per_reading_over_stock": round(
+                ((cpu1 - cpu0) - (stock_cpu1 - stock_cpu0)) / max(1, n1 - n0) * 1e6, 2
+            ),
+            "minion_cpu_pct": round((cpu1 - cpu0) / elapsed * 100, 1),
+            "stock_minion_cpu_pct": round((stock_cpu1 - stock_cpu0) / elapsed * 100, 1),
             "rss_stock_mib": round(samples[-1]["stock"] / mib, 1),
             "rss_tributary_mib": round(samples[-1]["tributary"] / mib, 1),
             "rss_over_stock_mib_last": round(diffs[-1], 1),
@@ -432,6 +482,7 @@ def minion_memory(duration_s: float, rate: int = 1000) -> dict[str, Any]:
 def run() -> dict[str, Any]:
     out: dict[str, Any] = {
         "cpu": cpu_path(),
+        "mqtt_source": mqtt_source_cpu(),
         "spool": spool_rates(),
         "wire_bytes_per_reading": wire_sizes(),
         "targets": {

@@ -129,29 +129,37 @@ class MqttSource:
             log.warning("tributary mqtt: disconnected (%s); paho reconnects with backoff", rc)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        # Hot path (one call per MQTT message): plain dict counting, one lock round.
         now_ms = int(time.time() * 1000)
-        counts: Counter[str] = Counter(received=1)
         readings: list[Reading] = []
         rejects: list[RejectedReading] = []
+        failed: str | None = None
         try:
             readings = self.mapper.parse(msg.topic, msg.payload, now_ms, rejects)
-            counts["readings"] += len(readings)
-            for exc in rejects:
-                counts[f"rejected:{exc.reason}"] += 1
         except RejectedReading as exc:
-            counts[f"rejected:{exc.reason}"] += 1
+            failed = f"rejected:{exc.reason}"
             log.info("tributary mqtt: rejected message on %s: %s", msg.topic, exc)
         except Exception as exc:  # never let a parser bug kill the subscriber
-            counts["rejected:parser_error"] += 1
+            failed = "rejected:parser_error"
             log.exception("tributary mqtt: parser error on %s: %s", msg.topic, exc)
         aside: list[tuple[Reading, str]] = []
-        if readings:
+        fcounts: dict[str, int] = {}
+        if readings and self.filters.rules:
             readings, fcounts, aside = self.filters.apply(readings)
-            counts.update(fcounts)
         with self._lock:
-            self._pending.extend(readings)
-            self._pending_aside.extend(aside)
-            self._pending_counts.update(counts)
+            pc = self._pending_counts
+            pc["received"] += 1
+            if readings:
+                pc["readings"] += len(readings)
+                self._pending.extend(readings)
+            if failed:
+                pc[failed] += 1
+            for rej in rejects:
+                pc[f"rejected:{rej.reason}"] += 1
+            if fcounts:
+                pc.update(fcounts)
+            if aside:
+                self._pending_aside.extend(aside)
             if msg.qos > 0:
                 self._pending_acks.append(msg.mid)
             full = len(self._pending) >= self.FLUSH_ROWS
