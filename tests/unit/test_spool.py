@@ -147,22 +147,28 @@ def test_corrupt_file_moved_aside_new_epoch(tmp_path):
 
 
 def test_retention_by_bytes_counts_drops_and_reports(tmp_path):
-    s = GatewaySpool(str(tmp_path / "r.db"), max_bytes=32 * 100)  # ~100 rows
+    s = GatewaySpool(str(tmp_path / "r.db"))
     try:
-        s.append(readings(150))
-        s.mark_emitted({"last": 30}, 30)  # the first 30 went out
-        emitted = s.status()["cursor"]
-        assert emitted == 30
+        s.append(readings(5000))
+        per_row = s._bytes_per_row(5000)
+        s.max_bytes = int(per_row * 3000)  # room for ~3000 of the 5000 readings
+        s.mark_emitted({"last": 1000}, 1000)  # the first 1000 went out
         dropped = s.trim()
-        assert dropped == 50 - emitted  # only never-sent readings count as dropped
         st = s.status()
-        assert st["held"] == {"first": 51, "last": 150, "count": 100}
-        assert st["dropped"] == dropped and st["counters"]["trimmed"] == 50
+        first = st["held"]["first"]
+        assert st["held"]["last"] == 5000 and st["held"]["count"] == 5001 - first
+        assert 2800 <= st["held"]["count"] <= 3000  # the oldest went first
+        assert dropped == first - 1 - 1000 > 0  # only never-sent readings count as dropped
+        assert st["dropped"] == dropped and st["counters"]["trimmed"] == first - 1
         assert st["dropped_not_yet_reported"] == dropped
         (batch, *_) = s.next_batches()
-        assert batch["first"] == 51 and batch["dropped"] == dropped
+        assert batch["first"] == first and batch["dropped"] == dropped
         assert s.status()["dropped_not_yet_reported"] == 0
-        assert s.next_batches() == []
+        while s.next_batches():
+            pass
+        assert s.status()["unsent"] == 0
+        # everything was sent: a later trim may still free space but drops nothing unsent
+        assert s.trim() == 0 and s.status()["dropped"] == dropped
     finally:
         s.close()
 

@@ -40,8 +40,8 @@ CREATE TABLE IF NOT EXISTS aside (id INTEGER PRIMARY KEY, key TEXT NOT NULL, ts 
 """
 #: Readings set aside (implausible values) kept for inspection; the oldest go first.
 ASIDE_KEEP = 1000
-#: Rough on-disk bytes per reading row (for the byte budget; measured with sqlite3_analyzer-like
-#: page counts on a 100k-row spool: ~30 B of row + index overhead).
+#: Floor for the on-disk bytes per reading used by the byte budget (the budget itself uses the
+#: measured pages in use per row; bench/gateway.py measured ~60 B/reading incl. the WAL).
 ROW_BYTES = 32
 
 
@@ -415,6 +415,19 @@ class GatewaySpool:
             for r in rows
         ]
 
+    def _bytes_per_row(self, n: int) -> float:
+        """Measured bytes per held reading (used pages of the file / rows), at least ROW_BYTES.
+
+        The file does not shrink when rows go (freed pages are reused), so the byte budget is
+        applied to the pages in use, not to the file size.
+        """
+        if n <= 0:
+            return float(ROW_BYTES)
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        psize = self.db.execute("PRAGMA page_size").fetchone()[0]
+        return max(float(ROW_BYTES), (pages - free) * psize / n)
+
     # -- retention -------------------------------------------------------------------------
     def trim(self, now_ms: int | None = None) -> int:
         """Apply the age and byte budgets; drop oldest first, count what was never emitted."""
@@ -433,7 +446,7 @@ class GatewaySpool:
                     cut = max(cut, row[0] or 0)
                 if self.max_bytes is not None:
                     n, lo = self.db.execute("SELECT COUNT(*), MIN(seq) FROM readings").fetchone()
-                    over = n - self.max_bytes // ROW_BYTES
+                    over = n - int(self.max_bytes // self._bytes_per_row(n))
                     if over > 0:
                         cut = max(cut, lo + over - 1)
                 if cut:
