@@ -36,6 +36,30 @@ Configuration (minion config or pillar)::
             max_run_bytes: 98304
         - interval: 1
 
+Per-sensor filters and a bandwidth budget (aggregate per sensor over windows instead of
+dropping when the link is too slow; one budget per gateway, whichever beacon sets it)::
+
+    beacons:
+      tributary_mqtt:
+        - broker:
+            host: 127.0.0.1
+        - topics:
+            - topic: "senml/{sensor}"
+              format: senml
+            - topic: "lab/{sensor}/temperature_f"
+              metric: temperature
+              convert: F_to_C
+        - filters:
+            - match: "*/temperature"
+              deadband: 0.2
+              min_interval_s: 5
+              max_interval_s: 300
+              min: -40
+              max: 125
+        - bandwidth:
+            bytes_per_s: 40
+            window_s: 60
+
 The ``site`` of the readings comes from the ``site`` grain unless ``- site: <name>`` is set.
 """
 

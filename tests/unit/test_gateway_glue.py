@@ -72,3 +72,14 @@ def test_emit_with_bandwidth_budget_aggregates(cfg, opts):
     dec = decode_batch(events[0])
     assert sum(r["agg"]["count"] for r in dec.readings) == 3000
     assert gateway.emit(cfg, opts, {}) == []  # budget spent
+
+
+def test_budget_is_per_gateway_whichever_beacon_emits(cfg, opts):
+    limited = dict(cfg, bandwidth={"bytes_per_s": 1, "window_s": 60, "burst_s": 1})
+    other = dict(cfg, _beacon_name="health")  # same spool, no bandwidth key of its own
+    gateway.spool_readings(limited, {}, [make_reading("a", "t", 1, T0, "C")], [])
+    assert gateway.emit(limited, opts, {})  # registers the budget, spends the bucket
+    rs = [make_reading("a", "t", i % 3, T0 + 1000 + i, "C") for i in range(500)]
+    gateway.spool_readings(other, {}, rs, [])
+    assert gateway.emit(other, opts, {}) == []  # the other beacon is held to the same budget
+    assert gateway.emitting_spool(cfg, {}).status()["unsent"] == 500  # waiting, not dropped

@@ -322,17 +322,27 @@ _budgets: dict[str, Any] = {}
 
 
 def _budget_for(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
+    """The gateway's bandwidth budget: one per spool, whichever beacon configures it.
+
+    Every beacon emitting from the spool goes through it (a beacon without a ``bandwidth`` key
+    uses the one another beacon set), and a config change adjusts the rate without refilling
+    the bucket.
+    """
     from saltext.tributary.bandwidth import Budget
 
-    bw = cfg.get("bandwidth")
-    if not bw:
-        return None
     path = spool_path(cfg, opts)
-    fp = _fingerprint(bw)
+    bw = cfg.get("bandwidth")
     with _registry_lock:
         cur = _budgets.get(path)
-        if cur is None or cur[0] != fp:
+        if not bw:
+            return cur[1] if cur else None
+        fp = _fingerprint(bw)
+        if cur is None:
             cur = _budgets[path] = (fp, Budget.from_config(bw))
+        elif cur[0] != fp:
+            new = Budget.from_config(bw)
+            new.tokens, new.last = min(cur[1].tokens, new.tokens), cur[1].last
+            cur = _budgets[path] = (fp, new)
         return cur[1]
 
 
