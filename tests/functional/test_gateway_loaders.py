@@ -284,3 +284,36 @@ def test_mqtt_beacon_filters_and_emits(beacons, broker, tmp_path):
         assert spool.set_aside()[-1]["value"] == 500.0
     finally:
         gw_lib.stop_sources()
+
+
+def test_mqtt_source_restart_does_not_redeliver_spooled_messages(broker, tmp_path):
+    """stop() commits and acknowledges before disconnecting: no duplicate after a restart."""
+    from saltext.tributary.mqtt import BrokerConfig, MqttSource
+    from saltext.tributary.payload import Mapper, compile_rules
+    from saltext.tributary.spool import GatewaySpool
+
+    path = str(tmp_path / "restart.db")
+    rules = compile_rules([{"topic": "sensors/{sensor}/{metric}"}])
+
+    def source():
+        s = MqttSource(BrokerConfig(port=broker.port, client_id="fn-restart"), Mapper(rules), path)
+        s.start()
+        wait_for(lambda: s.subscribed, 30, "subscription")
+        return s
+
+    spool = GatewaySpool(path)
+    src = source()
+    try:
+        broker.publish("sensors/r1/temperature", [str(i) for i in range(300)])
+        wait_for(lambda: spool.counters().get("received", 0) >= 300, 60, "300 received")
+    finally:
+        src.stop()
+    src = source()
+    try:
+        broker.publish("sensors/r1/temperature", ["1000"])  # after any redelivery, in order
+        wait_for(lambda: 1000.0 in [t["value"] for t in spool.tail(5)], 60, "the sentinel")
+        values = [t["value"] for t in spool.tail(1000)]
+        assert values == [*range(300), 1000.0], f"{len(values)} readings"
+    finally:
+        src.stop()
+        spool.close()

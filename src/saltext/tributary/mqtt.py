@@ -11,6 +11,7 @@ does not leave the subscriber dead.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -97,13 +98,26 @@ class MqttSource:
         self.client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive)
         self.client.loop_start()
         self._flusher.start()
+        # A minion stopping normally (SIGTERM -> exit) commits and acknowledges what it holds,
+        # so the broker does not redeliver readings that are already spooled.
+        atexit.register(self.stop)
 
     def stop(self) -> None:
+        """Commit pending readings, acknowledge them, then disconnect (idempotent)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
-        self.client.disconnect()
-        self.client.loop_stop()
         self._flusher.join(timeout=5)
-        self._flush()
+        try:
+            self._flush()  # commit, then queue the PUBACKs ...
+        except Exception as exc:  # not committed -> not acknowledged -> redelivered later
+            log.warning("tributary mqtt: final spool flush failed: %s", exc)
+        self.client.disconnect()  # ... which paho sends before the DISCONNECT
+        self.client.loop_stop()
+        try:
+            atexit.unregister(self.stop)
+        except Exception:
+            pass
 
     # -- paho callbacks (network thread) ----------------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None):
