@@ -7,6 +7,7 @@
 #   usage: build-context.sh [--check] <mosquitto binary> <context dir> <user> <group>
 #   --check (Salt's test=True): only say whether the context would change.
 set -euo pipefail
+trap 'echo "build-context: line $LINENO: exit $?" >&2' ERR
 check=false
 if [ "${1:-}" = --check ]; then check=true; shift; fi
 bin=$1; ctx=$2; user=$3; group=$4
@@ -16,8 +17,9 @@ root=$new/rootfs
 mkdir -p "$root/etc" "$root/tmp" "$root$(dirname "$bin")"
 cp -L "$bin" "$root$bin"
 libs=$(ldd "$bin" | awk '/=>/ { print $3 } /^\t\/[^ ]+ \(/ { print $1 }')
-gcc=$(ldconfig -p | awk '/libgcc_s.so.1 / && /x86-64|64bit|AArch64/ { print $NF; exit }')
-[ -n "$gcc" ] || gcc=$(ldconfig -p | awk '/libgcc_s.so.1 / { print $NF; exit }')
+# (awk reads to the end: an early exit would SIGPIPE ldconfig and fail the pipeline)
+gcc=$(ldconfig -p | awk '/libgcc_s.so.1 / && /x86-64|64bit|AArch64/ && !f { print $NF; f = 1 }')
+[ -n "$gcc" ] || gcc=$(ldconfig -p | awk '/libgcc_s.so.1 / && !f { print $NF; f = 1 }')
 for lib in $libs $gcc; do
   [ -e "$lib" ] || continue
   mkdir -p "$root$(dirname "$lib")"
