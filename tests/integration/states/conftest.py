@@ -103,9 +103,7 @@ def state_results(ret) -> dict[str, dict]:
 
 def assert_all_ok(ret) -> dict[str, dict]:
     res = state_results(ret)
-    bad = {
-        k: (v["comment"], v["changes"]) for k, v in res.items() if v["result"] is not True
-    }
+    bad = {k: (v["comment"], v["changes"]) for k, v in res.items() if v["result"] is not True}
     assert not bad, bad
     return res
 
