@@ -145,6 +145,8 @@ def test_container_mode_broker_round_trip(states_minion, pillar, dockerd, workdi
         started = time.monotonic()
         res = assert_all_ok(apply(states_minion, "mosquitto"))
         print(f"container-mode apply took {time.monotonic() - started:.1f}s")
+        for sid in ("tributary-mosquitto-image-context", "tributary-mosquitto-image-rebuilt"):
+            print(f"{sid}: {res[sid]['duration']:.0f} ms")
         assert "tributary-mosquitto-container-running" in changed(res)
 
         # the state results are not trusted alone: the container must stay up and serve MQTT
