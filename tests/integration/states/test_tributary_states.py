@@ -163,3 +163,43 @@ def test_example_fleet_pillar_renders_for_a_gateway(states_minion, pillar, pilla
         for sub in ("fleet.sls", "roles", "sites"):
             p = pillar_root / sub
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _show(states_minion, sls: str) -> dict:
+    ret = states_minion.salt_call_cli(timeout=120).run("state.show_sls", sls)
+    assert ret.returncode == 0 and isinstance(ret.data, dict), ret.stdout
+    return ret.data
+
+
+def _args(state: dict, fun: str) -> dict:
+    out: dict = {}
+    for item in state[fun]:
+        if isinstance(item, dict):
+            out.update(item)
+    return out
+
+
+def test_service_states_rendered_where_they_cannot_run_here(states_minion, pillar):
+    # PID 1 is not systemd here: restarting docker / salt-master / salt-syndic through their
+    # services is not exercised, so the rendered service states are checked instead
+    pillar.set({})
+    docker = _show(states_minion, "docker")
+    svc = _args(docker["tributary-docker-service-running"], "service")
+    assert svc["name"] == "docker" and svc["enable"] is True
+    assert {"file": "tributary-docker-daemon-json"} in svc["watch"]
+
+    master = _show(states_minion, "tributary.master")
+    svc = _args(master["tributary-master-service-running"], "service")
+    assert svc["name"] == "salt-master"
+    assert {"file": "tributary-master-config"} in svc["watch"]
+    sync = _args(master["tributary-master-engines-synced"], "cmd")
+    assert sync["name"] == "salt-run saltutil.sync_all"
+
+    syndic = _show(states_minion, "tributary.syndic")
+    for sid, name in (
+        ("tributary-syndic-master-running", "salt-master"),
+        ("tributary-syndic-running", "salt-syndic"),
+    ):
+        svc = _args(syndic[sid], "service")
+        assert svc["name"] == name
+        assert {"file": "tributary-syndic-config"} in svc["watch"]
