@@ -4,6 +4,7 @@ pillar_roots = a temp dir the tests write, and helpers for MQTT clients and wait
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
@@ -44,6 +45,30 @@ class Pillar:
     def set(self, data: dict) -> None:
         # JSON is YAML: no templating surprises
         (self.root / "tributary_test.sls").write_text(json.dumps(data, indent=1))
+
+
+@pytest.fixture(scope="package", autouse=True)
+def machine_lock():
+    """These tests own machine-wide things (/etc/mosquitto, /run/mosquitto, the mosquitto
+    service): two runs at once on one machine (say, a full-suite run next to this directory's)
+    would apply and clean each other's broker. Serialize them on a lock file."""
+    fd = os.open(os.path.join(tempfile.gettempdir(), "tributary-states-tests.lock"),
+                 os.O_CREAT | os.O_RDWR, 0o644)  # fmt: skip
+    deadline = time.monotonic() + 1200
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                pytest.fail("another run of tests/integration/states held the lock for 20 min")
+            time.sleep(1)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 @pytest.fixture(scope="package")
