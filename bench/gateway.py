@@ -397,6 +397,9 @@ def minion_memory(duration_s: float, rate: int = 1000) -> dict[str, Any]:
         sent = [0]
 
         def publish() -> None:
+            if rate <= 0:  # idle run: the beacons' fixed cost
+                stop.wait()
+                return
             msgs = _messages(rate)
             tick = time.monotonic()
             while not stop.is_set():
@@ -445,6 +448,7 @@ def minion_memory(duration_s: float, rate: int = 1000) -> dict[str, Any]:
             "salt_version": salt.version.__version__,
             "duration_s": round(elapsed),
             "readings_spooled_per_s": round((n1 - n0) / elapsed),
+            "rate_target_per_s": rate,
             "minion_cpu_us_per_reading": round((cpu1 - cpu0) / max(1, n1 - n0) * 1e6, 2),
             "minion_cpu_us_per_reading_over_stock": round(
                 ((cpu1 - cpu0) - (stock_cpu1 - stock_cpu0)) / max(1, n1 - n0) * 1e6, 2
@@ -495,6 +499,8 @@ def run() -> dict[str, Any]:
         duration = float(os.environ.get("TRIBUTARY_BENCH_GATEWAY_S", "60"))
         try:
             out["minion_memory"] = minion_memory(duration)
+            if os.environ.get("TRIBUTARY_BENCH_GATEWAY_IDLE") == "1":
+                out["minion_idle"] = minion_memory(min(duration, 60), rate=0)
         except Exception as exc:  # report, don't fake
             out["minion_memory"] = {"error": f"{type(exc).__name__}: {exc}"}
     return out

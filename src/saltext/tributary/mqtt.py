@@ -44,6 +44,7 @@ class BrokerConfig:
 class MqttSource:
     """Subscribe, parse, spool, then acknowledge."""
 
+    #: One spool transaction per this many seconds (or FLUSH_ROWS readings), whichever first.
     FLUSH_EVERY_S = 0.05
     FLUSH_ROWS = 500
 
@@ -212,7 +213,9 @@ class MqttSource:
             spool = self._spool
             try:
                 spool.append(readings, counts, aside)
-                spool.set_state("broker", self.state)
+                if self._reported_state != self.state:
+                    spool.set_state("broker", self.state)
+                    self._reported_state = self.state
             except BaseException:
                 # Put them back: nothing is acknowledged that is not committed.
                 self._pending[:0] = readings
