@@ -115,6 +115,11 @@ class MqttSource:
             log.warning("tributary mqtt: final spool flush failed: %s", exc)
         self.client.disconnect()  # ... which paho sends before the DISCONNECT
         self.client.loop_stop()
+        if self._spool is not None:
+            try:
+                self._spool.set_state("broker", "stopped")
+            except Exception:
+                pass
         try:
             atexit.unregister(self.stop)
         except Exception:
