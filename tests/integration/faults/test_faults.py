@@ -64,7 +64,10 @@ def test_mapping_conflict_dead_letters_one_doc_and_indexes_the_rest(faults):
     # the rejected reading belongs to the same batch range as the indexed ones
     seq = int(dl["doc_id"].rsplit(":", 1)[1])
     assert min(d["seq"] for d in docs) < seq < max(d["seq"] for d in docs)
-    assert relay_status(faults["top"])["fleet"]["counters"].get("dead_lettered", 0) >= 1
+    status = relay_status(faults["top"])
+    assert status["fleet"]["counters"].get("dead_lettered", 0) >= 1
+    assert status["gateways"][GW_A]["dead_lettered"] >= 1
+    assert status["gateways"][GW_A]["last_seq"] >= max(d["seq"] for d in docs)
 
 
 def _sign(batch: dict, factory) -> dict:
