@@ -1,0 +1,86 @@
+"""The ``tributary`` runner and the relay/keys engines through Salt's own loaders (no daemons).
+
+The runner reads the relay engine's configuration from the master opts and its spool (ledger,
+counters) from disk; here the spool is filled with the library, as the engine would.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import salt.config
+import salt.loader
+
+from saltext.tributary.relay import RelaySpool
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def opts(tmp_path):
+    o = salt.config.master_config(None)
+    o.update(
+        cachedir=str(tmp_path / "cache"),
+        pki_dir=str(tmp_path / "pki"),
+        runner_dirs=[str(REPO / "salt" / "_runners")],
+        engines_dirs=[str(REPO / "salt" / "_engines")],
+        engines=[
+            {
+                "tributary_relay": {
+                    "elasticsearch": {"hosts": ["https://127.0.0.1:1"], "request_timeout": 2},
+                    "spool_path": str(tmp_path / "relay.db"),
+                }
+            }
+        ],
+    )
+    spool = RelaySpool(str(tmp_path / "relay.db"))
+    spool.ledger.add_range("gw-1", "ep", 1, 100)
+    spool.ledger.add_range("gw-1", "ep", 151, 200)
+    spool.ledger.heartbeat("gw-1", "ep", 250)
+    spool.ledger.add_range("gw-2", "ep2", 1, 10)
+    spool.bump({"indexed": 160, "indexed@gw-1": 150, "dead_lettered@gw-2": 1})
+    spool.close()
+    return o
+
+
+def test_runner_status_gaps(opts):
+    runners = salt.loader.runner(opts)
+    st = runners["tributary.status"](check_es=False)
+    gw1, gw2 = st["gateways"]["gw-1"], st["gateways"]["gw-2"]
+    assert gw1["last_seq"] == 200 and gw1["open_gaps"] == 2 and gw1["missing"] == 50 + 50
+    assert gw1["indexed"] == 150 and gw1["behind"] == 50
+    assert gw2["dead_lettered"] == 1 and gw2["open_gaps"] == 0
+    assert st["fleet"]["open_gaps"] == 2 and st["fleet"]["missing_readings"] == 100
+    assert st["relay"]["counters"]["indexed"] == 160
+    gaps = runners["tributary.gaps"](gateway="gw-1")
+    assert [(g["from"], g["to"], g["state"]) for g in gaps] == [
+        (101, 150, "open"),
+        (201, 250, "open"),
+    ]
+
+
+def test_runner_status_reports_unreachable_elasticsearch(opts):
+    st = salt.loader.runner(opts)["tributary.status"]()
+    assert st["result"] is False
+    assert st["elasticsearch"]["reachable"] is False and st["elasticsearch"]["error"]
+
+
+def test_runner_replay_needs_a_whole_range(opts):
+    ret = salt.loader.runner(opts)["tributary.replay"]("gw-1", "ep", 5)
+    assert ret["result"] is False and "from_seq" in ret["error"]
+
+
+def test_runner_functions_have_cli_examples(opts):
+    runners = salt.loader.runner(opts)
+    for name in ("tributary.status", "tributary.gaps", "tributary.replay"):
+        assert "CLI Example" in runners[name].__doc__
+
+
+def test_engines_validate_without_raising(opts):
+    engines = salt.loader.engines(opts, {}, {}, {}, {})
+    ok, msg = engines["tributary_relay.validate"]({"elasticsearch": {"hosts": "ftp://x"}})
+    assert ok is False and "elasticsearch.hosts" in msg
+    assert engines["tributary_relay.validate"](None)[0] is False
+    assert engines["tributary_keys.validate"]({"interval": 0})[0] is False
+    assert engines["tributary_keys.validate"]({"interval": 5}) == (True, "valid")
