@@ -12,6 +12,7 @@ does not leave the subscriber dead.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import threading
 import time
@@ -65,7 +66,8 @@ class MqttSource:
         self.spool_path = spool_path
         self.spool_kw = spool_kw
         self._pending: list[Reading] = []
-        self._pending_acks: list[int] = []
+        self._pending_acks: list[tuple[int, bytes]] = []
+        self._acked: list[tuple[str, int]] = []
         self._pending_counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -151,6 +153,13 @@ class MqttSource:
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         # Hot path (one call per MQTT message): plain dict counting, one lock round.
         now_ms = int(time.time() * 1000)
+        digest = b""
+        if msg.qos > 0:
+            digest = hashlib.blake2b(
+                msg.topic.encode() + b"\0" + msg.payload, digest_size=8
+            ).digest()
+            if msg.dup and self._redelivered(msg.mid, digest):
+                return
         readings: list[Reading] = []
         rejects: list[RejectedReading] = []
         failed: str | None = None
@@ -181,7 +190,7 @@ class MqttSource:
             if aside:
                 self._pending_aside.extend(aside)
             if msg.qos > 0:
-                self._pending_acks.append(msg.mid)
+                self._pending_acks.append((msg.mid, digest))
             full = len(self._pending) >= self.FLUSH_ROWS
         if full:
             try:
@@ -212,12 +221,20 @@ class MqttSource:
             readings, self._pending = self._pending, []
             aside, self._pending_aside = self._pending_aside, []
             acks, self._pending_acks = self._pending_acks, []
+            acked, self._acked = self._acked, []
             counts, self._pending_counts = self._pending_counts, Counter()
             if self._spool is None:
                 self._spool = GatewaySpool(self.spool_path, **self.spool_kw)
             spool = self._spool
             try:
-                spool.append(readings, counts, aside)
+                src = self.broker.client_id
+                spool.append(
+                    readings,
+                    counts,
+                    aside,
+                    inflight=[(src, mid, dg) for mid, dg in acks],
+                    acked=acked,
+                )
                 if self._reported_state != self.state:
                     spool.set_state("broker", self.state)
                     self._reported_state = self.state
@@ -226,10 +243,31 @@ class MqttSource:
                 self._pending[:0] = readings
                 self._pending_aside[:0] = aside
                 self._pending_acks[:0] = acks
+                self._acked[:0] = acked
                 self._pending_counts.update(counts)
                 raise
-        for mid in acks:
+            # Marked acknowledged in the next commit (a crash before that only leaves a
+            # harmless record: the broker does not redeliver what it saw acknowledged).
+            self._acked.extend((self.broker.client_id, mid) for mid, _ in acks)
+        for mid, _ in acks:
             self.client.ack(mid, 1)
+
+    def _redelivered(self, mid: int, digest: bytes) -> bool:
+        """A DUP message we committed before a crash, whose acknowledgement never left."""
+        spool = self._spool
+        if spool is None:
+            spool = self._spool = GatewaySpool(self.spool_path, **self.spool_kw)
+        try:
+            seen = spool.committed_unacked(self.broker.client_id, mid, digest)
+        except Exception as exc:  # on doubt, take it: a duplicate beats a loss
+            log.warning("tributary mqtt: redelivery check failed (%s); accepting the message", exc)
+            return False
+        if seen:
+            with self._lock:
+                self._pending_counts["redelivered_duplicates"] += 1
+                self._acked.append((self.broker.client_id, mid))
+            self.client.ack(mid, 1)
+        return seen
 
     @property
     def state(self) -> str:

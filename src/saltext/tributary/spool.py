@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS readings (seq INTEGER PRIMARY KEY, sid INTEGER NOT NU
                                      ts INTEGER NOT NULL, value REAL NOT NULL,
                                      added INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS inflight (src TEXT NOT NULL, mid INTEGER NOT NULL, digest BLOB NOT NULL,
+                                     acked INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (src, mid));
 CREATE TABLE IF NOT EXISTS aside (id INTEGER PRIMARY KEY, key TEXT NOT NULL, ts INTEGER NOT NULL,
                                   value REAL NOT NULL, reason TEXT NOT NULL,
                                   added INTEGER NOT NULL);
@@ -166,6 +168,15 @@ class GatewaySpool:
             self.db.execute("DELETE FROM counters")
         return before
 
+    def committed_unacked(self, src: str, mid: int, digest: bytes) -> bool:
+        """True if this broker message was committed but its acknowledgement never sent."""
+        with self._lock:
+            row = self.db.execute(
+                "SELECT 1 FROM inflight WHERE src=? AND mid=? AND digest=? AND acked=0",
+                (src, mid, digest),
+            ).fetchone()
+        return row is not None
+
     def set_state(self, key: str, value: str) -> None:
         """Store a runtime fact (broker connection, last error) for status readers."""
         self.db.execute(
@@ -191,8 +202,15 @@ class GatewaySpool:
         readings: Sequence[Reading],
         counts: Mapping[str, int] | None = None,
         aside: Sequence[tuple[Reading, str]] = (),
+        inflight: Sequence[tuple[str, int, bytes]] = (),
+        acked: Sequence[tuple[str, int]] = (),
     ) -> tuple[int, int]:
         """Append readings in one transaction; returns (first_seq, last_seq) (0, 0 if none).
+
+        ``inflight`` records the broker messages ``(source, packet id, digest)`` these readings
+        came from, in the same transaction, until ``acked`` marks them acknowledged: a QoS 1
+        message the broker redelivers after a crash between commit and acknowledgement is
+        recognised by :meth:`committed_unacked` instead of being numbered twice.
 
         ``counts`` are added to the counters in the same transaction, so a crash never leaves
         counters and data disagreeing. ``aside`` are readings set aside with their reason
@@ -200,7 +218,7 @@ class GatewaySpool:
         raises :class:`SpoolFull` with nothing committed.
         """
         try:
-            return self._append(readings, counts, aside)
+            return self._append(readings, counts, aside, inflight, acked)
         except sqlite3.OperationalError as exc:
             if _is_full(exc):
                 log.error("tributary spool %s: filesystem full, append refused: %s", self.path, exc)
@@ -212,6 +230,8 @@ class GatewaySpool:
         readings: Sequence[Reading],
         counts: Mapping[str, int] | None,
         aside: Sequence[tuple[Reading, str]],
+        inflight: Sequence[tuple[str, int, bytes]] = (),
+        acked: Sequence[tuple[str, int]] = (),
     ) -> tuple[int, int]:
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
@@ -234,6 +254,13 @@ class GatewaySpool:
                     self.db.execute(
                         "DELETE FROM aside WHERE id <= (SELECT MAX(id) FROM aside) - ?",
                         (ASIDE_KEEP,),
+                    )
+                if acked:
+                    self.db.executemany("UPDATE inflight SET acked=1 WHERE src=? AND mid=?", acked)
+                if inflight:
+                    self.db.executemany(
+                        "INSERT OR REPLACE INTO inflight (src, mid, digest) VALUES (?, ?, ?)",
+                        inflight,
                     )
                 self._bump({"spooled": len(rows), **(counts or {})})
                 self.db.execute("COMMIT")
