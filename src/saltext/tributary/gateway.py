@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from saltext.tributary import health as health_mod
@@ -131,73 +131,77 @@ def validate_bandwidth(bw: Any) -> list[str]:
     return errors
 
 
-def validate_sysfs(config: Any) -> tuple[bool, str]:
-    """Validate a ``tributary_sysfs`` beacon config; never raises."""
+def _validated(
+    name: str, config: Any, checks: Callable[[dict[str, Any]], list[str]]
+) -> tuple[bool, str]:
+    """The shared shape of a beacon ``validate()``: never raises, names every bad key."""
     try:
         if not isinstance(config, (list, Mapping)):
-            return False, "tributary_sysfs: configuration must be a list of mappings"
+            return False, f"{name}: configuration must be a list of mappings"
         cfg = config_to_dict(config)
-        errors = validate_common(cfg)
-        root = cfg.get("root", "/")
-        if not isinstance(root, str) or not root:
-            errors.append("root: must be a directory path string")
-        try:
-            compile_sources(cfg.get("sources"))
-        except SysfsConfigError as exc:
-            errors.append(str(exc))
+        errors = validate_common(cfg) + checks(cfg)
         if errors:
-            return False, "tributary_sysfs: " + "; ".join(errors)
+            return False, f"{name}: " + "; ".join(errors)
         return True, "valid"
     except Exception as exc:  # validate() must never raise
-        return False, f"tributary_sysfs: invalid configuration: {exc}"
+        return False, f"{name}: invalid configuration: {exc}"
+
+
+def _sysfs_checks(cfg: dict[str, Any]) -> list[str]:
+    errors = []
+    root = cfg.get("root", "/")
+    if not isinstance(root, str) or not root:
+        errors.append("root: must be a directory path string")
+    try:
+        compile_sources(cfg.get("sources"))
+    except SysfsConfigError as exc:
+        errors.append(str(exc))
+    return errors
+
+
+def _health_checks(cfg: dict[str, Any]) -> list[str]:
+    errors = []
+    for key in ("root", "disk_path", "sensor"):
+        if key in cfg and (not isinstance(cfg[key], str) or not cfg[key]):
+            errors.append(f"{key}: must be a non-empty string")
+    if "spool_metrics" in cfg and not isinstance(cfg["spool_metrics"], bool):
+        errors.append("spool_metrics: must be true or false")
+    return errors
+
+
+def _mqtt_checks(cfg: dict[str, Any]) -> list[str]:
+    errors = []
+    broker = cfg.get("broker", {})
+    if not isinstance(broker, Mapping):
+        errors.append("broker: must be a mapping (host, port, ...)")
+    else:
+        if "host" in broker and not isinstance(broker["host"], str):
+            errors.append("broker.host: must be a string")
+        err = _check_int(broker, "port", 1, 65535)
+        if err:
+            errors.append(f"broker.{err}")
+        if broker.get("password") is not None and not broker.get("username"):
+            errors.append("broker.username: required when broker.password is set")
+    try:
+        compile_rules(cfg.get("topics"))
+    except ConfigError as exc:
+        errors.append(str(exc))
+    return errors
+
+
+def validate_sysfs(config: Any) -> tuple[bool, str]:
+    """Validate a ``tributary_sysfs`` beacon config; never raises."""
+    return _validated("tributary_sysfs", config, _sysfs_checks)
 
 
 def validate_health(config: Any) -> tuple[bool, str]:
     """Validate a ``tributary_health`` beacon config; never raises."""
-    try:
-        if not isinstance(config, (list, Mapping)):
-            return False, "tributary_health: configuration must be a list of mappings"
-        cfg = config_to_dict(config)
-        errors = validate_common(cfg)
-        for key in ("root", "disk_path", "sensor"):
-            if key in cfg and (not isinstance(cfg[key], str) or not cfg[key]):
-                errors.append(f"{key}: must be a non-empty string")
-        if "spool_metrics" in cfg and not isinstance(cfg["spool_metrics"], bool):
-            errors.append("spool_metrics: must be true or false")
-        if errors:
-            return False, "tributary_health: " + "; ".join(errors)
-        return True, "valid"
-    except Exception as exc:  # validate() must never raise
-        return False, f"tributary_health: invalid configuration: {exc}"
+    return _validated("tributary_health", config, _health_checks)
 
 
 def validate_mqtt(config: Any) -> tuple[bool, str]:
     """Validate a ``tributary_mqtt`` beacon config; never raises."""
-    try:
-        if not isinstance(config, (list, Mapping)):
-            return False, "tributary_mqtt: configuration must be a list of mappings"
-        cfg = config_to_dict(config)
-        errors = validate_common(cfg)
-        broker = cfg.get("broker", {})
-        if not isinstance(broker, Mapping):
-            errors.append("broker: must be a mapping (host, port, ...)")
-        else:
-            if "host" in broker and not isinstance(broker["host"], str):
-                errors.append("broker.host: must be a string")
-            err = _check_int(broker, "port", 1, 65535)
-            if err:
-                errors.append(f"broker.{err}")
-            if broker.get("password") is not None and not broker.get("username"):
-                errors.append("broker.username: required when broker.password is set")
-        try:
-            compile_rules(cfg.get("topics"))
-        except ConfigError as exc:
-            errors.append(str(exc))
-        if errors:
-            return False, "tributary_mqtt: " + "; ".join(errors)
-        return True, "valid"
-    except Exception as exc:  # validate() must never raise
-        return False, f"tributary_mqtt: invalid configuration: {exc}"
+    return _validated("tributary_mqtt", config, _mqtt_checks)
 
 
 def _fingerprint(cfg: Mapping[str, Any]) -> str:

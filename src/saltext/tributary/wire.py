@@ -116,22 +116,9 @@ def encode_batch(
         d = decs[i]
         v: float | int = round(r.value * 10**d) if d is not None else r.value
         out_rows.append([i, r.ts_ms - t0, v])
-    batch: dict[str, Any] = {
-        "v": VERSION,
-        "epoch": epoch,
-        "first": first,
-        "last": rows[-1].seq,
-        "sensors": sensors,
-        "units": units,
-        "t0": t0,
-        "d": decs,
-        "r": out_rows,
-        "dropped": int(dropped),
-        "agg": agg,
-    }
-    if site:
-        batch["site"] = site
-    return batch
+    return _batch(
+        epoch, first, rows[-1].seq, sensors, units, t0, decs, out_rows, dropped, agg, site
+    )
 
 
 def encode_agg_batch(
@@ -204,18 +191,37 @@ def encode_agg_batch(
         out_rows.append(
             [i, g[1] - t0, enc(mean), enc(g[4]), enc(g[5]), g[6], g[2] - t0, g[7] - first]
         )
+    return _batch(
+        epoch, first, rows[-1].seq, sensors, units, t0, decs, out_rows, dropped, window_s, site
+    )
+
+
+def _batch(
+    epoch: str,
+    first: int,
+    last: int,
+    sensors: list[str],
+    units: list[str],
+    t0: int,
+    decs: list[int | None],
+    rows: list[list[Any]],
+    dropped: int,
+    agg: float | None,
+    site: str | None,
+) -> dict[str, Any]:
+    """The v1 batch envelope shared by raw and aggregated batches."""
     batch: dict[str, Any] = {
         "v": VERSION,
         "epoch": epoch,
         "first": first,
-        "last": rows[-1].seq,
+        "last": last,
         "sensors": sensors,
         "units": units,
         "t0": t0,
         "d": decs,
-        "r": out_rows,
+        "r": rows,
         "dropped": int(dropped),
-        "agg": window_s,
+        "agg": agg,
     }
     if site:
         batch["site"] = site
