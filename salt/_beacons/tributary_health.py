@@ -6,7 +6,12 @@ load, memory, disk, uptime, broker connectivity, spool depth and bytes, drops) i
 spool, emits the next unsent batches, and returns one event tagged ``health``
 (``salt/beacon/<minion id>/tributary_health/health``) with ``v``, ``epoch`` and ``last_seq``
 of the spool plus every metric and counter: the top master uses ``last_seq`` to see a lost
-tail. The logic lives in :mod:`saltext.tributary.health` and :mod:`saltext.tributary.gateway`.
+tail. The heartbeat is signed like every batch, with the minion's own key
+(``<pki_dir>/minion.pem``, field ``sig``), and the relay on the top master verifies it against
+the gateway's accepted key before it touches the ledger: an unsigned or mis-signed heartbeat is
+dead-lettered (unsigned ones are accepted only while the relay's ``allow_unsigned`` migration
+switch is on). The logic lives in :mod:`saltext.tributary.health` and
+:mod:`saltext.tributary.gateway`.
 
 Configuration (minion config or pillar)::
 

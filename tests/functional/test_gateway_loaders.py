@@ -194,6 +194,14 @@ def test_sysfs_and_health_beacons_share_one_spool(beacons, env, minion_opts):
     assert hb["last_seq"] == events[0]["last"]  # the heartbeat covers its own readings
     assert hb["cpu_temp_c"] == 47.25 and hb["spool_unsent"] == 0
     assert hb["counters"]["emitted"] == hb["last_seq"]
+    # the heartbeat is signed with the minion's own key, like the batches (origin authentication)
+    from saltext.tributary import signing
+
+    pub = pathlib.Path(minion_opts["pki_dir"], "minion.pub").read_text()
+    assert isinstance(hb["sig"], str) and hb["site"] == "lab"
+    signing.verify_event(minion_opts["id"], hb, pub)
+    with pytest.raises(signing.SignatureError):
+        signing.verify_event(minion_opts["id"], {**hb, "last_seq": hb["last_seq"] + 1}, pub)
     health_keys = {r["metric"] for r in decode_batch(events[0]).readings}
     assert {"cpu_temp_c", "spool_unsent", "dropped"} <= health_keys
 

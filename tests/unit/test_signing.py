@@ -132,3 +132,54 @@ def test_keyset_signed_by_syndic(keys, tmp_path):
     with pytest.raises(signing.SignatureError):
         signing.verify_keyset("syndic-1", {**data, "keys": {"gw-a": 1}}, syn_pub)
     assert signing.read_accepted_keys(str(tmp_path / "missing")) == {}
+
+
+def _heartbeat() -> dict:
+    from saltext.tributary import health
+
+    hb = health.event("ep1", 42, {"load1": 0.5, "broker": "subscribed", "counters": {"n": 1}}, 7)
+    hb["site"] = "brisbane"
+    return hb
+
+
+def test_heartbeat_signed_like_a_batch(keys):
+    import msgpack
+
+    pki, pub = keys["gw-a"]
+    hb = signing.sign_event(_heartbeat(), {"id": "gw-a", "pki_dir": pki})
+    assert isinstance(hb["sig"], str) and hb["tag"] == "health"
+    # the same scheme: sign_batch and sign_event agree, verify_batch is verify_event
+    assert signing.sign_batch(_heartbeat(), {"id": "gw-a", "pki_dir": pki})["sig"] == hb["sig"]
+    assert signing.verify_batch is signing.verify_event
+    # as the relay sees it: through msgpack, without tag and _stamp, with Salt's id
+    wire = msgpack.unpackb(msgpack.packb(hb, use_bin_type=True), raw=False)
+    del wire["tag"], wire["_stamp"]
+    signing.verify_event("gw-a", {**wire, "id": "gw-a"}, pub)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda h: h.__setitem__("last_seq", h["last_seq"] + 1000),
+        lambda h: h.__setitem__("epoch", "other"),
+        lambda h: h["counters"].__setitem__("n", 2),
+        lambda h: h.__setitem__("site", "sydney"),
+    ],
+)
+def test_heartbeat_tampering_is_detected(keys, mutate):
+    pki, pub = keys["gw-a"]
+    hb = signing.sign_event(_heartbeat(), {"id": "gw-a", "pki_dir": pki})
+    mutate(hb)
+    with pytest.raises(signing.SignatureError) as exc:
+        signing.verify_event("gw-a", hb, pub)
+    assert exc.value.reason == "bad_signature"
+
+
+def test_heartbeat_unsigned_or_by_another_gateway(keys):
+    with pytest.raises(signing.SignatureError) as exc:
+        signing.verify_event("gw-a", _heartbeat(), keys["gw-a"][1])
+    assert exc.value.reason == "unsigned"
+    forged = signing.sign_event(_heartbeat(), {"id": "gw-b", "pki_dir": keys["gw-a"][0]})
+    with pytest.raises(signing.SignatureError) as exc:
+        signing.verify_event("gw-b", forged, keys["gw-b"][1])
+    assert exc.value.reason == "bad_signature"

@@ -530,10 +530,15 @@ def run_health_beacon(
         dropped=st["dropped"],
         counters=st["counters"],
     )
-    out.append(health_mod.event(spool.epoch, st["last_seq"], metrics, now))
+    heartbeat = health_mod.event(spool.epoch, st["last_seq"], metrics, now)
     site = cfg.get("site") or grains.get("site")
     if site:
-        out[-1]["site"] = str(site)
+        heartbeat["site"] = str(site)
+    # Origin authentication: the heartbeat feeds the top master's ledger (lost-tail detection),
+    # so it is signed like a batch, with this minion's own key, last of all.
+    from saltext.tributary import signing
+
+    out.append(signing.sign_event(heartbeat, opts))
     return out
 
 

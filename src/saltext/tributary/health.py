@@ -13,7 +13,12 @@ replayable like any other, then returns one event tagged ``health`` whose data i
      "broker_connected": true, "spool_unsent": ..., "spool_held": ..., "spool_bytes": ...,
      "spool_oldest_age_s": ..., "dropped": ..., "counters": {...}}
 
-``last_seq`` is read after the health readings are appended, so it covers them too.
+``last_seq`` is read after the health readings are appended, so it covers them too. The
+beacon then adds ``site`` (when configured) and, last of all, ``sig``: the heartbeat is signed
+with the gateway's own minion key exactly like a batch
+(:func:`~saltext.tributary.signing.sign_event`), and the relay dead-letters a heartbeat whose
+signature does not verify against the gateway's accepted key, so no gateway can speak for
+another's ``epoch`` and ``last_seq``.
 """
 
 from __future__ import annotations

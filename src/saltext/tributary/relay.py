@@ -365,6 +365,38 @@ class Relay:
         assert last is not None
         raise last
 
+    def _origin_refused(
+        self,
+        docs: Docs,
+        spool: RelaySpool,
+        row_id: int,
+        gateway: str,
+        received: int,
+        data: Mapping[str, Any],
+        now: int,
+        what: str = "heartbeat",
+    ) -> bool:
+        """:meth:`check_origin` for one spooled row, with the batches' consequences: True when
+        the row is not to be used, because it waits for its gateway's key (``docs.held``, for
+        ``key_wait_s``) or is refused (counted, dead-lettered with the reason, done)."""
+        try:
+            self.check_origin(spool, gateway, data)
+        except signing.SignatureError as exc:
+            if exc.reason == "unknown_key" and now - received < self.config.key_wait_s * 1000:
+                docs.held.append(row_id)  # the syndic's key set may not have arrived yet
+                return True
+            docs.ids.append(row_id)
+            self._inc(f"rejected:{exc.reason}", 1)
+            self._inc(f"rejected@{gateway}", 1)
+            log.warning("tributary relay: %s under %s set aside: %s", what, gateway, exc)
+            docs.lines.extend(
+                self._deadletter(gateway, exc.reason, exc.detail, "origin", None, _brief(data))
+            )
+            docs.owners.append(row_id)
+            docs.originals.append(dict(data))
+            return True
+        return False
+
     # -- shipping (shipper thread) --------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._ship_loop, name="tributary-ship", daemon=True)
@@ -413,7 +445,12 @@ class Relay:
         dumps = json.dumps
         for row_id, gateway, kind, received, data in rows:
             if kind == "health":
+                # A heartbeat's epoch/last_seq move the ledger (lost-tail detection): its origin
+                # is proven like a batch's before it is believed, indexed or kept as facts.
+                if self._origin_refused(docs, spool, row_id, gateway, received, data, now):
+                    continue
                 ids.append(row_id)
+                data = {k: v for k, v in data.items() if k != "sig"}
                 epoch, last_seq = data.get("epoch"), data.get("last_seq")
                 if (
                     isinstance(epoch, str)

@@ -1,13 +1,15 @@
-"""Origin authentication: gateways sign batches with their Salt minion key, the relay verifies.
+"""Origin authentication: gateways sign batches and heartbeats with their Salt minion key, the
+relay verifies.
 
 Salt authenticates the minion id of a request, but ``masterapi._minion_event`` fires every event
 inside it with whatever tag and data the minion wrote, and behind a syndic the top master sees
-only the syndic. So a batch's origin is proven end to end instead:
+only the syndic. So the origin of a batch or a health heartbeat is proven end to end instead:
 
-* the gateway signs each outgoing batch with its own minion private key (``<pki_dir>/minion.pem``,
-  the RSA key pair Salt generated and the gateway's master accepted): RSA PKCS#1 v1.5 over
-  SHA-256 of :func:`canonical` (the gateway id, a newline, then the batch as sorted, compact
-  JSON without transport fields), stored base64 in the batch's ``sig`` field;
+* the gateway signs each outgoing batch and each health heartbeat (:func:`sign_event`) with its
+  own minion private key (``<pki_dir>/minion.pem``, the RSA key pair Salt generated and the
+  gateway's master accepted): RSA PKCS#1 v1.5 over SHA-256 of :func:`canonical` (the gateway
+  id, a newline, then the event data as sorted, compact JSON without transport fields), stored
+  base64 in the data's ``sig`` field;
 * the relay verifies ``sig`` against the *accepted* public key of the gateway named in the event
   tag. Keys come from the top master's own ``pki_dir/minions`` (gateways attached directly) and
   from key sets that syndic masters publish upward (:func:`sign_keyset` /
@@ -37,7 +39,7 @@ _public_keys: dict[str, Any] = {}
 
 
 class SignatureError(ValueError):
-    """A batch that fails origin authentication; ``reason`` is a countable slug."""
+    """A batch or heartbeat that fails origin authentication; ``reason`` is a countable slug."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -111,18 +113,25 @@ def verify_bytes(pub: Any, message: bytes, sig: Any) -> bool:
     return True
 
 
+def sign_event(data: dict[str, Any], opts: Mapping[str, Any]) -> dict[str, Any]:
+    """Add ``sig`` to outgoing event data (a batch or a heartbeat; in place; returns it) with
+    this minion's key, over :func:`canonical` of the minion id and the data."""
+    key = load_private_key(minion_key_path(opts))
+    data["sig"] = sign_bytes(key, canonical(str(opts["id"]), data))
+    return data
+
+
 def sign_batch(batch: dict[str, Any], opts: Mapping[str, Any]) -> dict[str, Any]:
     """Add ``sig`` to an outgoing batch (in place; returns it) with this minion's key."""
-    key = load_private_key(minion_key_path(opts))
-    batch["sig"] = sign_bytes(key, canonical(str(opts["id"]), batch))
-    return batch
+    return sign_event(batch, opts)
 
 
-def verify_batch(gateway: str, data: Mapping[str, Any], pem: str | bytes | None) -> None:
-    """Raise SignatureError unless ``data`` carries a valid signature by ``gateway``'s key."""
+def verify_event(gateway: str, data: Mapping[str, Any], pem: str | bytes | None) -> None:
+    """Raise SignatureError unless ``data`` (a batch, a heartbeat, a key set) carries a valid
+    signature by ``gateway``'s key."""
     sig = data.get("sig")
     if sig is None:
-        raise SignatureError("unsigned", f"batch from {gateway} carries no signature")
+        raise SignatureError("unsigned", f"event from {gateway} carries no signature")
     if pem is None:
         raise SignatureError("unknown_key", f"no accepted key is known for {gateway}")
     try:
@@ -131,6 +140,10 @@ def verify_batch(gateway: str, data: Mapping[str, Any], pem: str | bytes | None)
         raise SignatureError("unknown_key", f"accepted key of {gateway} is unusable: {exc}")
     if not verify_bytes(pub, canonical(gateway, data), sig):
         raise SignatureError("bad_signature", f"signature does not match {gateway}'s accepted key")
+
+
+#: Batches and heartbeats are verified alike.
+verify_batch = verify_event
 
 
 # -- key sets published by syndic masters ---------------------------------------------------
