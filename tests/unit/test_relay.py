@@ -245,3 +245,77 @@ def test_validate_never_raises_and_config_maps():
         True,
     )
     assert rc.pki_dir == "/pki" and rc.spool_path == "/c/tributary/relay.db"
+
+
+def test_reading_lines_are_the_documents(tmp_path, master_pki, keys):
+    """The hot loop's hand-built JSON equals the document the dead-letter path materialises."""
+    from saltext.tributary.relay import reading_doc
+
+    relay = make_relay(tmp_path, master_pki)
+    publish_keys(relay, keys)
+    rows = [
+        SpooledReading(1, 't"1/temp\\x', "°C", 1_700_000_000_000, 20.25),
+        SpooledReading(2, "t2/humidity", None, 1_700_086_400_000, 55),
+    ]
+    b = encode_batch("ep1", rows, site=None)
+    signing.sign_batch(b, {"id": "gw-a", "pki_dir": keys["gw-a"][0]})
+    relay.accept(TAG.format("gw-a"), b)
+    docs, ops, bodies = bulk_ops(relay)
+    assert [o["create"]["_id"] for o in ops] == ["gw-a:ep1:1", "gw-a:ep1:2"]
+    # one daily index per UTC day of the reading's timestamp
+    assert ops[0]["create"]["_index"].endswith("2023.11.14")
+    assert ops[1]["create"]["_index"].endswith("2023.11.15")
+    for body, orig in zip(bodies, docs.originals, strict=True):
+        assert body == reading_doc(orig)
+    assert bodies[0]["sensor"] == 't"1' and bodies[0]["metric"] == "temp\\x"
+    assert bodies[0]["unit"] == "°C" and bodies[0]["value"] == 20.25
+    assert bodies[1]["unit"] is None and bodies[1]["site"] is None
+
+
+def test_aggregated_readings_keep_their_statistics(tmp_path, master_pki, keys):
+    from saltext.tributary.wire import encode_agg_batch
+
+    relay = make_relay(tmp_path, master_pki)
+    publish_keys(relay, keys)
+    rows = [
+        SpooledReading(i + 1, "t1/temperature", "C", 1_700_000_000_000 + i * 1000, 20.0 + i)
+        for i in range(10)
+    ]
+    b = encode_agg_batch("ep1", rows, 10.0, site="x")
+    signing.sign_batch(b, {"id": "gw-a", "pki_dir": keys["gw-a"][0]})
+    relay.accept(TAG.format("gw-a"), b)
+    docs, _ops, bodies = bulk_ops(relay)
+    assert len(bodies) == 1
+    agg = bodies[0]["agg"]
+    assert agg["count"] == 10 and agg["min"] == 20.0 and agg["max"] == 29.0
+    assert bodies[0]["value"] == pytest.approx(24.5)
+    assert docs.ranges[docs.ids[0]] == ("gw-a", "ep1", 1, 10)
+
+
+def test_take_bounds_documents_and_skips_rows_in_flight(tmp_path, master_pki, keys):
+    relay = make_relay(tmp_path, master_pki)
+    for k in range(5):
+        relay.accept(TAG.format("gw-a"), batch("gw-a", keys, first=1 + 3 * k))
+    ids = [r[0] for r in relay.spool.take(100)]
+    assert len(ids) == 5
+    assert [r[0] for r in relay.spool.take(100, max_docs=7)] == ids[:2]  # 3 + 3, never split
+    assert [r[0] for r in relay.spool.take(100, max_docs=2)] == ids[:1]  # one batch at least
+    assert [r[0] for r in relay.spool.take(100, skip=set(ids[:2]))] == ids[2:]
+    assert [r[0] for r in relay.spool.take(2, skip={ids[0]})] == ids[1:3]
+
+
+def test_forged_copy_of_a_range_does_not_shadow_the_genuine_batch(tmp_path, master_pki, keys):
+    """Intake dedupes before the signature check: a forgery arriving first with the genuine
+    batch's (epoch, first, last) must not make the genuine batch look like a duplicate."""
+    relay = make_relay(tmp_path, master_pki)
+    publish_keys(relay, keys)
+    genuine = batch("gw-a", keys)
+    forged = batch("gw-b", keys)  # same range, signed by gw-b, sent under gw-a's name
+    assert relay.accept(TAG.format("gw-a"), forged)
+    assert relay.accept(TAG.format("gw-a"), genuine)
+    assert not relay.accept("syndic/syndic-1/" + TAG.format("gw-a"), dict(genuine))
+    _, ops, bodies = bulk_ops(relay)
+    assert [b["reason"] for b in bodies if "reason" in b] == ["bad_signature"]
+    assert [o["create"]["_id"] for o in ops if "_id" in o["create"]] == [
+        f"gw-a:ep1:{i}" for i in (1, 2, 3)
+    ]

@@ -12,6 +12,7 @@ never a value inside the batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,8 @@ import sqlite3
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +33,7 @@ from saltext.tributary import signing
 from saltext.tributary.es import index_name
 from saltext.tributary.ledger import Ledger
 from saltext.tributary.reading import doc_id
-from saltext.tributary.wire import WireError, decode_batch
+from saltext.tributary.wire import DecodedBatch, WireError, decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ TAG_RE = re.compile(
 )
 KEYS_RE = re.compile(r"^(?:syndic/[^/]+/)*tributary/keys/(?P<syndic>[^/]+)$")
 RETRYABLE = {429, 500, 502, 503, 504}
+#: Only what the relay reads from a bulk answer (a third of the full answer's bytes).
+BULK_FILTER = "items.*._index,items.*.status,items.*.error"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (id INTEGER PRIMARY KEY, gateway TEXT NOT NULL,
@@ -59,6 +63,40 @@ EXTRA_COLUMNS = {
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _jstr(value: str | None) -> str:
+    """JSON for a string (or null)."""
+    return json.dumps(value)
+
+
+def _jnum(value: float) -> str:
+    """JSON for a finite number (decode_batch has already refused non-finite values)."""
+    if type(value) is float:
+        return repr(value)
+    return json.dumps(value)
+
+
+def reading_doc(original: Any) -> dict[str, Any]:
+    """The Elasticsearch document of a bulk op's original (a reading tuple or a dict)."""
+    if not isinstance(original, tuple):
+        return original
+    gateway, site, epoch, now, r = original
+    doc = {
+        "@timestamp": r["ts_ms"],
+        "gateway": gateway,
+        "site": site,
+        "sensor": r["sensor"],
+        "metric": r["metric"],
+        "value": r["value"],
+        "unit": r["unit"],
+        "seq": r["seq"],
+        "epoch": epoch,
+        "relayed_at": now,
+    }
+    if r.get("agg"):
+        doc["agg"] = r["agg"]
+    return doc
 
 
 @dataclass
@@ -183,16 +221,35 @@ class RelaySpool:
             )
         }
 
-    def take(self, limit: int) -> list[tuple[int, str, str, int, Any]]:
-        rows = self.db.execute(
-            "SELECT id, gateway, kind, received, body FROM batches WHERE hold_until<=?"
+    def take(
+        self, limit: int, max_docs: int | None = None, skip: Collection[int] = ()
+    ) -> list[tuple[int, str, str, int, Any]]:
+        """The oldest shippable batches: at most ``limit`` rows and, past the first row, at most
+        ``max_docs`` readings, skipping rows in ``skip`` (in flight). Only taken rows are
+        unpacked."""
+        cur = self.db.execute(
+            "SELECT id, gateway, kind, received, n, body FROM batches WHERE hold_until<=?"
             " ORDER BY id LIMIT ?",
-            (_now_ms(), limit),
-        ).fetchall()
-        return [
-            (i, gw, kind, rec, msgpack.unpackb(body, raw=False, strict_map_key=False))
-            for i, gw, kind, rec, body in rows
-        ]
+            (_now_ms(), limit + len(skip)),
+        )
+        out: list[tuple[int, str, str, int, Any]] = []
+        docs = 0
+        try:
+            for i, gw, kind, rec, n, body in cur:
+                if i in skip:
+                    continue
+                k = max(n or 0, 1)
+                if max_docs is not None and out and docs + k > max_docs:
+                    break
+                out.append(
+                    (i, gw, kind, rec, msgpack.unpackb(body, raw=False, strict_map_key=False))
+                )
+                docs += k
+                if len(out) >= limit:
+                    break
+        finally:
+            cur.close()
+        return out
 
     def done(self, ids: list[int]) -> None:
         self.db.executemany("DELETE FROM batches WHERE id=?", [(i,) for i in ids])
@@ -222,7 +279,8 @@ class Docs:
 
     lines: list[str]
     owners: list[int]  # spool row id per operation
-    originals: list[dict[str, Any]]
+    #: per op: the document (dict) or, for readings, (gateway, site, epoch, now, reading)
+    originals: list[Any]
     ids: list[int]
     #: per spool row: (gateway, epoch, first, last) accounted for once the row is done
     ranges: dict[int, tuple[str, str, int, int]] = field(default_factory=dict)
@@ -234,9 +292,18 @@ class Docs:
 
 
 def batch_key(gateway: str, data: Mapping[str, Any]) -> str:
-    """Identity of one emission of a batch (a replay request is a new emission)."""
+    """Identity of one emission of a batch (a replay request is a new emission).
+
+    It includes a digest of the signature: the identity is checked before the signature is
+    (intake only spools), so a forged batch claiming a genuine batch's range must not make the
+    genuine one look like a duplicate. The syndic's second copy carries the same signature."""
     key = f"{gateway}:{data.get('epoch')}:{data.get('first')}:{data.get('last')}"
-    return f"{key}:r{data['replay']}" if data.get("replay") else key
+    if data.get("replay"):
+        key = f"{key}:r{data['replay']}"
+    sig = data.get("sig")
+    if sig is not None:
+        key += ":" + hashlib.blake2b(repr(sig).encode(), digest_size=8).hexdigest()
+    return key
 
 
 class Relay:
@@ -260,6 +327,8 @@ class Relay:
         self._puts = 0
         self._last_metrics = time.monotonic()
         self.name = "relay"
+        self._index_names: dict[int, str] = {}
+        self._fragments: dict[tuple[Any, Any, Any], str] = {}
 
     # -- intake (event loop thread) -------------------------------------------------------
     def accept(self, tag: str, data: Any) -> bool:
@@ -409,17 +478,33 @@ class Relay:
             self._thread.join(timeout=30)
 
     def _ship_loop(self) -> None:
+        """Pipelined shipping: while Elasticsearch works on one bulk, the next one is taken
+        from the spool and built. Rows are deleted from the spool only in :meth:`finish`, in
+        order; a failure drops what was in flight back to the spool (re-sent ops answer 409)."""
         spool = RelaySpool(self.config.spool_path)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tributary-bulk")
+        inflight: tuple[Docs, Future[set[int]]] | None = None
         backoff = self.config.backoff_min_s
         while not self._stop.is_set():
             try:
                 self._maybe_metrics(spool)
-                shipped = self.ship_once(spool)
+                docs = self.prepare(spool, skip=set(inflight[0].ids) if inflight else ())
+                if inflight is not None:
+                    prev, fut = inflight
+                    inflight = None
+                    self.finish(spool, prev, fut.result())
+                if docs is not None and docs.lines:
+                    inflight = (docs, pool.submit(self._bulk, docs))
+                elif docs is not None:
+                    self.finish(spool, docs, set())
                 backoff = self.config.backoff_min_s
-                if not shipped:
+                if inflight is None and (docs is None or not docs.ids):
                     self._wake.wait(self.config.bulk_max_wait_s)
                     self._wake.clear()
             except Exception as exc:
+                if inflight is not None:  # let it land; its rows stay spooled (409 on resend)
+                    inflight[1].exception()
+                    inflight = None
                 self._inc("retried", 1)
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning(
@@ -429,6 +514,12 @@ class Relay:
                 )
                 self._stop.wait(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, self.config.backoff_max_s)
+        if inflight is not None:
+            try:
+                self.finish(spool, inflight[0], inflight[1].result(timeout=30))
+            except Exception as exc:  # stays spooled: shipped again (409) at the next start
+                log.info("tributary relay: last bulk not confirmed at stop: %s", exc)
+        pool.shutdown(wait=True)
         spool.close()
 
     def build_docs(
@@ -439,7 +530,7 @@ class Relay:
         now = _now_ms()
         lines: list[str] = []
         owners: list[int] = []
-        originals: list[dict[str, Any]] = []
+        originals: list[Any] = []
         ids: list[int] = []
         docs = Docs(lines, owners, originals, ids)
         dumps = json.dumps
@@ -497,7 +588,6 @@ class Relay:
                 owners.append(row_id)
                 originals.append(data)
                 continue
-            site = batch.site
             docs.ranges[row_id] = (gateway, batch.epoch, batch.first, batch.last)
             for bad in batch.rejected:
                 self._inc(f"rejected:{bad['reason']}")
@@ -508,26 +598,49 @@ class Relay:
                 owners.append(row_id)
                 originals.append(bad)
             self._inc("readings_in", len(batch.readings))
-            for r in batch.readings:
-                did = doc_id(gateway, batch.epoch, r["seq"])
-                doc = {
-                    "@timestamp": r["ts_ms"],
-                    "gateway": gateway,
-                    "site": site,
-                    "sensor": r["sensor"],
-                    "metric": r["metric"],
-                    "value": r["value"],
-                    "unit": r["unit"],
-                    "seq": r["seq"],
-                    "epoch": batch.epoch,
-                    "relayed_at": now,
-                }
-                idx = index_name(cfg.prefix, "readings", r["ts_ms"], cfg.daily)
-                lines.append(f'{{"create":{{"_index":"{idx}","_id":{dumps(did)}}}}}')
-                lines.append(dumps(doc))
-                owners.append(row_id)
-                originals.append(doc)
+            self._reading_lines(gateway, batch, now, row_id, docs)
         return docs
+
+    def _reading_lines(
+        self, gateway: str, batch: DecodedBatch, now: int, row_id: int, docs: Docs
+    ) -> None:
+        """Append one create op + document per reading (the hot loop: JSON built from cached
+        fragments; the document dict is only materialised for a dead letter)."""
+        cfg = self.config
+        head = (
+            f'"gateway":{_jstr(gateway)},"site":{_jstr(batch.site)},'
+            f'"epoch":{_jstr(batch.epoch)},"relayed_at":{now}}}'
+        )
+        id_head = json.dumps(f"{gateway}:{batch.epoch}:")[:-1]
+        lines, owners, originals = docs.lines, docs.owners, docs.originals
+        names = self._index_names
+        frags = self._fragments
+        for r in batch.readings:
+            ts = r["ts_ms"]
+            day = ts // 86_400_000
+            idx = names.get(day)
+            if idx is None:
+                if len(names) > 64:
+                    names.clear()
+                idx = names[day] = json.dumps(index_name(cfg.prefix, "readings", ts, cfg.daily))
+            key = (r["sensor"], r["metric"], r["unit"])
+            frag = frags.get(key)
+            if frag is None:
+                if len(frags) > 65_536:
+                    frags.clear()
+                frag = frags[key] = (
+                    f'"sensor":{_jstr(key[0])},"metric":{_jstr(key[1])},"unit":{_jstr(key[2])}'
+                )
+            seq = r["seq"]
+            agg = r.get("agg")
+            lines.append(f'{{"create":{{"_index":{idx},"_id":{id_head}{seq}"}}}}')
+            lines.append(
+                f'{{"@timestamp":{ts},{frag},"value":{_jnum(r["value"])},"seq":{seq},'
+                + (f'"agg":{json.dumps(agg)},' if agg else "")
+                + head
+            )
+            owners.append(row_id)
+            originals.append((gateway, batch.site, batch.epoch, now, r))
 
     def _deadletter(
         self,
@@ -556,27 +669,22 @@ class Relay:
         self._inc(f"dead_lettered@{gateway}", 1)
         return [json.dumps({"create": meta}), json.dumps(doc, default=str)]
 
-    def ship_once(self, spool: RelaySpool) -> int:
-        """Ship one bulk's worth from the spool; returns the number of batches completed."""
+    def prepare(self, spool: RelaySpool, skip: Collection[int] = ()) -> Docs | None:
+        """The next bulk's worth of spooled batches (never splitting one) as bulk ops."""
         if not self.ready and self._setup is not None:
             self._setup()
             self.ready = True
-        rows: list[tuple[int, str, str, int, Any]] = []
-        n = 0
-        # Bound the bulk by documents, never splitting a batch.
-        for row in spool.take(256):
-            data = row[4]
-            k = len(data.get("r") or ()) if isinstance(data, Mapping) else 1
-            if rows and n + k > self.config.bulk_max_docs:
-                break
-            rows.append(row)
-            n += k
+        rows = spool.take(256, self.config.bulk_max_docs, skip)
         if not rows:
-            return 0
+            return None
         docs = self.build_docs(rows, spool)
         if docs.held:
             spool.hold(docs.held, _now_ms() + 2_000)
-        retry_rows = self._bulk(docs) if docs.lines else set()
+        return docs
+
+    def finish(self, spool: RelaySpool, docs: Docs, retry_rows: set[int]) -> int:
+        """Account for a confirmed bulk: ledger ranges, heartbeats, then the rows leave the
+        spool (except those with retryable documents, which raise after the rest is done)."""
         done = [i for i in docs.ids if i not in retry_rows]
         for i in done:
             if i in docs.ranges:
@@ -599,6 +707,13 @@ class Relay:
                 f"{len(retry_rows)} batches need a retry (429/5xx on some documents)"
             )
         return len(done)
+
+    def ship_once(self, spool: RelaySpool) -> int:
+        """Ship one bulk's worth from the spool; returns the number of batches completed."""
+        docs = self.prepare(spool)
+        if docs is None:
+            return 0
+        return self.finish(spool, docs, self._bulk(docs) if docs.lines else set())
 
     def metrics_doc(self, spool: RelaySpool) -> dict[str, Any]:
         depth, oldest = spool.depth()
@@ -642,23 +757,30 @@ class Relay:
 
     def _bulk(self, docs: Docs) -> set[int]:
         body = "\n".join(docs.lines) + "\n"
-        resp = self.client.bulk(operations=body, refresh=False)
-        items = resp["items"]
+        resp = self.client.bulk(operations=body, refresh=False, filter_path=BULK_FILTER)
+        items = resp.get("items") or []
+        if len(items) != len(docs.owners):
+            raise RuntimeError(f"bulk answered {len(items)} items for {len(docs.owners)} ops")
         retry: set[int] = set()
         second: list[str] = []
+        counts: Counter[str] = Counter()
+        readings_idx = f"{self.config.prefix}-readings"
         for n, item in enumerate(items):
             ((_op, res),) = item.items()
             status = res.get("status", 0)
             if status in (200, 201):
-                if f"{self.config.prefix}-readings" in str(res.get("_index", "")):
-                    self._inc("indexed", 1)
-                    self._inc(f"indexed@{docs.originals[n].get('gateway', '?')}", 1)
-                elif "-health" in str(res.get("_index", "")):
-                    self._inc("health_indexed", 1)
+                index = str(res.get("_index", ""))
+                if readings_idx in index:
+                    orig = docs.originals[n]
+                    gw = orig[0] if isinstance(orig, tuple) else orig.get("gateway", "?")
+                    counts["indexed"] += 1
+                    counts[f"indexed@{gw}"] += 1
+                elif "-health" in index:
+                    counts["health_indexed"] += 1
             elif status == 409:
-                self._inc("already_present", 1)
+                counts["already_present"] += 1
             elif status in RETRYABLE:
-                self._inc("retried_docs", 1)
+                counts["retried_docs"] += 1
                 retry.add(docs.owners[n])
             else:
                 err = res.get("error") or {}
@@ -666,15 +788,19 @@ class Relay:
                     err.get("type", f"status_{status}") if isinstance(err, Mapping) else str(err)
                 )
                 detail = err.get("reason", "") if isinstance(err, Mapping) else ""
-                orig = docs.originals[n]
-                did = res.get("_id")
+                orig = reading_doc(docs.originals[n])
                 if f"{self.config.prefix}-deadletter" in str(res.get("_index", "")):
                     log.error("tributary relay: dead letter itself rejected: %s %s", reason, detail)
-                    self._inc("deadletter_failed", 1)
+                    counts["deadletter_failed"] += 1
                     continue
+                did = None
+                if isinstance(docs.originals[n], tuple):
+                    did = doc_id(orig["gateway"], orig["epoch"], orig["seq"])
                 second.extend(
                     self._deadletter(orig.get("gateway", "?"), reason, detail, "index", did, orig)
                 )
+        with self._clock:
+            self.counters.update(counts)
         if second:
             resp2 = self.client.bulk(operations="\n".join(second) + "\n", refresh=False)
             if resp2.get("errors"):

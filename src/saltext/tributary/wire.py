@@ -178,6 +178,9 @@ def encode_agg_batch(
                 rd = _decimals(v)
                 d = None if rd is None or d is None else max(d, rd)
             decs[i] = d
+    # A mean carries one decimal more than the readings it summarises (20 and 21 -> 20.5);
+    # min and max stay exact at that scale.
+    decs = [None if d is None or d >= MAX_DECIMALS else d + 1 for d in decs]
     t0 = min(g[1] for g in groups.values())
     out_rows: list[list[Any]] = []
     for (key, _w), g in sorted(groups.items(), key=lambda kv: kv[1][7]):
