@@ -258,6 +258,16 @@ class Counters:
         finally:
             db.close()
 
+    def depth(self) -> int:
+        """Batches in the relay spool (received, not yet confirmed by Elasticsearch)."""
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
+        except sqlite3.Error:
+            return -1
+        finally:
+            db.close()
+
     def open_gaps(self) -> list[list[Any]]:
         """Holes in the relay ledger's accounted-for ranges: readings lost in transit."""
         db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
@@ -349,9 +359,23 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
         t = time.perf_counter()
         for b in batches:
             bus.fire_event(b, "salt/beacon/bench-pub/tributary_mqtt/batch")
-        wait(lambda: counters.get().get("indexed", 0) - base >= N, 600, "relay indexed N")
+        fired_s = time.perf_counter() - t
+        timeline = []
+
+        def indexed_all() -> bool:
+            got = counters.get().get("indexed", 0) - base
+            timeline.append((round(time.perf_counter() - t, 2), counters.depth(), got))
+            return got >= N
+
+        wait(indexed_all, 600, "relay indexed N")
         dt = time.perf_counter() - t
-        out["relay"] = {"readings": N, "seconds": round(dt, 2), "readings_per_s": round(N / dt)}
+        out["relay"] = {
+            "readings": N,
+            "seconds": round(dt, 2),
+            "readings_per_s": round(N / dt),
+            "events_fired_s": round(fired_s, 2),
+            "timeline_s_spooled_indexed": timeline[:: max(1, len(timeline) // 12)],
+        }
         out["relay"]["ratio_to_raw"] = round(
             out["relay"]["readings_per_s"] / out["raw_bulk"]["readings_per_s"], 3
         )
