@@ -866,24 +866,12 @@ def _brief(data: Any, rows: int = 20) -> Any:
     return data
 
 
-def run(
-    events: Callable[[], Mapping[str, Any] | None],
-    relay: Relay,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> None:
-    """Engine main loop: drain the bus into the spool; the shipper runs beside it."""
-    relay.start()
+def take_event(relay: Relay, tag: Any, data: Any) -> None:
+    """Hand one bus event to the relay; an error is logged and never ends the engine."""
     try:
-        while not should_stop():
-            ev = events()
-            if ev is None:
-                continue
-            try:
-                relay.accept(ev.get("tag", ""), ev.get("data"))
-            except Exception:
-                log.exception("tributary relay: could not spool event %s", ev.get("tag"))
-    finally:
-        relay.stop()
+        relay.accept(tag if isinstance(tag, str) else "", data)
+    except Exception:
+        log.exception("tributary relay: could not spool event %s", tag)
 
 
 def _num(
