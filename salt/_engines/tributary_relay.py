@@ -161,11 +161,14 @@ def _serve(relay):
     ``get_event()`` would run every read through a SyncWrapper thread (Salt 3007): py-spy put
     over half of the engine's intake time in starting and joining those threads."""
     try:
-        from salt.ext.tornado.ioloop import IOLoop  # Salt 3006 vendors tornado
-    except ImportError:
-        from tornado.ioloop import IOLoop  # Salt 3007+
+        from salt.ext.tornado.ioloop import IOLoop  # Salt 3006 vendors tornado 4
 
-    io_loop = IOLoop()
+        io_loop = IOLoop()
+        io_loop.make_current()  # tornado 4 coroutines use the current loop
+    except ImportError:
+        from tornado.ioloop import IOLoop  # Salt 3007+ (tornado 6 on asyncio)
+
+        io_loop = IOLoop()
     bus = salt.utils.event.get_master_event(
         __opts__, __opts__["sock_dir"], listen=True, io_loop=io_loop
     )
