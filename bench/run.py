@@ -285,6 +285,53 @@ class Counters:
             db.close()
 
 
+def es_down(node: Any, master_pid: int, bus: Any, counters: Counters, pki: str, spool: str):
+    """Relay engine memory while Elasticsearch is down and the backlog grows, then catch-up."""
+    n_batches, rows_per = int(os.environ.get("TRIBUTARY_BENCH_DOWN_BATCHES", "300")), 1000
+    eng = engine_pid(master_pid)
+    if not eng:
+        return {"error": "relay engine process not found"}
+    mib = 1024 * 1024
+    base = counters.get().get("indexed", 0)
+    rss_before = tree_rss(eng)
+    log(f"es down: stopping Elasticsearch, {n_batches * rows_per} readings on the bus")
+    node.stop()
+    rows = readings(n_batches * rows_per, first=1)
+    samples = []
+    t = time.perf_counter()
+    for k in range(n_batches):
+        b = encode_batch("down-epoch", rows[k * rows_per : (k + 1) * rows_per])
+        bus.fire_event(
+            signing.sign_batch(b, {"id": "bench-pub", "pki_dir": pki}),
+            "salt/beacon/bench-pub/tributary_mqtt/batch",
+        )
+        if k % 10 == 0:
+            samples.append(tree_rss(eng))
+    wait(lambda: counters.depth() >= n_batches, 300, "the backlog spooled", 0.2)
+    for _ in range(20):  # ten more seconds of the outage with the backlog on disk
+        samples.append(tree_rss(eng))
+        time.sleep(0.5)
+    spooled_s = time.perf_counter() - t
+    spool_bytes = sum(os.path.getsize(spool + x) for x in ("", "-wal") if os.path.exists(spool + x))
+    log("es down: starting Elasticsearch again")
+    t_up = time.perf_counter()
+    node.start()
+    ready_s = time.perf_counter() - t_up
+    wait(lambda: counters.get().get("indexed", 0) - base >= n_batches * rows_per, 900, "catch-up")
+    catch_s = time.perf_counter() - t_up
+    return {
+        "readings_during_outage": n_batches * rows_per,
+        "engine_rss_before_mib": round(rss_before / mib, 1),
+        "engine_rss_max_during_outage_mib": round(max(samples) / mib, 1),
+        "engine_rss_last_during_outage_mib": round(samples[-1] / mib, 1),
+        "relay_spool_file_mib": round(spool_bytes / mib, 1),
+        "backlog_spooled_s": round(spooled_s, 1),
+        "es_restart_s": round(ready_s, 1),
+        "caught_up_after_restart_s": round(catch_s, 1),
+        "catch_up_readings_per_s_incl_restart": round(n_batches * rows_per / catch_s),
+    }
+
+
 def gateway_spool_state(gwd: pathlib.Path) -> dict[str, Any]:
     """Where the gateway's readings are: spooled (last_seq), emitted (cursor), counters."""
     from saltext.tributary.spool import GatewaySpool
@@ -380,6 +427,10 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
             out["relay"]["readings_per_s"] / out["raw_bulk"]["readings_per_s"], 3
         )
         if STOP_AFTER == "relay":
+            return
+
+        out["es_down"] = es_down(node, top.pid, bus, counters, pki, spool)
+        if STOP_AFTER == "es_down":
             return
 
         # naive relay: one event, one document, one request

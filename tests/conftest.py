@@ -10,13 +10,14 @@ Topology (pytest-salt-factories, session scoped)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pathlib
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -29,11 +30,10 @@ log = logging.getLogger(__name__)
 
 GATEWAYS = {"gw-brisbane-1": "brisbane", "gw-sydney-1": "sydney"}
 QUIET = {"log_level_logfile": "warning", "log_level": "warning"}
-#: Syndic master overrides: the tributary_keys engine publishes accepted gateway keys upward.
-SYNDIC_KEYS_ENGINE = {
-    "engines_dirs": [str(REPO / "salt" / "_engines")],
-    "engines": [{"tributary_keys": {"interval": 5, "syndic_id": "syndic-1"}}],
-}
+#: Gateway minions: Salt calls beacons once a second but counts a beacon's ``interval`` in
+#: ``loop_interval`` units, and salt-factories sets ``loop_interval: 0.05``, which turned
+#: ``interval: 1`` into one beacon run every 20 s. Salt's default of 1 s is what fleets run.
+GATEWAY_LOOP = {"loop_interval": 1}
 
 
 def wait_for(
@@ -92,20 +92,30 @@ def top_master(salt_factories, es_node):
         yield factory
 
 
-@pytest.fixture(scope="session")
-def syndic(top_master):
-    factory = top_master.salt_syndic_daemon(
-        "syndic-1",
-        master_overrides={
+def syndic_kwargs(syndic_id: str) -> dict[str, Any]:
+    """``salt_syndic_daemon`` arguments of a Tributary syndic: the syndic master serves the
+    repo's states and pillar and runs the key-publishing engine for origin authentication."""
+    return {
+        "master_overrides": {
             **QUIET,
             "file_roots": {"base": [str(REPO / "salt")]},
             "pillar_roots": {"base": [str(REPO / "pillar")]},
         },
-        minion_overrides={**QUIET, "publish_port": 4506},
+        "minion_overrides": {**QUIET, "publish_port": 4506},
         # master.d/syndic.conf (these overrides) sets the syndic master's engines list too, so
-        # the key-publishing engine for origin authentication goes here.
-        overrides={**QUIET, "syndic_event_forward_timeout": 0.5, **SYNDIC_KEYS_ENGINE},
-    )
+        # the key-publishing engine goes here.
+        "overrides": {
+            **QUIET,
+            "syndic_event_forward_timeout": 0.5,
+            "engines_dirs": [str(REPO / "salt" / "_engines")],
+            "engines": [{"tributary_keys": {"interval": 5, "syndic_id": syndic_id}}],
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def syndic(top_master):
+    factory = top_master.salt_syndic_daemon("syndic-1", **syndic_kwargs("syndic-1"))
     with factory.started():
         yield factory
 
@@ -145,21 +155,26 @@ def gateway_subscribed(factory) -> bool:
     return ret.returncode == 0 and (ret.data.get("state") or {}).get("broker") == "subscribed"
 
 
-@pytest.fixture(scope="session")
-def gateways(syndic, brokers):
+@contextlib.contextmanager
+def running_gateways(
+    syndic_master: Any, sites: Mapping[str, str], brokers: Mapping[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """Gateway minions below ``syndic_master`` (id -> site), each with the tributary_mqtt
+    beacon on its own broker: started, synced, and subscribed before they are yielded."""
     factories = {}
-    for gw, site in GATEWAYS.items():
-        factory = syndic.master.salt_minion_daemon(
-            gw,
-            overrides={
-                **QUIET,
-                "grains": {"site": site, "role": "gateway"},
-                "beacons": {"tributary_mqtt": beacon_config(brokers[gw].port)},
-            },
-        )
-        factory.start()
-        factories[gw] = factory
     try:
+        for gw, site in sites.items():
+            factory = syndic_master.salt_minion_daemon(
+                gw,
+                overrides={
+                    **QUIET,
+                    **GATEWAY_LOOP,
+                    "grains": {"site": site, "role": "gateway"},
+                    "beacons": {"tributary_mqtt": beacon_config(brokers[gw].port)},
+                },
+            )
+            factory.start()
+            factories[gw] = factory
         for factory in factories.values():
             ret = factory.salt_call_cli(timeout=120).run("saltutil.sync_all")
             assert ret.returncode == 0, ret
@@ -176,6 +191,12 @@ def gateways(syndic, brokers):
     finally:
         for factory in factories.values():
             factory.terminate()
+
+
+@pytest.fixture(scope="session")
+def gateways(syndic, brokers):
+    with running_gateways(syndic.master, GATEWAYS, brokers) as factories:
+        yield factories
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import QUIET, REPO, beacon_config, gateway_subscribed, wait_for
+from tests.conftest import QUIET, REPO, running_gateways, syndic_kwargs
 from tests.support.es import start_elasticsearch
 from tests.support.mosquitto import start_broker
 
@@ -68,21 +68,7 @@ def f_top(salt_factories, f_es):
 
 @pytest.fixture(scope="package")
 def f_syndic(f_top):
-    factory = f_top.salt_syndic_daemon(
-        SYNDIC_ID,
-        master_overrides={
-            **QUIET,
-            "file_roots": {"base": [str(REPO / "salt")]},
-            "pillar_roots": {"base": [str(REPO / "pillar")]},
-        },
-        minion_overrides={**QUIET, "publish_port": 4506},
-        overrides={
-            **QUIET,
-            "syndic_event_forward_timeout": 0.5,
-            "engines_dirs": [str(REPO / "salt" / "_engines")],
-            "engines": [{"tributary_keys": {"interval": 5, "syndic_id": SYNDIC_ID}}],
-        },
-    )
+    factory = f_top.salt_syndic_daemon(SYNDIC_ID, **syndic_kwargs(SYNDIC_ID))
     with factory.started():
         yield factory
 
@@ -97,34 +83,8 @@ def f_brokers():
 
 @pytest.fixture(scope="package")
 def f_gateways(f_syndic, f_brokers):
-    factories = {}
-    for gw, site in FGATEWAYS.items():
-        factory = f_syndic.master.salt_minion_daemon(
-            gw,
-            overrides={
-                **QUIET,
-                "grains": {"site": site, "role": "gateway"},
-                "beacons": {"tributary_mqtt": beacon_config(f_brokers[gw].port)},
-            },
-        )
-        factory.start()
-        factories[gw] = factory
-    try:
-        for factory in factories.values():
-            ret = factory.salt_call_cli(timeout=120).run("saltutil.sync_all")
-            assert ret.returncode == 0, ret
-            ret = factory.salt_call_cli(timeout=60).run("saltutil.refresh_beacons")
-            assert ret.returncode == 0, ret
-        for factory in factories.values():
-            wait_for(
-                lambda f=factory: gateway_subscribed(f),
-                timeout=90,
-                what=f"{factory.id}'s MQTT subscription",
-            )
+    with running_gateways(f_syndic.master, FGATEWAYS, f_brokers) as factories:
         yield factories
-    finally:
-        for factory in factories.values():
-            factory.terminate()
 
 
 @pytest.fixture(scope="package")

@@ -52,6 +52,15 @@ def test_wrong_ca_fails_loudly(f_es, tmp_path):
     assert "certificate verify failed" in bad["error"].lower(), bad
 
 
+def test_wrong_api_key_fails_loudly(f_es):
+    """The ``api_key`` option reaches the cluster as ``Authorization: ApiKey`` (the test cluster
+    cannot mint a valid key, but it does check one): a key it does not know is a 401."""
+    cfg = {k: v for k, v in f_es.client_config.items() if k not in ("username", "password")}
+    bad = check_elasticsearch({**cfg, "api_key": "bm9wZTpub3Bl"})
+    assert bad["reachable"] is False, bad
+    assert "401" in bad["error"] or "Authentication" in bad["error"], bad
+
+
 def test_api_key_auth(f_es):
     code, body = f_es.request(
         "POST",

@@ -26,7 +26,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import QUIET, REPO, beacon_config, gateway_subscribed, wait_for
+from tests.conftest import QUIET, REPO, running_gateways, syndic_kwargs
 from tests.integration.faults.conftest import fault_relay_config
 from tests.support.es import free_port
 from tests.support.mosquitto import start_broker
@@ -107,22 +107,10 @@ def mm_tops(salt_factories, es_node, mm_ports):
 @pytest.fixture(scope="package")
 def mm_syndic(mm_tops, mm_ports):
     top_a = mm_tops[TOPS[0]]
-    factory = top_a.salt_syndic_daemon(
-        SYNDIC_ID,
-        master_overrides={
-            **QUIET,
-            "file_roots": {"base": [str(REPO / "salt")]},
-            "pillar_roots": {"base": [str(REPO / "pillar")]},
-        },
-        minion_overrides={**QUIET, "publish_port": 4506, **SYNDIC_RETRY},
-        overrides={
-            **QUIET,
-            "syndic_master": [f"127.0.0.1:{mm_ports[name]}" for name in TOPS],
-            "syndic_event_forward_timeout": 0.5,
-            "engines_dirs": [str(REPO / "salt" / "_engines")],
-            "engines": [{"tributary_keys": {"interval": 5, "syndic_id": SYNDIC_ID}}],
-        },
-    )
+    kw = syndic_kwargs(SYNDIC_ID)
+    kw["minion_overrides"].update(SYNDIC_RETRY)
+    kw["overrides"]["syndic_master"] = [f"127.0.0.1:{mm_ports[name]}" for name in TOPS]
+    factory = top_a.salt_syndic_daemon(SYNDIC_ID, **kw)
     with factory.started():
         yield factory
 
@@ -136,28 +124,8 @@ def mm_broker():
 
 @pytest.fixture(scope="package")
 def mm_gateway(mm_syndic, mm_broker):
-    factory = mm_syndic.master.salt_minion_daemon(
-        GATEWAY,
-        overrides={
-            **QUIET,
-            # Salt runs beacons once a second and lets a beacon with ``interval: 1`` run when
-            # calls x loop_interval >= 1; salt-factories' loop_interval 0.05 would make that
-            # every 20 s. Salt's default (1) gives the production cadence: a batch a second.
-            "loop_interval": 1,
-            "grains": {"site": "darwin", "role": "gateway"},
-            "beacons": {"tributary_mqtt": beacon_config(mm_broker.port)},
-        },
-    )
-    factory.start()
-    try:
-        ret = factory.salt_call_cli(timeout=120).run("saltutil.sync_all")
-        assert ret.returncode == 0, ret
-        ret = factory.salt_call_cli(timeout=60).run("saltutil.refresh_beacons")
-        assert ret.returncode == 0, ret
-        wait_for(lambda: gateway_subscribed(factory), timeout=90, what="mgw-1's MQTT subscription")
-        yield factory
-    finally:
-        factory.terminate()
+    with running_gateways(mm_syndic.master, {GATEWAY: "darwin"}, {GATEWAY: mm_broker}) as gws:
+        yield gws[GATEWAY]
 
 
 @pytest.fixture(scope="package")
