@@ -32,6 +32,7 @@ Configuration (master config)::
           bulk:
             max_docs: 5000
             max_wait_s: 0.2
+            concurrency: 2          # bulks in flight while the next one is built
           backoff: {min_s: 0.5, max_s: 30}
           # spool_path: /var/cache/salt/master/tributary/relay.db
           spool_max_bytes: 2147483648   # past it: oldest batches dropped, counted, logged
@@ -115,6 +116,8 @@ def start(**config):
             shards=es_cfg.get("shards", 1),
             data_streams=config.get("indices") == "data_stream",
         )
+        if config.get("indices") != "data_stream":
+            es_lib.precreate_indices(client, rcfg.prefix, rcfg.daily)
 
     relay = relay_lib.Relay(client, rcfg, setup=setup)
     relay.name = __opts__.get("id") or "relay"

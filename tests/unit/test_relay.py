@@ -319,3 +319,11 @@ def test_forged_copy_of_a_range_does_not_shadow_the_genuine_batch(tmp_path, mast
     assert [o["create"]["_id"] for o in ops if "_id" in o["create"]] == [
         f"gw-a:ep1:{i}" for i in (1, 2, 3)
     ]
+
+
+def test_bulk_concurrency_is_validated():
+    base = {"elasticsearch": {"hosts": ["https://es:9200"]}}
+    assert validate_relay({**base, "bulk": {"concurrency": 2}})[0]
+    ok, msg = validate_relay({**base, "bulk": {"concurrency": 0}})
+    assert not ok and "bulk.concurrency" in msg
+    assert relay_config({"bulk": {"concurrency": 3}}, "/tmp").bulk_concurrency == 3

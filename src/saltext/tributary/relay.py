@@ -23,7 +23,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +32,7 @@ from typing import Any
 import msgpack
 
 from saltext.tributary import signing
-from saltext.tributary.es import index_name
+from saltext.tributary.es import index_name, precreate_indices
 from saltext.tributary.ledger import Ledger
 from saltext.tributary.reading import doc_id
 from saltext.tributary.wire import DecodedBatch, WireError, decode_batch
@@ -122,6 +122,8 @@ class RelayConfig:
     bulk_max_docs: int = 5_000
     bulk_max_bytes: int = 8 * 1024 * 1024
     bulk_max_wait_s: float = 0.2
+    #: Bulks in flight at once (the next is built while Elasticsearch indexes these).
+    bulk_concurrency: int = 2
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
     daily: bool = True
@@ -359,6 +361,7 @@ class Relay:
         self._last_metrics = time.monotonic()
         self.name = "relay"
         self._index_names: dict[int, str] = {}
+        self._last_precreate = time.monotonic()  # the engine's set-up created today's
         self._fragments: dict[tuple[Any, Any, Any], str] = {}
 
     # -- intake (event loop thread) -------------------------------------------------------
@@ -516,33 +519,38 @@ class Relay:
             self._thread.join(timeout=30)
 
     def _ship_loop(self) -> None:
-        """Pipelined shipping: while Elasticsearch works on one bulk, the next one is taken
-        from the spool and built. Rows are deleted from the spool only in :meth:`finish`, in
-        order; a failure drops what was in flight back to the spool (re-sent ops answer 409)."""
+        """Pipelined shipping: while Elasticsearch works on up to ``bulk_concurrency`` bulks,
+        the next one is taken from the spool and built. Bulks are confirmed (:meth:`finish`:
+        ledger, then the rows leave the spool) strictly in the order they were taken; a
+        failure drops what was in flight back to the spool (re-sent ops answer 409)."""
         spool = RelaySpool(self.config.spool_path)
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tributary-bulk")
-        inflight: tuple[Docs, Future[set[int]]] | None = None
+        depth = max(1, self.config.bulk_concurrency)
+        pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="tributary-bulk")
+        inflight: deque[tuple[Docs, Future[set[int]]]] = deque()
         backoff = self.config.backoff_min_s
         while not self._stop.is_set():
             try:
                 self._maybe_metrics(spool)
-                docs = self.prepare(spool, skip=set(inflight[0].ids) if inflight else ())
-                if inflight is not None:
-                    prev, fut = inflight
-                    inflight = None
+                self._maybe_precreate()
+                docs = None
+                if len(inflight) < depth:
+                    skip = {i for d, _ in inflight for i in d.ids}
+                    docs = self.prepare(spool, skip=skip)
+                    if docs is not None and docs.lines:
+                        inflight.append((docs, pool.submit(self._bulk, docs)))
+                    elif docs is not None:
+                        self.finish(spool, docs, set())
+                if inflight and (len(inflight) >= depth or docs is None or inflight[0][1].done()):
+                    prev, fut = inflight.popleft()
                     self.finish(spool, prev, fut.result())
-                if docs is not None and docs.lines:
-                    inflight = (docs, pool.submit(self._bulk, docs))
-                elif docs is not None:
-                    self.finish(spool, docs, set())
                 backoff = self.config.backoff_min_s
-                if inflight is None and (docs is None or not docs.ids):
+                if not inflight and (docs is None or not docs.ids):
                     self._wake.wait(self.config.bulk_max_wait_s)
                     self._wake.clear()
             except Exception as exc:
-                if inflight is not None:  # let it land; its rows stay spooled (409 on resend)
-                    inflight[1].exception()
-                    inflight = None
+                for _, fut in inflight:  # let them land; their rows stay spooled (409 on resend)
+                    fut.exception()
+                inflight.clear()
                 self._inc("retried", 1)
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning(
@@ -552,11 +560,12 @@ class Relay:
                 )
                 self._stop.wait(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, self.config.backoff_max_s)
-        if inflight is not None:
-            try:
-                self.finish(spool, inflight[0], inflight[1].result(timeout=30))
-            except Exception as exc:  # stays spooled: shipped again (409) at the next start
-                log.info("tributary relay: last bulk not confirmed at stop: %s", exc)
+        try:
+            while inflight:
+                prev, fut = inflight.popleft()
+                self.finish(spool, prev, fut.result(timeout=30))
+        except Exception as exc:  # stays spooled: shipped again (409) at the next start
+            log.info("tributary relay: last bulks not confirmed at stop: %s", exc)
         pool.shutdown(wait=True)
         spool.close()
 
@@ -784,6 +793,18 @@ class Relay:
         except Exception as exc:  # metrics never stop the shipping
             log.debug("tributary relay: metrics not indexed: %s", exc)
 
+    def _maybe_precreate(self) -> None:
+        """Every ten minutes, make sure tomorrow's daily index exists before midnight."""
+        if not self.ready or not self.config.daily or self.client is None:
+            return
+        if time.monotonic() - self._last_precreate < 600:
+            return
+        self._last_precreate = time.monotonic()
+        try:
+            precreate_indices(self.client, self.config.prefix, True)
+        except Exception as exc:  # the first bulk of the day creates it otherwise
+            log.debug("tributary relay: could not pre-create indices: %s", exc)
+
     def _inc(self, name: str, n: int = 1) -> None:
         with self._clock:
             self.counters[name] += n
@@ -912,8 +933,11 @@ def validate_relay(config: Any) -> tuple[bool, str]:
                 errors.append(f"{key}: must be a string")
         bulk = config.get("bulk", {})
         if not isinstance(bulk, Mapping):
-            errors.append("bulk: must be a mapping (max_docs, max_wait_s)")
+            errors.append("bulk: must be a mapping (max_docs, max_wait_s, concurrency)")
         else:
+            cc = bulk.get("concurrency", 1)
+            if isinstance(cc, bool) or not isinstance(cc, int) or not 1 <= cc <= 8:
+                errors.append("bulk.concurrency: must be an integer in 1..8")
             md = bulk.get("max_docs", 1)
             if isinstance(md, bool) or not isinstance(md, int) or not 1 <= md <= 100_000:
                 errors.append("bulk.max_docs: must be an integer in 1..100000")
@@ -961,6 +985,7 @@ def relay_config(
         spool_path=config.get("spool_path") or os.path.join(cachedir, "tributary", "relay.db"),
         bulk_max_docs=bulk.get("max_docs", RelayConfig.bulk_max_docs),
         bulk_max_wait_s=bulk.get("max_wait_s", RelayConfig.bulk_max_wait_s),
+        bulk_concurrency=int(bulk.get("concurrency", RelayConfig.bulk_concurrency)),
         backoff_min_s=backoff.get("min_s", RelayConfig.backoff_min_s),
         backoff_max_s=backoff.get("max_s", RelayConfig.backoff_max_s),
         daily=config.get("indices", "daily") == "daily",
