@@ -48,6 +48,10 @@ class MqttSource:
     #: One spool transaction per this many seconds (or FLUSH_ROWS readings), whichever first.
     FLUSH_EVERY_S = 0.05
     FLUSH_ROWS = 500
+    #: An acknowledgement handed to paho is recorded as sent only after this long on a
+    #: connection that stayed up: one queued just before the connection died may never have
+    #: reached the broker, which then redelivers (DUP) a message the record must still match.
+    ACK_SETTLE_S = 10.0
 
     def __init__(
         self,
@@ -68,6 +72,9 @@ class MqttSource:
         self._pending: list[Reading] = []
         self._pending_acks: list[tuple[int, bytes]] = []
         self._acked: list[tuple[str, int]] = []
+        #: (monotonic time, connection generation, packet id) of acknowledgements handed to paho
+        self._ack_sent: list[tuple[float, int, int]] = []
+        self._generation = 0
         self._pending_counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -146,6 +153,7 @@ class MqttSource:
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None):
         self.connected = False
+        self._generation += 1  # acknowledgements still settling may not have left
         self.subscribed = False
         if not self._stop.is_set():
             log.warning("tributary mqtt: disconnected (%s); paho reconnects with backoff", rc)
@@ -246,9 +254,19 @@ class MqttSource:
                 self._acked[:0] = acked
                 self._pending_counts.update(counts)
                 raise
-            # Marked acknowledged in the next commit (a crash before that only leaves a
-            # harmless record: the broker does not redeliver what it saw acknowledged).
-            self._acked.extend((self.broker.client_id, mid) for mid, _ in acks)
+            # Marked acknowledged in a later commit, once settled on a live connection (a
+            # record left unmarked is harmless: the broker does not redeliver what it saw
+            # acknowledged, and the next message with that packet id replaces the record).
+            now, gen = time.monotonic(), self._generation
+            self._ack_sent.extend((now, gen, mid) for mid, _ in acks)
+            settled = 0
+            for t, g, mid in self._ack_sent:
+                if now - t < self.ACK_SETTLE_S:
+                    break
+                settled += 1
+                if g == gen:
+                    self._acked.append((self.broker.client_id, mid))
+            del self._ack_sent[:settled]
         for mid, _ in acks:
             self.client.ack(mid, 1)
 
