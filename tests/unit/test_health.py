@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-
 from saltext.tributary import health, signing
 from tests.unit.test_relay import TAG, batch, make_relay, publish_keys
-from tests.unit.test_signing import _keypair
 
 
 def test_collect_from_fake_root_and_spool_status(tmp_path):
@@ -60,20 +57,6 @@ def test_event_shape():
 # -- origin authentication of the heartbeat (real RSA keys, relay without Elasticsearch) ------
 
 HTAG = "salt/beacon/{}/tributary_health/health"
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    base = tmp_path_factory.mktemp("pki")
-    return {name: _keypair(base, name) for name in ("gw-a", "gw-b", "syndic-1")}
-
-
-@pytest.fixture
-def master_pki(tmp_path, keys):
-    pki = tmp_path / "master-pki"
-    (pki / "minions").mkdir(parents=True)
-    (pki / "minions" / "syndic-1").write_text(keys["syndic-1"][1])
-    return str(pki)
 
 
 def heartbeat(gw: str, keys, last_seq: int = 9, signer: str | None = None, stamp: int = 0) -> dict:

@@ -14,23 +14,8 @@ import pytest
 from saltext.tributary import signing
 from saltext.tributary.relay import Relay, RelayConfig, RelaySpool, relay_config, validate_relay
 from saltext.tributary.wire import SpooledReading, encode_batch
-from tests.unit.test_signing import _keypair
 
 TAG = "salt/beacon/{}/tributary_mqtt/batch"
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    base = tmp_path_factory.mktemp("pki")
-    return {name: _keypair(base, name) for name in ("gw-a", "gw-b", "syndic-1")}
-
-
-@pytest.fixture
-def master_pki(tmp_path, keys):
-    pki = tmp_path / "master-pki"
-    (pki / "minions").mkdir(parents=True)
-    (pki / "minions" / "syndic-1").write_text(keys["syndic-1"][1])
-    return str(pki)
 
 
 def make_relay(tmp_path, master_pki, **kw) -> Relay:
