@@ -37,12 +37,21 @@ if [ -x /etc/init.d/mosquitto ] && pgrep -x mosquitto >/dev/null 2>&1; then :; f
 
 # Virtualenv with Salt and the package (editable, all extras).
 stamp="$VENV/.tributary-stamp"
-want="salt=$SALT_VERSION $(sha1sum "$here/pyproject.toml" | cut -c1-12)"
+want="salt=$SALT_VERSION $(cat "$here/pyproject.toml" "$here"/scripts/overrides-salt-*.txt 2>/dev/null | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "creating virtualenv $VENV (salt $SALT_VERSION)"
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q "salt==$SALT_VERSION" -e "$here[gateway,master,test]"
+  overrides="$here/scripts/overrides-salt-${SALT_VERSION%%.*}.txt"
+  if [ -f "$overrides" ]; then
+    # Salt's own pins that the package index cannot meet (see the file): uv installs Salt
+    # with these overrides; pip has no equivalent.
+    "$VENV/bin/pip" install -q uv
+    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --override "$overrides" \
+      "salt==$SALT_VERSION" -e "$here[gateway,master,test]"
+  else
+    "$VENV/bin/pip" install -q "salt==$SALT_VERSION" -e "$here[gateway,master,test]"
+  fi
   echo "$want" > "$stamp"
 fi
 

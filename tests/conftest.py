@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 GATEWAYS = {"gw-brisbane-1": "brisbane", "gw-sydney-1": "sydney"}
 QUIET = {"log_level_logfile": "warning", "log_level": "warning"}
+#: Daemons of the fault topologies log at info to their files (``fire_master failed``, job
+#: starts, the relay's gap repair), kept on failure by ``tests.support.daemonlogs``.
+VERBOSE = {"log_level_logfile": "info", "log_level": "warning"}
 #: Gateway minions: Salt calls beacons once a second but counts a beacon's ``interval`` in
 #: ``loop_interval`` units, and salt-factories sets ``loop_interval: 0.05``, which turned
 #: ``interval: 1`` into one beacon run every 20 s. Salt's default of 1 s is what fleets run.
@@ -92,20 +95,20 @@ def top_master(salt_factories, es_node):
         yield factory
 
 
-def syndic_kwargs(syndic_id: str) -> dict[str, Any]:
+def syndic_kwargs(syndic_id: str, logs: Mapping[str, str] = QUIET) -> dict[str, Any]:
     """``salt_syndic_daemon`` arguments of a Tributary syndic: the syndic master serves the
     repo's states and pillar and runs the key-publishing engine for origin authentication."""
     return {
         "master_overrides": {
-            **QUIET,
+            **logs,
             "file_roots": {"base": [str(REPO / "salt")]},
             "pillar_roots": {"base": [str(REPO / "pillar")]},
         },
-        "minion_overrides": {**QUIET, "publish_port": 4506},
+        "minion_overrides": {**logs, "publish_port": 4506},
         # master.d/syndic.conf (these overrides) sets the syndic master's engines list too, so
         # the key-publishing engine goes here.
         "overrides": {
-            **QUIET,
+            **logs,
             "syndic_event_forward_timeout": 0.5,
             "engines_dirs": [str(REPO / "salt" / "_engines")],
             "engines": [{"tributary_keys": {"interval": 5, "syndic_id": syndic_id}}],
@@ -126,6 +129,18 @@ def brokers():
     yield started
     for b in started.values():
         b.cleanup()
+
+
+def master_ports(master: Any) -> dict[str, int]:
+    """A minion's view of its master's ports, as a fleet on default ports has it.
+
+    salt-factories gives each master random ports but tells its minions only ``master_port``.
+    Salt 3007's minion, after its first reconnect to a restarted master, schedules
+    ``status.master``, which looks for a connection to ``publish_port`` (default 4505): without
+    the real port it declared the master lost every second, re-initialised its channels each
+    time and dropped the events and jobs in between (the gap-repair fault test's flakiness).
+    """
+    return {"publish_port": int(master.config["publish_port"])}
 
 
 def beacon_config(broker_port: int) -> list[dict]:
@@ -157,20 +172,29 @@ def gateway_subscribed(factory) -> bool:
 
 @contextlib.contextmanager
 def running_gateways(
-    syndic_master: Any, sites: Mapping[str, str], brokers: Mapping[str, Any]
+    syndic_master: Any,
+    sites: Mapping[str, str],
+    brokers: Mapping[str, Any],
+    logs: Mapping[str, str] = QUIET,
+    heartbeat_s: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Gateway minions below ``syndic_master`` (id -> site), each with the tributary_mqtt
-    beacon on its own broker: started, synced, and subscribed before they are yielded."""
+    beacon on its own broker (and the tributary_health heartbeat every ``heartbeat_s`` seconds
+    when given): started, synced, and subscribed before they are yielded."""
     factories = {}
     try:
         for gw, site in sites.items():
+            beacons: dict[str, Any] = {"tributary_mqtt": beacon_config(brokers[gw].port)}
+            if heartbeat_s:
+                beacons["tributary_health"] = [{"interval": heartbeat_s}]
             factory = syndic_master.salt_minion_daemon(
                 gw,
                 overrides={
-                    **QUIET,
+                    **logs,
                     **GATEWAY_LOOP,
+                    **master_ports(syndic_master),
                     "grains": {"site": site, "role": "gateway"},
-                    "beacons": {"tributary_mqtt": beacon_config(brokers[gw].port)},
+                    "beacons": beacons,
                 },
             )
             factory.start()

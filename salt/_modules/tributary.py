@@ -47,6 +47,11 @@ def replay(epoch, from_seq, to_seq, pace=0.05):
     range that is already indexed creates no new documents. An unknown epoch or a range the
     spool no longer holds answers with an error that says what is held.
 
+    Each batch goes to the master in a request of its own that the master answers
+    (``event.fire_master`` with a preload), not through the minion's event bus: the minion
+    process silently drops bus events while it believes its master is disconnected, and a
+    replay that reports success must have been delivered.
+
     CLI Example:
 
     .. code-block:: bash
@@ -69,7 +74,9 @@ def replay(epoch, from_seq, to_seq, pace=0.05):
     for n, batch in enumerate(batches):
         if n:
             time.sleep(float(pace))
-        if not __salt__["event.fire_master"](batch, tag):
+        # A preload makes event.fire_master send a request of its own and wait for the
+        # master's answer (an empty preload would be falsy and take the bus path).
+        if not __salt__["event.fire_master"](batch, tag, preload={"tributary": "replay"}):
             return {"result": False, "error": f"event.fire_master failed after {sent} readings"}
         sent += len(batch["r"])
     return {"result": True, "epoch": str(epoch), "batches": len(batches), "readings": sent}

@@ -129,13 +129,16 @@ class GapRepairer:
         """Ask for (the first ``max_readings`` of) one gap and record the outcome."""
         now = time.time() if now is None else now
         hi = min(gap.hi, gap.lo + self.max_readings - 1)
+        # Counted before the request: through a syndic the answer takes syndic_wait (5 s),
+        # and the replayed readings can be indexed, and the counters persisted with them,
+        # before it is back.
+        self.count("replays_requested", 1)
+        self.count(f"replays_requested@{gap.gateway}", 1)
         try:
             answer = self.replay(gap.gateway, gap.epoch, gap.lo, hi)
         except Exception as exc:  # a failed request is retried
             answer = f"{type(exc).__name__}: {exc}"
         outcome, detail = classify(answer)
-        self.count("replays_requested", 1)
-        self.count(f"replays_requested@{gap.gateway}", 1)
         if outcome == "gone":
             ledger.give_up(gap, f"gateway no longer holds the range: {detail}")
             self.count("gaps_given_up", 1)
@@ -149,6 +152,16 @@ class GapRepairer:
             )
         else:
             ledger.requested(gap, self.backoff_s, self.backoff_max_s, now)
+            log.info(
+                "tributary relay: replay %s %s..%s from %s (attempt %s): %s, %s",
+                gap.epoch,
+                gap.lo,
+                hi,
+                gap.gateway,
+                gap.attempts,
+                outcome,
+                detail,
+            )
             if outcome == "retry":
                 self.count("replays_failed", 1)
                 log.warning(

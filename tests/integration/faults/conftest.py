@@ -5,17 +5,21 @@ Package scoped, so every fault test shares one topology (start-up costs about tw
     Elasticsearch (own node, TLS + basic auth)
     top master "ftop" (relay engine, tuned for short outages: backoff <= 5 s, gap grace 8 s)
       <- salt-syndic "fsyn-1" + its master (tributary_keys engine publishing gateway keys)
-           <- gateways fgw-brisbane / fgw-sydney, each with its own Mosquitto broker
+           <- gateways fgw-brisbane / fgw-sydney, each with its own Mosquitto broker and a
+              health heartbeat every 5 s (it reveals a lost tail to the relay's ledger)
 
 Nothing here is shared with the session topology of ``tests/conftest.py``, so stopping a daemon
-never disturbs another test.
+never disturbs another test. The daemons log at info to their files; when a test fails, those
+logs (and Elasticsearch's) are copied under ``.run/failed-logs/`` and the failure report names
+the directory (``tests.support.daemonlogs``).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.conftest import QUIET, REPO, running_gateways, syndic_kwargs
+from tests.conftest import REPO, VERBOSE, running_gateways, syndic_kwargs
+from tests.support import daemonlogs
 from tests.support.es import start_elasticsearch
 from tests.support.mosquitto import start_broker
 
@@ -56,7 +60,7 @@ def f_top(salt_factories, f_es):
         "ftop",
         order_masters=True,
         overrides={
-            **QUIET,
+            **VERBOSE,
             "engines_dirs": [str(REPO / "salt" / "_engines")],
             "runner_dirs": [str(REPO / "salt" / "_runners")],
             "engines": [{"tributary_relay": fault_relay_config(f_es)}],
@@ -68,7 +72,7 @@ def f_top(salt_factories, f_es):
 
 @pytest.fixture(scope="package")
 def f_syndic(f_top):
-    factory = f_top.salt_syndic_daemon(SYNDIC_ID, **syndic_kwargs(SYNDIC_ID))
+    factory = f_top.salt_syndic_daemon(SYNDIC_ID, **syndic_kwargs(SYNDIC_ID, VERBOSE))
     with factory.started():
         yield factory
 
@@ -83,7 +87,9 @@ def f_brokers():
 
 @pytest.fixture(scope="package")
 def f_gateways(f_syndic, f_brokers):
-    with running_gateways(f_syndic.master, FGATEWAYS, f_brokers) as factories:
+    with running_gateways(
+        f_syndic.master, FGATEWAYS, f_brokers, VERBOSE, heartbeat_s=5
+    ) as factories:
         yield factories
 
 
@@ -96,3 +102,13 @@ def faults(f_es, f_top, f_syndic, f_gateways, f_brokers):
         "gateways": f_gateways,
         "brokers": f_brokers,
     }
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    topology = getattr(item, "funcargs", {}).get("faults")
+    if report.failed and report.when in ("call", "setup") and isinstance(topology, dict):
+        factories = [topology["top"], topology["syndic"], *topology["gateways"].values()]
+        daemonlogs.attach(item, report, factories, topology["es"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.conftest import es_readings, wait_for
+from tests.conftest import es_readings
 
 
 class Stream:
@@ -53,22 +53,33 @@ class Stream:
         assert not self.errors, self.errors
 
 
+def _ranges(values: list[float]) -> str:
+    """``1-5, 9, 12-14``: a short form of the missing values for failure messages."""
+    out: list[str] = []
+    for v in sorted(int(x) for x in values):
+        if out and out[-1].split("-")[-1] == str(v - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{v}"
+        else:
+            out.append(str(v))
+    return ", ".join(out)
+
+
 def assert_exactly(es, stream: Stream, timeout: float = 240) -> None:
     """Elasticsearch holds every reading of the stream exactly once, for every gateway."""
     for gw, values in stream.sent.items():
         expected = sorted(float(v) for v in values)
-
-        def have(gw: str = gw) -> list[dict]:
-            return es_readings(es, gw, stream.sensor)
-
-        n = len(expected)
-        wait_for(
-            lambda n=n, have=have: len(have()) >= n,
-            timeout=timeout,
-            interval=2,
-            what=f"{len(expected)} {stream.sensor} readings of {gw}",
-        )
-        docs = have()
+        deadline = time.monotonic() + timeout
+        while True:
+            docs = es_readings(es, gw, stream.sensor)
+            if len(docs) >= len(expected):
+                break
+            if time.monotonic() > deadline:
+                missing = sorted(set(expected) - {d["value"] for d in docs})
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {len(expected)} {stream.sensor}"
+                    f" readings of {gw}: {len(docs)} indexed, missing values {_ranges(missing)}"
+                )
+            time.sleep(2)
         assert len(docs) == len(expected), (gw, len(docs), len(expected))
         assert sorted(d["value"] for d in docs) == expected
         seqs = [(d["epoch"], d["seq"]) for d in docs]
