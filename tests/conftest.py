@@ -21,11 +21,13 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
+import salt.version
 
 from tests.support.es import start_elasticsearch
 from tests.support.mosquitto import start_broker
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+SALT_VERSION = tuple(salt.version.__saltstack_version__.info[:2])
 log = logging.getLogger(__name__)
 
 GATEWAYS = {"gw-brisbane-1": "brisbane", "gw-sydney-1": "sydney"}
@@ -33,6 +35,9 @@ QUIET = {"log_level_logfile": "warning", "log_level": "warning"}
 #: Daemons of the fault topologies log at info to their files (``fire_master failed``, job
 #: starts, the relay's gap repair), kept on failure by ``tests.support.daemonlogs``.
 VERBOSE = {"log_level_logfile": "info", "log_level": "warning"}
+#: Salt 3008's salt-syndic forwards no events and, after the first, no job returns: the
+#: syndic masters run the ``tributary_uplink`` engine instead (README, "Versions tested").
+NEEDS_UPLINK = SALT_VERSION >= (3008,)
 #: Gateway minions: Salt calls beacons once a second but counts a beacon's ``interval`` in
 #: ``loop_interval`` units, and salt-factories sets ``loop_interval: 0.05``, which turned
 #: ``interval: 1`` into one beacon run every 20 s. Salt's default of 1 s is what fleets run.
@@ -111,7 +116,10 @@ def syndic_kwargs(syndic_id: str, logs: Mapping[str, str] = QUIET) -> dict[str, 
             **logs,
             "syndic_event_forward_timeout": 0.5,
             "engines_dirs": [str(REPO / "salt" / "_engines")],
-            "engines": [{"tributary_keys": {"interval": 5, "syndic_id": syndic_id}}],
+            "engines": [
+                {"tributary_keys": {"interval": 5, "syndic_id": syndic_id}},
+                *([{"tributary_uplink": {}}] if NEEDS_UPLINK else []),
+            ],
         },
     }
 
@@ -257,6 +265,26 @@ def dumps(obj: Any) -> str:
 
 
 os.environ.setdefault("TRIBUTARY_REPO", str(REPO))
+
+#: Fixtures that yield a topology dict (es, top, syndic, gateways): a failed test using one keeps
+#: its daemons' logs (``tests.support.daemonlogs``).
+TOPOLOGY_FIXTURES = ("faults", "topology")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or report.when not in ("setup", "call"):
+        return
+    from tests.support import daemonlogs
+
+    for name in TOPOLOGY_FIXTURES:
+        topo = getattr(item, "funcargs", {}).get(name)
+        if isinstance(topo, dict):
+            factories = [topo["top"], topo["syndic"], *topo["gateways"].values()]
+            daemonlogs.attach(item, report, factories, topo.get("es"))
+            return
 
 
 def pytest_unconfigure(config):

@@ -7,10 +7,12 @@ counters) from disk; here the spool is filled with the library, as the engine wo
 from __future__ import annotations
 
 import pathlib
+import re
 
 import pytest
 import salt.config
 import salt.loader
+import yaml
 
 from saltext.tributary.relay import RelaySpool
 
@@ -84,3 +86,28 @@ def test_engines_validate_without_raising(opts):
     assert engines["tributary_relay.validate"](None)[0] is False
     assert engines["tributary_keys.validate"]({"interval": 0})[0] is False
     assert engines["tributary_keys.validate"]({"interval": 5}) == (True, "valid")
+    assert engines["tributary_uplink.validate"]({"batch": 0})[0] is False
+    ok, msg = engines["tributary_uplink.validate"]({"backoff": {"max": 3}})
+    assert ok is False and "backoff.max" in msg
+
+
+def engine_examples(name: str) -> list:
+    """The engine configurations documented as YAML in the engine's module docstring."""
+    text = (REPO / "salt" / "_engines" / f"{name}.py").read_text()
+    doc = text.split('"""')[1]
+    out = []
+    for block in re.findall(r"::\n\n((?:(?: {4}.*)?\n)+)", doc):
+        data = yaml.safe_load(block)
+        if isinstance(data, dict) and "engines" in data:
+            out += [e[name] for e in data["engines"] if name in e]
+    return out
+
+
+@pytest.mark.parametrize("name", ["tributary_relay", "tributary_keys", "tributary_uplink"])
+def test_every_documented_engine_example_validates(opts, name):
+    engines = salt.loader.engines(opts, {}, {}, {}, {})
+    examples = engine_examples(name)
+    assert examples, f"{name} documents no YAML example"
+    for cfg in examples:
+        ok, msg = engines[f"{name}.validate"](cfg)
+        assert ok, (cfg, msg)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import REPO, VERBOSE, running_gateways, syndic_kwargs
-from tests.support import daemonlogs
 from tests.support.es import start_elasticsearch
 from tests.support.mosquitto import start_broker
 
@@ -102,13 +101,3 @@ def faults(f_es, f_top, f_syndic, f_gateways, f_brokers):
         "gateways": f_gateways,
         "brokers": f_brokers,
     }
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    topology = getattr(item, "funcargs", {}).get("faults")
-    if report.failed and report.when in ("call", "setup") and isinstance(topology, dict):
-        factories = [topology["top"], topology["syndic"], *topology["gateways"].values()]
-        daemonlogs.attach(item, report, factories, topology["es"])
