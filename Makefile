@@ -1,11 +1,16 @@
 # Tributary: the two commands are `make demo` and `make test` (see README.md).
 SHELL := /bin/bash
-SALT_VERSION ?= 3007.16
-VENV ?= $(if $(filter 3007.16,$(SALT_VERSION)),.venv,.venv-$(SALT_VERSION))
+# Salt 3008 is the current LTS and the development default; 3007.16 and 3006.29 keep working.
+DEFAULT_SALT := 3008.5
+SALT_VERSION ?= $(DEFAULT_SALT)
+VENV ?= $(if $(filter $(DEFAULT_SALT),$(SALT_VERSION)),.venv,.venv-$(SALT_VERSION))
 PY := $(VENV)/bin/python
+# `make test` also runs the end-to-end and fault tiers on these (COMPAT_SALT= skips them).
+COMPAT_SALT ?= 3007.16 3006.29
+COMPAT_TESTS := tests/integration/test_end_to_end.py tests/integration/faults
 export SALT_VERSION VENV
 
-.PHONY: setup demo test lint unit bench clean
+.PHONY: setup demo test test-main compat lint unit bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -18,8 +23,16 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: lint
+# What CI runs: the whole suite on SALT_VERSION, then the compatibility tiers.
+test: test-main
+	@set -e; for v in $(filter-out $(SALT_VERSION),$(COMPAT_SALT)); do \
+	  $(MAKE) --no-print-directory compat SALT_VERSION=$$v VENV=.venv-$$v; done
+
+test-main: lint
 	$(PY) -m pytest tests -q
+
+compat: setup
+	$(PY) -m pytest $(COMPAT_TESTS) -q
 
 unit: setup
 	$(PY) -m pytest tests/unit tests/functional -q

@@ -8,7 +8,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-SALT_VERSION=${SALT_VERSION:-3007.16}
+SALT_VERSION=${SALT_VERSION:-3008.5}
 VENV=${VENV:-$here/.venv}
 PYTHON=${PYTHON:-python3}
 if [ "$(id -u)" = 0 ]; then CACHE=${TRIBUTARY_CACHE:-/var/cache/tributary}; else CACHE=${TRIBUTARY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tributary}; fi

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.conftest import GATEWAYS, dumps, es_count, es_readings, wait_for
+from tests.conftest import GATEWAYS, NEEDS_UPLINK, dumps, es_count, es_readings, wait_for
 
 pytestmark = pytest.mark.usefixtures("topology")
 
@@ -156,3 +156,22 @@ def test_bad_payloads_are_counted_and_the_beacon_keeps_running(topology):
     assert delta["rejected:not_object"] == 1
     assert delta["rejected:missing_field"] == 1  # {"temp": "warm"} has no env.hum either
     assert es_count(es, gw, "e2e-bad") == 4
+
+
+@pytest.mark.xfail(
+    NEEDS_UPLINK,
+    strict=True,
+    reason="Salt 3008.5's salt-syndic forwards no events (README, Versions tested); the"
+    " tributary_uplink engine carries Tributary's. XPASS here means Salt fixed it.",
+)
+def test_salt_syndic_itself_forwards_a_gateway_event(topology, event_listener):
+    """salt-syndic, not Tributary, carries a plain gateway event to the top master (the tag is
+    not one the uplink forwards): the canary for the upstream Salt 3008 syndic bug."""
+    gateway = topology["gateways"]["gw-brisbane-1"]
+    start = time.time()
+    ret = gateway.salt_call_cli(timeout=60).run("event.fire_master", '{"n": 1}', "canary/syndic")
+    assert ret.returncode == 0 and ret.data is True, ret
+    matched = event_listener.wait_for_events(
+        [(topology["top"].id, "canary/syndic")], timeout=60, after_time=start
+    )
+    assert matched.found_all_events, "the event did not reach the top master"

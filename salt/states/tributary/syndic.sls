@@ -29,6 +29,20 @@ tributary-syndic-file-tree-{{ f }}:
       - file: tributary-syndic-config
 {%- endfor %}
 
+{#- The syndic master's engines: tributary_keys publishes its accepted gateway keys upward;
+    tributary_uplink carries Tributary's events and job returns to the top master where
+    salt-syndic cannot (Salt 3008: uplink 'auto' turns it on from this host's Salt version). #}
+{%- set engines = [{'tributary_keys': s.keys}] %}
+{%- set uplink = s.uplink.enabled %}
+{%- if uplink == 'auto' %}
+{%-   set uplink = (grains.get('saltversioninfo', [0])[0] | int) >= 3008 %}
+{%- elif uplink is not sameas true and uplink is not sameas false %}
+{{ raise('invalid pillar tributary:syndic:uplink:enabled: must be auto, true or false') }}
+{%- endif %}
+{%- if uplink %}
+{%-   do engines.append({'tributary_uplink': s.uplink.config}) %}
+{%- endif %}
+
 tributary-syndic-config:
   file.serialize:
     - name: {{ s.config_dir }}/tributary-syndic.conf
@@ -38,6 +52,7 @@ tributary-syndic-config:
     - dataset:
         syndic_master: {{ s.syndic_master | json }}
         syndic_event_forward_timeout: {{ s.syndic_event_forward_timeout | json }}
+        engines: {{ engines | json }}
         file_roots:
           base:
             - {{ s.mirror_dir }}

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 
 import pytest
+import salt.version
 import yaml
 
 from tests.integration.states.conftest import REPO, apply, assert_all_ok, changed, wait_for
@@ -123,6 +124,11 @@ def test_syndic_state_mirrors_the_top_file_tree(states_minion, pillar, tmp_dir):
     conf = yaml.safe_load((tmp_dir / "master.d" / "tributary-syndic.conf").read_text())
     assert conf["syndic_master"] == "top.example.internal"
     assert conf["file_roots"] == {"base": [str(tree)]}
+    # the engines of a syndic master: keys always, the uplink where salt-syndic cannot forward
+    uplink = salt.version.__saltstack_version__.info[0] >= 3008
+    assert conf["engines"] == [{"tributary_keys": {"interval": 60}}] + (
+        [{"tributary_uplink": {}}] if uplink else []
+    )
     for src, dst in [
         (REPO / "salt" / "_modules", tree / "_modules"),
         (REPO / "salt" / "_beacons", tree / "_beacons"),
