@@ -37,6 +37,7 @@ import salt.utils.event
 
 log = logging.getLogger(__name__)
 __virtualname__ = "tributary_keys"
+RETRY_S = 2.0
 
 
 def __virtual__():
@@ -92,6 +93,9 @@ def start(**config):
                 keys = signing.read_accepted_keys(__opts__["pki_dir"])
                 data = signing.sign_keyset(syndic_id, keys, key_path)
             except Exception as exc:  # pylint: disable=broad-except
-                log.error("tributary_keys: cannot publish accepted keys: %s", exc)
+                # At first start the syndic's key may not be written yet (seen on 3008):
+                # try again in RETRY_S rather than a whole interval later.
+                log.warning("tributary_keys: cannot publish accepted keys yet: %s", exc)
+                last = time.monotonic() - interval + min(RETRY_S, interval)
                 continue
             bus.fire_event(data, f"tributary/keys/{syndic_id}")
