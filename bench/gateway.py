@@ -43,10 +43,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
-from saltext.tributary.filters import Filters, compile_filters  # noqa: E402
-from saltext.tributary.payload import Mapper, compile_rules  # noqa: E402
-from saltext.tributary.spool import GatewaySpool  # noqa: E402
-from saltext.tributary.wire import (  # noqa: E402
+from saltext.tributary.gateway.filters import Filters, compile_filters  # noqa: E402
+from saltext.tributary.gateway.sources.payload import Mapper, compile_rules  # noqa: E402
+from saltext.tributary.gateway.spool import GatewaySpool  # noqa: E402
+from saltext.tributary.protocol.wire import (  # noqa: E402
     SpooledReading,
     bytes_per_reading,
     encode_agg_batch,
@@ -141,13 +141,12 @@ def cpu_path(n: int = N) -> dict[str, Any]:
 
 
 def _signing_cost(batches: list[dict]) -> float:
-    import salt.crypt
-
-    from saltext.tributary import signing
+    from saltext.tributary.protocol import signing
+    from tests.support.keys import write_keypair
 
     pki = tempfile.mkdtemp(prefix="tributary-bench-pki-")
     try:
-        salt.crypt.gen_keys(pki, "minion", 2048)
+        write_keypair(pki)
         opts = {"pki_dir": pki, "id": "bench-gw"}
         signing.sign_batch(dict(batches[0]), opts)  # load/cache the key
         c0 = time.process_time()
@@ -163,7 +162,7 @@ def _signing_cost(batches: list[dict]) -> float:
 def mqtt_source_cpu(n: int = 20_000) -> dict[str, Any]:
     """CPU of the real MQTT source (paho QoS 1, manual ack, parse, spool) in this process,
     fed by mosquitto_pub in another process through a real Mosquitto broker."""
-    from saltext.tributary.mqtt import BrokerConfig, MqttSource
+    from saltext.tributary.gateway.sources.mqtt import BrokerConfig, MqttSource
     from tests.support.mosquitto import start_broker
 
     tmp = tempfile.mkdtemp(prefix="tributary-bench-")
@@ -204,7 +203,7 @@ def mqtt_source_cpu(n: int = 20_000) -> dict[str, Any]:
 
 
 def spool_rates(n: int = N) -> dict[str, Any]:
-    from saltext.tributary.reading import make_reading
+    from saltext.tributary.protocol.reading import make_reading
 
     tmp = tempfile.mkdtemp(prefix="tributary-bench-")
     try:

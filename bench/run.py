@@ -52,10 +52,10 @@ from typing import Any
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "src")]
 
-from saltext.tributary import signing  # noqa: E402
-from saltext.tributary.es import install_templates, make_client  # noqa: E402
-from saltext.tributary.ledger import Ledger  # noqa: E402
-from saltext.tributary.wire import SpooledReading, bytes_per_reading, encode_batch  # noqa: E402
+from saltext.tributary.protocol import signing  # noqa: E402
+from saltext.tributary.protocol.wire import SpooledReading, bytes_per_reading, encode_batch  # noqa: E402
+from saltext.tributary.relay.elasticsearch import install_templates, make_client  # noqa: E402
+from saltext.tributary.relay.ledger import Ledger  # noqa: E402
 
 N = int(os.environ.get("TRIBUTARY_BENCH_N", "100000"))
 SOAK_S = float(os.environ.get("TRIBUTARY_BENCH_SOAK_S", "60"))
@@ -335,7 +335,7 @@ def es_down(node: Any, master_pid: int, bus: Any, counters: Counters, pki: str, 
 
 def gateway_spool_state(gwd: pathlib.Path) -> dict[str, Any]:
     """Where the gateway's readings are: spooled (last_seq), emitted (cursor), counters."""
-    from saltext.tributary.spool import GatewaySpool
+    from saltext.tributary.gateway.spool import GatewaySpool
 
     sp = GatewaySpool(str(gwd / "var/cache/salt/minion/tributary/spool.db"))
     try:
@@ -553,8 +553,8 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
         )
         # a 100k-reading backlog in the gateway's spool (as after a long uplink outage): the
         # beacon drains it at start (end to end from the spool), and it is the replay range later
-        from saltext.tributary.reading import Reading
-        from saltext.tributary.spool import GatewaySpool
+        from saltext.tributary.gateway.spool import GatewaySpool
+        from saltext.tributary.protocol.reading import Reading
 
         backlog = 100_000
         gsp = GatewaySpool(str(gwd / "var/cache/salt/minion/tributary/spool.db"))

@@ -10,8 +10,8 @@ tail. The heartbeat is signed like every batch, with the minion's own key
 (``<pki_dir>/minion.pem``, field ``sig``), and the relay on the top master verifies it against
 the gateway's accepted key before it touches the ledger: an unsigned or mis-signed heartbeat is
 dead-lettered (unsigned ones are accepted only while the relay's ``allow_unsigned`` migration
-switch is on). The logic lives in :mod:`saltext.tributary.health` and
-:mod:`saltext.tributary.gateway`.
+switch is on). The logic lives in :mod:`saltext.tributary.gateway.sources.health` and
+:mod:`saltext.tributary.gateway.beacons`.
 
 Configuration (minion config or pillar)::
 
@@ -37,7 +37,8 @@ With every option::
 import logging
 
 try:
-    from saltext.tributary import gateway
+    from saltext.tributary.gateway import beacons as gw_beacons
+    from saltext.tributary.gateway import config as gw_config
 
     HAS_LIBS = True
     MISSING = ""
@@ -57,9 +58,9 @@ def __virtual__():
 
 def validate(config):
     """Validate the beacon configuration; returns ``(bool, message)`` and never raises."""
-    return gateway.validate_health(config)
+    return gw_config.validate_health(config)
 
 
 def beacon(config):
     """Spool health metrics, emit the next unsent batches and the heartbeat event."""
-    return gateway.run_health_beacon(config, __opts__, __grains__)
+    return gw_beacons.run_health_beacon(config, __opts__, __grains__)

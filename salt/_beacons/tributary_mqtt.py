@@ -68,7 +68,8 @@ import logging
 try:
     import paho.mqtt.client  # noqa: F401
 
-    from saltext.tributary import gateway
+    from saltext.tributary.gateway import beacons as gw_beacons
+    from saltext.tributary.gateway import config as gw_config
 
     HAS_LIBS = True
     MISSING = ""
@@ -91,14 +92,14 @@ def __virtual__():
 
 def validate(config):
     """Validate the beacon configuration; returns ``(bool, message)`` and never raises."""
-    return gateway.validate_mqtt(config)
+    return gw_config.validate_mqtt(config)
 
 
 def beacon(config):
     """Emit the next unsent batches from the gateway spool (starting the subscriber if needed)."""
-    return gateway.run_mqtt_beacon(config, __opts__, __grains__)
+    return gw_beacons.run_mqtt_beacon(config, __opts__, __grains__)
 
 
 def close(config):
     """Stop the subscriber threads (Salt calls this when the beacon is removed or disabled)."""
-    gateway.stop_sources()
+    gw_beacons.stop_sources()

@@ -5,7 +5,7 @@ Each configured source is read at its own interval; readings pass the per-sensor
 numbered in the gateway spool (the same spool as ``tributary_mqtt``: one epoch and sequence
 per gateway) and the next unsent batches are emitted as
 ``salt/beacon/<minion id>/tributary_sysfs/batch`` events. The logic lives in
-:mod:`saltext.tributary.sysfs` and :mod:`saltext.tributary.gateway`.
+:mod:`saltext.tributary.gateway.sources.sysfs` and :mod:`saltext.tributary.gateway.beacons`.
 
 Configuration (minion config or pillar)::
 
@@ -48,7 +48,8 @@ A minimal configuration (CPU thermal zones only, a fake tree for tests)::
 import logging
 
 try:
-    from saltext.tributary import gateway
+    from saltext.tributary.gateway import beacons as gw_beacons
+    from saltext.tributary.gateway import config as gw_config
 
     HAS_LIBS = True
     MISSING = ""
@@ -68,9 +69,9 @@ def __virtual__():
 
 def validate(config):
     """Validate the beacon configuration; returns ``(bool, message)`` and never raises."""
-    return gateway.validate_sysfs(config)
+    return gw_config.validate_sysfs(config)
 
 
 def beacon(config):
     """Read the due sensors, spool them, emit the next unsent batches."""
-    return gateway.run_sysfs_beacon(config, __opts__, __grains__)
+    return gw_beacons.run_sysfs_beacon(config, __opts__, __grains__)

@@ -25,7 +25,7 @@ import os
 import time
 
 try:
-    from saltext.tributary import signing
+    from saltext.tributary.protocol import signing
 
     HAS_LIBS = True
     MISSING = ""

@@ -8,12 +8,12 @@ at once; a shipper thread bulk-creates one document per reading with the id
 confirmed every document (created, already present, or dead-lettered).
 
 Origin: every batch must carry a valid signature by its gateway's own minion key (see
-``saltext.tributary.signing``); keys come from this master's accepted keys and from the key
+``saltext.tributary.protocol.signing``); keys come from this master's accepted keys and from the key
 sets that ``tributary_keys`` engines on syndic masters publish. Unsigned, mis-signed or
 unknown-key batches go to the dead-letter index with the reason (``allow_unsigned: true`` lets
 unsigned ones through during a migration).
 
-A gap-repair thread (``saltext.tributary.repair``) asks gateways to replay what the ledger
+A gap-repair thread (``saltext.tributary.relay.repair``) asks gateways to replay what the ledger
 shows missing, through LocalClient (it works through syndics).
 
 Configuration (master config)::
@@ -56,8 +56,11 @@ import logging
 try:
     import elasticsearch  # noqa: F401
 
-    from saltext.tributary import es as es_lib
-    from saltext.tributary import relay as relay_lib
+    from saltext.tributary.relay import config as relay_config
+    from saltext.tributary.relay import elasticsearch as es_lib
+    from saltext.tributary.relay import pipeline
+    from saltext.tributary.relay import spool as relay_spool
+    from saltext.tributary.relay import status as relay_status
 
     HAS_LIBS = True
     MISSING = ""
@@ -83,7 +86,7 @@ def __virtual__():
 
 def validate(config):
     """Validate the engine configuration; returns ``(bool, message)`` and never raises."""
-    return relay_lib.validate_relay(config)
+    return relay_config.validate_relay(config)
 
 
 def _replay_fn(timeout):
@@ -106,7 +109,7 @@ def start(**config):
         raise ValueError(msg)
     es_cfg = config["elasticsearch"]
     client = es_lib.make_client(es_cfg)
-    rcfg = relay_lib.relay_config(config, __opts__["cachedir"], __opts__.get("pki_dir"))
+    rcfg = relay_config.relay_config(config, __opts__["cachedir"], __opts__.get("pki_dir"))
 
     def setup():
         es_lib.install_templates(
@@ -119,7 +122,7 @@ def start(**config):
         if config.get("indices") != "data_stream":
             es_lib.precreate_indices(client, rcfg.prefix, rcfg.daily)
 
-    relay = relay_lib.Relay(client, rcfg, setup=setup)
+    relay = pipeline.Relay(client, rcfg, setup=setup)
     relay.name = __opts__.get("id") or "relay"
     # Fail loudly at start on a wrong password, CA or URL; events are still spooled meanwhile
     # and the shipper retries the set-up with backoff.
@@ -131,15 +134,15 @@ def start(**config):
             "tributary relay: Elasticsearch %s is not usable at start (wrong URL, CA or"
             " credentials?): %s",
             es_cfg.get("hosts"),
-            relay_lib.describe_error(exc),
+            relay_status.describe_error(exc),
         )
     repairer = None
     gaps = config.get("gaps") or {}
     if gaps.get("enabled", True):
-        from saltext.tributary.repair import GapRepairer
+        from saltext.tributary.relay.repair import GapRepairer
 
         repairer = GapRepairer(
-            lambda: relay_lib.RelaySpool(rcfg.spool_path).ledger,
+            lambda: relay_spool.RelaySpool(rcfg.spool_path).ledger,
             _replay_fn(rcfg.replay_timeout_s),
             grace_s=rcfg.gap_grace_s,
             check_s=rcfg.gap_check_s,
@@ -178,7 +181,7 @@ def _serve(relay):
 
     async def handle(raw):
         tag, data = bus.unpack(raw)
-        relay_lib.take_event(relay, tag, data)
+        pipeline.take_event(relay, tag, data)
 
     bus.subscribe("")
     bus.set_event_handler(handle)

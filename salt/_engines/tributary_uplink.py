@@ -40,7 +40,7 @@ import os
 import time
 
 try:
-    from saltext.tributary import uplink as uplink_lib
+    from saltext.tributary.syndic import uplink as uplink_lib
 
     HAS_LIBS = True
     MISSING = ""

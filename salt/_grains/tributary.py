@@ -6,13 +6,13 @@ Tributary grains: ``tributary`` with site, role, hardware model and the sensors 
     salt -G 'tributary:sensors:temperature' tributary.read
 
 addresses every gateway with a temperature sensor. The logic lives in
-:func:`saltext.tributary.gateway.grains`.
+:func:`saltext.tributary.gateway.grains.grains`.
 """
 
 import logging
 
 try:
-    from saltext.tributary import gateway
+    from saltext.tributary.gateway import grains as gw_grains
 
     HAS_LIBS = True
 except ImportError:
@@ -31,7 +31,7 @@ def __virtual__():
 def tributary():
     """The ``tributary`` grain (never raises: a broken source config yields fewer sensors)."""
     try:
-        return {"tributary": gateway.grains(__opts__)}
+        return {"tributary": gw_grains.grains(__opts__)}
     except Exception as exc:  # grains must never break the minion
         log.warning("tributary grains failed: %s", exc)
         return {}

@@ -1,13 +1,13 @@
 """
 Tributary on a gateway: inspect and operate the telemetry spool with ``salt-call``.
 
-The logic lives in :mod:`saltext.tributary.gateway`; this module is the Salt face of it.
+The logic lives in :mod:`saltext.tributary.gateway.operations`; this module is the Salt face of it.
 """
 
 import logging
 
 try:
-    from saltext.tributary import gateway
+    from saltext.tributary.gateway import operations as gw_ops
 
     HAS_LIBS = True
     MISSING = ""
@@ -37,7 +37,7 @@ def status():
         salt-call tributary.status
         salt -G 'site:brisbane' tributary.status
     """
-    return gateway.status(__opts__, __pillar__)
+    return gw_ops.status(__opts__, __pillar__)
 
 
 def replay(epoch, from_seq, to_seq, pace=0.05):
@@ -61,10 +61,10 @@ def replay(epoch, from_seq, to_seq, pace=0.05):
     """
     import time
 
-    from saltext.tributary.spool import SpoolError
+    from saltext.tributary.gateway.spool import SpoolError
 
     try:
-        batches = gateway.replay_batches(
+        batches = gw_ops.replay_batches(
             __opts__, __pillar__, __grains__, str(epoch), int(from_seq), int(to_seq)
         )
     except (SpoolError, ValueError) as exc:
@@ -96,7 +96,7 @@ def read(sensor=None):
         salt-call tributary.read '28-*'
         salt -G 'tributary:sensors:temperature' tributary.read
     """
-    return gateway.read_now(__opts__, __pillar__, sensor)
+    return gw_ops.read_now(__opts__, __pillar__, sensor)
 
 
 def tail(n=10):
@@ -110,7 +110,7 @@ def tail(n=10):
         salt-call tributary.tail
         salt-call tributary.tail 50
     """
-    return gateway.tail(__opts__, __pillar__, int(n))
+    return gw_ops.tail(__opts__, __pillar__, int(n))
 
 
 def trim():
@@ -124,7 +124,7 @@ def trim():
 
         salt-call tributary.trim
     """
-    return gateway.trim(__opts__, __pillar__)
+    return gw_ops.trim(__opts__, __pillar__)
 
 
 def reset_counters():
@@ -138,4 +138,4 @@ def reset_counters():
 
         salt-call tributary.reset_counters
     """
-    return gateway.reset_counters(__opts__, __pillar__)
+    return gw_ops.reset_counters(__opts__, __pillar__)

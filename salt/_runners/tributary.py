@@ -1,18 +1,18 @@
 """
 Tributary on the top master: where every reading is.
 
-The logic lives in :mod:`saltext.tributary.relay`, :mod:`saltext.tributary.ledger` and
-:mod:`saltext.tributary.repair`; this runner is their Salt face. It reads the relay engine's
-configuration from this master's ``engines`` list and its spool (ledger, counters) from disk,
-so it works while the engine runs.
+The logic lives in :mod:`saltext.tributary.relay.status`, :mod:`saltext.tributary.relay.ledger`
+and :mod:`saltext.tributary.relay.repair`; this runner is their Salt face. It reads the relay
+engine's configuration from this master's ``engines`` list and its spool (ledger, counters) from
+disk, so it works while the engine runs.
 """
 
 import logging
 import time
 
 try:
-    from saltext.tributary import relay as relay_lib
-    from saltext.tributary import repair as repair_lib
+    from saltext.tributary.relay import repair as repair_lib
+    from saltext.tributary.relay import status as relay_status
 
     HAS_LIBS = True
     MISSING = ""
@@ -46,7 +46,7 @@ def status(check_es=True):
         salt-run tributary.status
         salt-run tributary.status check_es=False
     """
-    return relay_lib.status_from_opts(__opts__, check_es=bool(check_es))
+    return relay_status.status_from_opts(__opts__, check_es=bool(check_es))
 
 
 def gaps(gateway=None, given_up=True):
@@ -61,7 +61,7 @@ def gaps(gateway=None, given_up=True):
         salt-run tributary.gaps
         salt-run tributary.gaps gateway=gw-brisbane-1 given_up=False
     """
-    _, spool = relay_lib.open_status_spool(__opts__)
+    _, spool = relay_status.open_status_spool(__opts__)
     if spool is None:
         return []
     try:
@@ -103,7 +103,7 @@ def replay(gateway, epoch=None, from_seq=None, to_seq=None, timeout=60):
         answer = call(gateway, str(epoch), from_seq, to_seq)
         outcome, detail = repair_lib.classify(answer)
         return {"result": outcome == "ok", "outcome": outcome, "detail": detail, "answer": answer}
-    rcfg, spool = relay_lib.open_status_spool(__opts__)
+    rcfg, spool = relay_status.open_status_spool(__opts__)
     if spool is None:
         return {"result": False, "error": "no relay spool on this master"}
     try:

@@ -19,9 +19,11 @@ import salt.utils.data
 import yaml
 from saltfactories.utils.functional import Loaders
 
-from saltext.tributary import gateway as gw_lib
+from saltext.tributary.gateway import beacons as gw_beacons
+from saltext.tributary.gateway import config as gw_config
 from tests.conftest import wait_for
-from tests.unit.test_sysfs import put, w1_text
+from tests.support.keys import write_keypair
+from tests.unit.gateway.test_sysfs import put, w1_text
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BEACONS = ("tributary_mqtt", "tributary_sysfs", "tributary_health")
@@ -85,7 +87,7 @@ def minion_opts(env):
     )
     # batches are signed with the minion's own key (origin authentication), as on a gateway
     os.makedirs(opts["pki_dir"], exist_ok=True)
-    salt.crypt.gen_keys(opts["pki_dir"], "minion", 2048)
+    write_keypair(opts["pki_dir"])
     return opts
 
 
@@ -93,7 +95,7 @@ def minion_opts(env):
 def loaders(minion_opts):
     ldr = Loaders(minion_opts)
     yield ldr
-    gw_lib.stop_sources()
+    gw_beacons.stop_sources()
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,7 @@ def test_sysfs_and_health_beacons_share_one_spool(beacons, env, minion_opts):
     events = beacons["tributary_sysfs.beacon"](cfgs["tributary_sysfs"])
     assert [e["tag"] for e in events] == ["batch"]
     (batch,) = events
-    from saltext.tributary.wire import decode_batch
+    from saltext.tributary.protocol.wire import decode_batch
 
     dec = decode_batch(batch)
     got = {(r["sensor"], r["metric"]): r["value"] for r in dec.readings}
@@ -195,7 +197,7 @@ def test_sysfs_and_health_beacons_share_one_spool(beacons, env, minion_opts):
     assert hb["cpu_temp_c"] == 47.25 and hb["spool_unsent"] == 0
     assert hb["counters"]["emitted"] == hb["last_seq"]
     # the heartbeat is signed with the minion's own key, like the batches (origin authentication)
-    from saltext.tributary import signing
+    from saltext.tributary.protocol import signing
 
     pub = pathlib.Path(minion_opts["pki_dir"], "minion.pub").read_text()
     assert isinstance(hb["sig"], str) and hb["site"] == "lab"
@@ -211,7 +213,7 @@ def test_implausible_and_power_on_values_are_counted(beacons, env, loaders):
     put(str(env["tree"]), "sys/class/hwmon/hwmon0/temp1_input", "150000\n")  # 150 C: implausible
     put(str(env["tree"]), "sys/bus/w1/devices/28-000005e2fdc3/w1_slave", w1_text(0x0550))
     try:
-        gw_lib.stop_sources()  # forget the poller's schedule: everything is due now
+        gw_beacons.stop_sources()  # forget the poller's schedule: everything is due now
         beacons["tributary_sysfs.beacon"](cfgs["tributary_sysfs"])
         st = loaders.modules.tributary.status()
         assert st["counters"]["rejected:implausible"] >= 1
@@ -278,12 +280,12 @@ def test_mqtt_beacon_filters_and_emits(beacons, broker, tmp_path):
     ]
     try:
         beacons["tributary_mqtt.beacon"](cfg)  # starts the subscriber
-        spool = gw_lib.emitting_spool(gw_lib.config_to_dict(cfg), {})
+        spool = gw_beacons.emitting_spool(gw_config.config_to_dict(cfg), {})
         wait_for(lambda: spool.status()["state"].get("broker") == "subscribed", 30, "subscription")
         broker.publish("sensors/t9/temperature", ["1", "500", "2", "junk"])
         wait_for(lambda: spool.status()["counters"].get("received", 0) >= 4, 30, "4 messages")
         events = beacons["tributary_mqtt.beacon"](cfg)
-        from saltext.tributary.wire import decode_batch
+        from saltext.tributary.protocol.wire import decode_batch
 
         values = [r["value"] for e in events for r in decode_batch(e).readings]
         assert values == [1.0, 2.0]
@@ -291,14 +293,14 @@ def test_mqtt_beacon_filters_and_emits(beacons, broker, tmp_path):
         assert c["rejected:implausible"] == 1 and c["rejected:not_numeric"] == 1
         assert spool.set_aside()[-1]["value"] == 500.0
     finally:
-        gw_lib.stop_sources()
+        gw_beacons.stop_sources()
 
 
 def test_mqtt_source_restart_does_not_redeliver_spooled_messages(broker, tmp_path):
     """stop() commits and acknowledges before disconnecting: no duplicate after a restart."""
-    from saltext.tributary.mqtt import BrokerConfig, MqttSource
-    from saltext.tributary.payload import Mapper, compile_rules
-    from saltext.tributary.spool import GatewaySpool
+    from saltext.tributary.gateway.sources.mqtt import BrokerConfig, MqttSource
+    from saltext.tributary.gateway.sources.payload import Mapper, compile_rules
+    from saltext.tributary.gateway.spool import GatewaySpool
 
     path = str(tmp_path / "restart.db")
     rules = compile_rules([{"topic": "sensors/{sensor}/{metric}"}])

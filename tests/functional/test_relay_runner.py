@@ -14,7 +14,7 @@ import salt.config
 import salt.loader
 import yaml
 
-from saltext.tributary.relay import RelaySpool
+from saltext.tributary.relay.spool import RelaySpool
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 

@@ -128,7 +128,7 @@ class Elasticsearch:
             return exc.code, exc.read()
 
     def client(self):
-        from saltext.tributary.es import make_client
+        from saltext.tributary.relay.elasticsearch import make_client
 
         return make_client(self.client_config)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.test_signing import _keypair
+from tests.unit.protocol.test_signing import _keypair
 
 
 @pytest.fixture(scope="module")

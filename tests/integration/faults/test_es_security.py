@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from saltext.tributary.relay import check_elasticsearch
+from saltext.tributary.relay.status import check_elasticsearch
 
 
 def _other_ca(path) -> str:

@@ -16,8 +16,8 @@ import time
 import psutil
 import pytest
 
-from saltext.tributary import signing
-from saltext.tributary.wire import MAX_SENSORS, SpooledReading, encode_batch
+from saltext.tributary.protocol import signing
+from saltext.tributary.protocol.wire import MAX_SENSORS, SpooledReading, encode_batch
 from tests.conftest import dumps, es_count, es_readings, gateway_subscribed, wait_for
 from tests.integration.faults.conftest import FGATEWAYS
 from tests.integration.faults.helpers import Stream, assert_exactly, sleep_outage

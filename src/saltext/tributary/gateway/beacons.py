@@ -1,0 +1,283 @@
+"""What one beacon run does on a gateway: read or take readings, spool them, emit batches.
+
+Long-lived parts (the MQTT subscriber threads, the spool connection used for emitting) live in
+this module's registry, a normal Python import: it survives Salt reloading the beacon modules
+(``saltutil.sync_*``). The beacon loader modules stay thin and call :func:`run_mqtt_beacon`,
+:func:`run_sysfs_beacon` and :func:`run_health_beacon`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from saltext.tributary.gateway.config import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_RUN_BYTES,
+    HARD_RUN_BYTES,
+    config_to_dict,
+    spool_options,
+    spool_path,
+)
+from saltext.tributary.gateway.filters import Filters, compile_filters
+from saltext.tributary.gateway.sources import health as health_mod
+from saltext.tributary.gateway.sources.payload import Mapper, compile_rules
+from saltext.tributary.gateway.sources.sysfs import SysfsSource, compile_sources
+from saltext.tributary.gateway.spool import GatewaySpool, SpoolFull
+from saltext.tributary.protocol.reading import Reading, RejectedReading
+
+log = logging.getLogger(__name__)
+
+
+_registry_lock = threading.Lock()
+_sources: dict[str, tuple[str, Any]] = {}
+_spools: dict[str, GatewaySpool] = {}
+_filters: dict[str, tuple[str, Filters]] = {}
+_last_trim: dict[str, float] = {}
+#: How often a beacon run applies the retention budget (seconds).
+TRIM_EVERY_S = 60.0
+
+
+def _fingerprint(cfg: Mapping[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def ensure_mqtt_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
+    """Start (or restart on a config change) the subscriber for this beacon config."""
+    from saltext.tributary.gateway.sources.mqtt import BrokerConfig, MqttSource
+
+    path = spool_path(cfg, opts)
+    name = str(cfg.get("_beacon_name", "tributary_mqtt"))
+    key = f"{path}|{name}"
+    fp = _fingerprint({k: v for k, v in cfg.items() if k != "interval"})
+    with _registry_lock:
+        current = _sources.get(key)
+        if current and current[0] == fp:
+            return current[1]
+        if current:
+            log.info("tributary mqtt: configuration changed, restarting the subscriber")
+            current[1].stop()
+        broker_cfg = dict(cfg.get("broker") or {})
+        broker_cfg.setdefault("client_id", f"tributary-{opts.get('id', 'gateway')}-{name}")
+        source = MqttSource(
+            BrokerConfig(**broker_cfg),
+            Mapper(compile_rules(cfg["topics"])),
+            path,
+            Filters(compile_filters(cfg.get("filters"))),
+            **spool_options(cfg),
+        )
+        source.start()
+        _sources[key] = (fp, source)
+        return source
+
+
+def stop_sources() -> None:
+    """Stop every subscriber (beacon ``close``, tests)."""
+    with _registry_lock:
+        for _, source in _sources.values():
+            if hasattr(source, "stop"):
+                source.stop()
+        _sources.clear()
+        _filters.clear()
+        _budgets.clear()
+        _last_trim.clear()
+        for spool in _spools.values():
+            spool.close()
+        _spools.clear()
+
+
+def emitting_spool(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> GatewaySpool:
+    path = spool_path(cfg, opts)
+    with _registry_lock:
+        spool = _spools.get(path)
+        if spool is None:
+            spool = _spools[path] = GatewaySpool(path, **spool_options(cfg))
+        return spool
+
+
+def _filters_for(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Filters:
+    key = f"{spool_path(cfg, opts)}|{cfg.get('_beacon_name', '')}"
+    fp = _fingerprint({"filters": cfg.get("filters") or []})
+    with _registry_lock:
+        cur = _filters.get(key)
+        if cur is None or cur[0] != fp:
+            cur = _filters[key] = (fp, Filters(compile_filters(cfg.get("filters"))))
+        return cur[1]
+
+
+def spool_readings(
+    cfg: Mapping[str, Any],
+    opts: Mapping[str, Any],
+    readings: list[Reading],
+    rejects: list[RejectedReading],
+    extra_counts: Mapping[str, int] | None = None,
+) -> tuple[int, int]:
+    """Filter and append readings of an in-process source (sysfs, health) to the spool."""
+    counts: dict[str, int] = {"received": len(readings) + len(rejects), **(extra_counts or {})}
+    counts["readings"] = len(readings)
+    for exc in rejects:
+        counts[f"rejected:{exc.reason}"] = counts.get(f"rejected:{exc.reason}", 0) + 1
+    kept, fcounts, aside = _filters_for(cfg, opts).apply(readings)
+    for k, v in fcounts.items():
+        counts[k] = counts.get(k, 0) + v
+    spool = emitting_spool(cfg, opts)
+    try:
+        return spool.append(kept, counts, aside)
+    except SpoolFull:
+        # No broker to hold them: these readings are lost, so say so (counted, logged).
+        spool_count_safely(spool, {"dropped:disk_full": len(kept)})
+        return 0, 0
+
+
+def spool_count_safely(spool: GatewaySpool, counts: Mapping[str, int]) -> None:
+    try:
+        spool.count(counts)
+    except Exception as exc:  # a full disk may refuse even this
+        log.error("tributary: could not record counters %s: %s", dict(counts), exc)
+
+
+def maybe_trim(spool: GatewaySpool, now: float | None = None) -> int:
+    """Apply the retention budget at most every TRIM_EVERY_S seconds; returns dropped."""
+    import time
+
+    now = time.monotonic() if now is None else now
+    last = _last_trim.get(spool.path)
+    if last is not None and now - last < TRIM_EVERY_S:
+        return 0
+    _last_trim[spool.path] = now
+    return spool.trim()
+
+
+def finalize_batch(batch: dict[str, Any], opts: Mapping[str, Any]) -> dict[str, Any]:
+    """The single place where an outgoing batch (beacon or replay) is finalised."""
+    # Origin authentication (relay issue 4): sign with this minion's own key, last of all.
+    from saltext.tributary.protocol import signing
+
+    return signing.sign_batch(batch, opts)
+
+
+_budgets: dict[str, Any] = {}
+
+
+def _budget_for(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
+    """The gateway's bandwidth budget: one per spool, whichever beacon configures it.
+
+    Every beacon emitting from the spool goes through it (a beacon without a ``bandwidth`` key
+    uses the one another beacon set), and a config change adjusts the rate without refilling
+    the bucket.
+    """
+    from saltext.tributary.gateway.bandwidth import Budget
+
+    path = spool_path(cfg, opts)
+    bw = cfg.get("bandwidth")
+    with _registry_lock:
+        cur = _budgets.get(path)
+        if not bw:
+            return cur[1] if cur else None
+        fp = _fingerprint(bw)
+        if cur is None:
+            cur = _budgets[path] = (fp, Budget.from_config(bw))
+        elif cur[0] != fp:
+            new = Budget.from_config(bw)
+            new.tokens, new.last = min(cur[1].tokens, new.tokens), cur[1].last
+            cur = _budgets[path] = (fp, new)
+        return cur[1]
+
+
+def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, Any]) -> list[dict]:
+    """The beacon's output: the next unsent batches within the byte caps, as events.
+
+    With a ``bandwidth`` budget, batches that would exceed it are replaced by per-sensor
+    window aggregates (``agg`` = window seconds) instead of being dropped.
+    """
+    spool = emitting_spool(cfg, opts)
+    try:
+        maybe_trim(spool)
+    except Exception as exc:  # retention must never stop emitting
+        log.warning("tributary: retention trim failed: %s", exc)
+    batch_cfg = cfg.get("batch") or {}
+    site = cfg.get("site") or grains.get("site")
+    max_batch = batch_cfg.get("max_bytes", DEFAULT_BATCH_BYTES)
+    max_run = min(batch_cfg.get("max_run_bytes", DEFAULT_RUN_BYTES), HARD_RUN_BYTES)
+    budget = _budget_for(cfg, opts)
+    if budget is not None:
+        batches = budget.emit(spool, max_batch_bytes=max_batch, site=str(site) if site else None)
+    else:
+        batches = spool.next_batches(
+            max_batch_bytes=max_batch, max_run_bytes=max_run, site=str(site) if site else None
+        )
+    return [{"tag": "batch", **finalize_batch(b, opts)} for b in batches]
+
+
+def run_mqtt_beacon(config: Any, opts: Mapping[str, Any], grains: Mapping[str, Any]) -> list[dict]:
+    cfg = config_to_dict(config)
+    ensure_mqtt_source(cfg, opts)
+    return emit(cfg, opts, grains)
+
+
+def sysfs_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> SysfsSource:
+    """The (registry-held) sysfs poller for this beacon config."""
+    path = spool_path(cfg, opts)
+    key = f"{path}|{cfg.get('_beacon_name', 'tributary_sysfs')}"
+    fp = _fingerprint({"root": cfg.get("root", "/"), "sources": cfg.get("sources")})
+    with _registry_lock:
+        current = _sources.get(key)
+        if current and current[0] == fp:
+            return current[1]
+        source = SysfsSource(str(cfg.get("root", "/")), compile_sources(cfg.get("sources")))
+        _sources[key] = (fp, source)
+        return source
+
+
+def run_sysfs_beacon(config: Any, opts: Mapping[str, Any], grains: Mapping[str, Any]) -> list[dict]:
+    """One ``tributary_sysfs`` run: read the due sensors, spool them, emit batches."""
+    cfg = config_to_dict(config)
+    cfg.setdefault("_beacon_name", "tributary_sysfs")
+    readings, rejects = sysfs_source(cfg, opts).poll()
+    for exc in rejects:
+        log.info("tributary sysfs: rejected: %s", exc)
+    if readings or rejects:
+        spool_readings(cfg, opts, readings, rejects)
+    return emit(cfg, opts, grains)
+
+
+def run_health_beacon(
+    config: Any, opts: Mapping[str, Any], grains: Mapping[str, Any]
+) -> list[dict]:
+    """One ``tributary_health`` run: spool the health metrics, emit batches, then heartbeat."""
+    cfg = config_to_dict(config)
+    cfg.setdefault("_beacon_name", "tributary_health")
+    spool = emitting_spool(cfg, opts)
+    now = health_mod.now_ms()
+    metrics = health_mod.collect(
+        spool.status(),
+        root=str(cfg.get("root", "/")),
+        disk_path=str(cfg.get("disk_path") or os.path.dirname(spool.path) or "/"),
+    )
+    if cfg.get("spool_metrics", True):
+        spool_readings(
+            cfg, opts, health_mod.readings(metrics, now, str(cfg.get("sensor", "health"))), []
+        )
+    out = emit(cfg, opts, grains)
+    st = spool.status()
+    metrics.update(
+        spool_unsent=st["unsent"],
+        spool_held=st["held"]["count"],
+        dropped=st["dropped"],
+        counters=st["counters"],
+    )
+    heartbeat = health_mod.event(spool.epoch, st["last_seq"], metrics, now)
+    site = cfg.get("site") or grains.get("site")
+    if site:
+        heartbeat["site"] = str(site)
+    # Origin authentication: the heartbeat feeds the top master's ledger (lost-tail detection),
+    # so it is signed like a batch, with this minion's own key, last of all.
+    from saltext.tributary.protocol import signing
+
+    out.append(signing.sign_event(heartbeat, opts))
+    return out

@@ -1,0 +1,210 @@
+"""The ``tributary`` execution module's operations on a gateway: status, replay, read, tail,
+trim, reset counters."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from saltext.tributary.gateway.beacons import finalize_batch
+from saltext.tributary.gateway.config import config_to_dict, spool_options, spool_path
+from saltext.tributary.gateway.sources import health as health_mod
+from saltext.tributary.gateway.sources.sysfs import SysfsConfigError, SysfsSource, compile_sources
+from saltext.tributary.gateway.spool import GatewaySpool
+
+log = logging.getLogger(__name__)
+
+
+def find_beacon_configs(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> dict[str, dict]:
+    """Tributary beacon configs from minion opts and pillar (as the minion merges them)."""
+    merged: dict[str, Any] = {}
+    for src in (pillar.get("beacons") or {}, opts.get("beacons") or {}):
+        if isinstance(src, Mapping):
+            merged.update(src)
+    out = {}
+    for name, conf in merged.items():
+        cfg = config_to_dict(conf)
+        module = cfg.get("beacon_module", name)
+        if str(module).startswith("tributary_"):
+            cfg["_beacon_name"] = name
+            cfg["_module"] = module
+            out[name] = cfg
+    return out
+
+
+def status(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``tributary.status`` returns on a gateway."""
+    configs = find_beacon_configs(opts, pillar)
+    sources = {}
+    paths: set[str] = set()
+    for name, cfg in configs.items():
+        path = spool_path(cfg, opts)
+        paths.add(path)
+        entry: dict[str, Any] = {"module": cfg["_module"], "spool": path}
+        if cfg["_module"] == "tributary_mqtt":
+            broker = cfg.get("broker") or {}
+            entry["broker"] = f"{broker.get('host', '127.0.0.1')}:{broker.get('port', 1883)}"
+            entry["topics"] = [
+                t.get("topic") for t in cfg.get("topics") or [] if isinstance(t, Mapping)
+            ]
+        elif cfg["_module"] == "tributary_sysfs":
+            entry["root"] = cfg.get("root", "/")
+            entry["kinds"] = [
+                s.get("kind") for s in cfg.get("sources") or [] if isinstance(s, Mapping)
+            ]
+        if cfg.get("bandwidth"):
+            entry["bandwidth"] = dict(cfg["bandwidth"])
+        sources[name] = entry
+    if not paths:
+        paths.add(spool_path({}, opts))
+    spools: dict[str, dict[str, Any]] = {}
+    for path in sorted(paths):
+        if not os.path.exists(path):
+            spools[path] = {"error": "no spool yet (no reading accepted)"}
+            continue
+        spool = GatewaySpool(path)
+        try:
+            spools[path] = spool.status()
+        finally:
+            spool.close()
+    out: dict[str, Any] = {"gateway": opts.get("id"), "sources": sources, "spools": spools}
+    if len(spools) == 1:
+        only = next(iter(spools.values()))
+        for key in ("epoch", "last_seq", "unsent", "dropped", "counters", "state"):
+            if key in only:
+                out[key] = only[key]
+        out["spool_depth"] = only.get("held", {}).get("count", 0)
+        out["spool_bytes"] = only.get("bytes", 0)
+        out["spool_oldest_age_s"] = only.get("oldest_age_s", 0)
+        out["broker"] = (only.get("state") or {}).get("broker", "n/a")
+    return out
+
+
+def open_spool(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> GatewaySpool:
+    """The gateway spool named by the first Tributary beacon config (or the default path)."""
+    configs = find_beacon_configs(opts, pillar)
+    cfg = next(iter(configs.values()), {})
+    return GatewaySpool(spool_path(cfg, opts), **spool_options(cfg))
+
+
+def replay_batches(
+    opts: Mapping[str, Any],
+    pillar: Mapping[str, Any],
+    grains: Mapping[str, Any],
+    epoch: str,
+    from_seq: int,
+    to_seq: int,
+) -> list[dict[str, Any]]:
+    """Batches re-encoding a held range (raises SpoolError saying what is held)."""
+    spool = open_spool(opts, pillar)
+    try:
+        batches = spool.replay(epoch, int(from_seq), int(to_seq))
+    finally:
+        spool.close()
+    site = grains.get("site")
+    # A replay is a new request: its batches carry a request id, so the relay's intake
+    # de-duplication (which folds the syndic's second copy of an event) lets them through.
+    request = uuid.uuid4().hex[:8]
+    for b in batches:
+        b["replay"] = request
+        if site:
+            b["site"] = str(site)
+    return [finalize_batch(b, opts) for b in batches]
+
+
+def read_now(
+    opts: Mapping[str, Any], pillar: Mapping[str, Any], sensor: str | None = None
+) -> dict[str, Any]:
+    """Read the sources now without spooling or emitting (``tributary.read``)."""
+    configs = find_beacon_configs(opts, pillar)
+    out: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name, cfg in configs.items():
+        if cfg["_module"] == "tributary_sysfs":
+            try:
+                src = SysfsSource(str(cfg.get("root", "/")), compile_sources(cfg.get("sources")))
+                readings, rejects = src.poll(force=True, match=sensor)
+            except SysfsConfigError as exc:
+                errors[name] = str(exc)
+                continue
+            for r in readings:
+                out[r.key] = {"value": r.value, "unit": r.unit, "ts_ms": r.ts_ms, "source": name}
+            for rej in rejects:
+                errors[f"{name}:{rej.detail.split(':')[0]}"] = f"{rej.reason}: {rej.detail}"
+        elif cfg["_module"] == "tributary_health":
+            metrics = health_mod.collect({}, root=str(cfg.get("root", "/")))
+            for r in health_mod.readings(metrics, health_mod.now_ms(), cfg.get("sensor", "health")):
+                if (
+                    sensor is None
+                    or fnmatch.fnmatchcase(r.sensor, sensor)
+                    or fnmatch.fnmatchcase(r.key, sensor)
+                ):
+                    out[r.key] = {
+                        "value": r.value,
+                        "unit": r.unit,
+                        "ts_ms": r.ts_ms,
+                        "source": name,
+                    }
+        elif cfg["_module"] == "tributary_mqtt":
+            # MQTT sensors push; "now" is the newest reading the broker delivered.
+            path = spool_path(cfg, opts)
+            if not os.path.exists(path):
+                continue
+            spool = GatewaySpool(path)
+            try:
+                for key, row in spool.latest().items():
+                    if sensor is not None and not (
+                        fnmatch.fnmatchcase(key.rsplit("/", 1)[0], sensor)
+                        or fnmatch.fnmatchcase(key, sensor)
+                    ):
+                        continue
+                    if key.startswith("health/") or key in out:
+                        continue
+                    out[key] = {
+                        "value": row["value"],
+                        "unit": row["unit"],
+                        "ts_ms": row["ts_ms"],
+                        "source": f"{name} (last received)",
+                    }
+            finally:
+                spool.close()
+    result: dict[str, Any] = {"readings": out}
+    if errors:
+        result["errors"] = errors
+    return result
+
+
+def tail(opts: Mapping[str, Any], pillar: Mapping[str, Any], n: int = 10) -> list[dict]:
+    spool = open_spool(opts, pillar)
+    try:
+        return spool.tail(max(1, min(int(n), 10_000)))
+    finally:
+        spool.close()
+
+
+def trim(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> dict[str, Any]:
+    spool = open_spool(opts, pillar)
+    try:
+        before = spool.held()
+        dropped = spool.trim()
+        after = spool.held()
+        return {
+            "dropped_unsent": dropped,
+            "held_before": before,
+            "held_after": after,
+            "budget": {"max_bytes": spool.max_bytes, "max_age_s": spool.max_age_s},
+        }
+    finally:
+        spool.close()
+
+
+def reset_counters(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> dict[str, Any]:
+    spool = open_spool(opts, pillar)
+    try:
+        return {"reset": True, "previous": spool.reset_counters()}
+    finally:
+        spool.close()

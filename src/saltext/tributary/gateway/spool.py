@@ -1,0 +1,541 @@
+"""The gateway spool: a durable, numbered log of accepted readings (SQLite, WAL).
+
+Every accepted reading is appended with the next sequence number of the spool's epoch before
+it can be emitted. The epoch is created with the file and changes only when the file is lost
+or found corrupt (it is then moved aside and a new epoch starts). A cursor remembers the last
+emitted sequence; sent readings stay for the retention budget so the top master can ask for a
+replay. Counters (received, rejected by reason, spooled, emitted, dropped) live in the same
+file, so ``tributary.status`` in another process sees them and they survive restarts.
+
+One ``GatewaySpool`` object per thread; several processes may open the same file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from saltext.tributary.protocol.reading import Reading
+from saltext.tributary.protocol.wire import SpooledReading, encode_batch, packed_size
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sensors (id INTEGER PRIMARY KEY, key TEXT UNIQUE NOT NULL,
+                                    unit TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS readings (seq INTEGER PRIMARY KEY, sid INTEGER NOT NULL,
+                                     ts INTEGER NOT NULL, value REAL NOT NULL,
+                                     added INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS inflight (src TEXT NOT NULL, mid INTEGER NOT NULL, digest BLOB NOT NULL,
+                                     acked INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (src, mid));
+CREATE TABLE IF NOT EXISTS aside (id INTEGER PRIMARY KEY, key TEXT NOT NULL, ts INTEGER NOT NULL,
+                                  value REAL NOT NULL, reason TEXT NOT NULL,
+                                  added INTEGER NOT NULL);
+"""
+#: Readings set aside (implausible values) kept for inspection; the oldest go first.
+ASIDE_KEEP = 1000
+#: Floor for the on-disk bytes per reading used by the byte budget (the budget itself uses the
+#: measured pages in use per row; bench/gateway.py measured ~60 B/reading incl. the WAL).
+ROW_BYTES = 32
+
+
+class SpoolError(RuntimeError):
+    """A request the spool cannot satisfy (unknown epoch, range no longer held)."""
+
+
+class SpoolFull(RuntimeError):
+    """The spool's filesystem is full: nothing of the failed append was committed.
+
+    Callers keep the readings (the MQTT source does not acknowledge them, so the broker keeps
+    them) and retry; readings committed earlier are untouched.
+    """
+
+
+def _is_full(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "full" in text or "no space" in text
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class GatewaySpool:
+    """Durable numbered reading log for one gateway."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        max_bytes: int | None = None,
+        max_age_s: float | None = None,
+    ) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._sensor_ids: dict[str, int] = {}
+        self._sensor_keys: dict[int, tuple[str, str]] = {}
+        self.db = self._open()
+        self.epoch: str = self._meta("epoch") or ""
+
+    # -- opening, corruption ---------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        db.executescript(SCHEMA)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT v FROM meta WHERE k='epoch'").fetchone() is None:
+                epoch = uuid.uuid4().hex[:12]
+                db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('last_seq', '0')")
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('cursor', '0')")
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (str(_now_ms()),))
+                log.info("tributary spool %s: new epoch %s", self.path, epoch)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return db
+
+    def _open(self) -> sqlite3.Connection:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        try:
+            db = self._connect()
+            row = db.execute("PRAGMA quick_check").fetchone()
+            if row is None or row[0] != "ok":
+                db.close()
+                raise sqlite3.DatabaseError(f"quick_check: {row}")
+            return db
+        except sqlite3.DatabaseError as exc:
+            aside = f"{self.path}.corrupt-{int(time.time())}"
+            log.error(
+                "tributary spool %s is corrupt (%s): moved aside to %s, starting a new epoch",
+                self.path,
+                exc,
+                aside,
+            )
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.replace(self.path + suffix, aside + suffix)
+            return self._connect()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- meta and counters -----------------------------------------------------------------
+    def _meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _bump(self, counts: Mapping[str, int]) -> None:
+        for name, n in counts.items():
+            if n:
+                self.db.execute(
+                    "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET n = n + ?",
+                    (name, n, n),
+                )
+
+    def count(self, counts: Mapping[str, int]) -> None:
+        """Add to named counters (e.g. ``{"rejected:not_numeric": 1}``)."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self._bump(counts)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT name, n FROM counters ORDER BY name").fetchall())
+
+    def reset_counters(self) -> dict[str, int]:
+        """Zero every counter; returns the values they had."""
+        with self._lock:
+            before = self.counters()
+            self.db.execute("DELETE FROM counters")
+        return before
+
+    def committed_unacked(self, src: str, mid: int, digest: bytes) -> bool:
+        """True if this broker message was committed but its acknowledgement never sent."""
+        with self._lock:
+            row = self.db.execute(
+                "SELECT 1 FROM inflight WHERE src=? AND mid=? AND digest=? AND acked=0",
+                (src, mid, digest),
+            ).fetchone()
+        return row is not None
+
+    def set_state(self, key: str, value: str) -> None:
+        """Store a runtime fact (broker connection, last error) for status readers."""
+        self.db.execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+            (f"state:{key}", value),
+        )
+
+    # -- appending ---------------------------------------------------------------------------
+    def _sensor_id(self, key: str, unit: str) -> int:
+        sid = self._sensor_ids.get(key)
+        if sid is None:
+            row = self.db.execute("SELECT id FROM sensors WHERE key=?", (key,)).fetchone()
+            if row is None:
+                cur = self.db.execute("INSERT INTO sensors (key, unit) VALUES (?, ?)", (key, unit))
+                sid = int(cur.lastrowid or 0)
+            else:
+                sid = row[0]
+            self._sensor_ids[key] = sid
+        return sid
+
+    def append(
+        self,
+        readings: Sequence[Reading],
+        counts: Mapping[str, int] | None = None,
+        aside: Sequence[tuple[Reading, str]] = (),
+        inflight: Sequence[tuple[str, int, bytes]] = (),
+        acked: Sequence[tuple[str, int]] = (),
+    ) -> tuple[int, int]:
+        """Append readings in one transaction; returns (first_seq, last_seq) (0, 0 if none).
+
+        ``inflight`` records the broker messages ``(source, packet id, digest)`` these readings
+        came from, in the same transaction, until ``acked`` marks them acknowledged: a QoS 1
+        message the broker redelivers after a crash between commit and acknowledgement is
+        recognised by :meth:`committed_unacked` instead of being numbered twice.
+
+        ``counts`` are added to the counters in the same transaction, so a crash never leaves
+        counters and data disagreeing. ``aside`` are readings set aside with their reason
+        (implausible values), kept for inspection but never numbered or emitted. A full disk
+        raises :class:`SpoolFull` with nothing committed.
+        """
+        try:
+            return self._append(readings, counts, aside, inflight, acked)
+        except sqlite3.OperationalError as exc:
+            if _is_full(exc):
+                log.error("tributary spool %s: filesystem full, append refused: %s", self.path, exc)
+                raise SpoolFull(f"spool {self.path}: filesystem full ({exc})") from exc
+            raise
+
+    def _append(
+        self,
+        readings: Sequence[Reading],
+        counts: Mapping[str, int] | None,
+        aside: Sequence[tuple[Reading, str]],
+        inflight: Sequence[tuple[str, int, bytes]] = (),
+        acked: Sequence[tuple[str, int]] = (),
+    ) -> tuple[int, int]:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                last = int(self._meta("last_seq") or 0)
+                first = last + 1
+                now = _now_ms()
+                rows = []
+                for r in readings:
+                    last += 1
+                    rows.append((last, self._sensor_id(r.key, r.unit or ""), r.ts_ms, r.value, now))
+                if rows:
+                    self.db.executemany("INSERT INTO readings VALUES (?, ?, ?, ?, ?)", rows)
+                    self.db.execute("UPDATE meta SET v=? WHERE k='last_seq'", (str(last),))
+                if aside:
+                    self.db.executemany(
+                        "INSERT INTO aside (key, ts, value, reason, added) VALUES (?, ?, ?, ?, ?)",
+                        [(r.key, r.ts_ms, r.value, why, now) for r, why in aside],
+                    )
+                    self.db.execute(
+                        "DELETE FROM aside WHERE id <= (SELECT MAX(id) FROM aside) - ?",
+                        (ASIDE_KEEP,),
+                    )
+                if acked:
+                    self.db.executemany("UPDATE inflight SET acked=1 WHERE src=? AND mid=?", acked)
+                if inflight:
+                    self.db.executemany(
+                        "INSERT OR REPLACE INTO inflight (src, mid, digest) VALUES (?, ?, ?)",
+                        inflight,
+                    )
+                self._bump({"spooled": len(rows), **(counts or {})})
+                self.db.execute("COMMIT")
+            except BaseException:
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                self._sensor_ids.clear()
+                raise
+        return (first, last) if rows else (0, 0)
+
+    # -- reading back --------------------------------------------------------------------------
+    def _keys(self) -> dict[int, tuple[str, str]]:
+        rows = self.db.execute("SELECT id, key, unit FROM sensors").fetchall()
+        return {sid: (key, unit) for sid, key, unit in rows}
+
+    def _rows(self, lo: int, hi: int | None, limit: int) -> list[SpooledReading]:
+        if hi is None:
+            hi = 2**62
+        cur = self.db.execute(
+            "SELECT seq, sid, ts, value FROM readings WHERE seq >= ? AND seq <= ?"
+            " ORDER BY seq LIMIT ?",
+            (lo, hi, limit),
+        )
+        out = []
+        keys = self._sensor_keys
+        for seq, sid, ts, value in cur:
+            k = keys.get(sid)
+            if k is None:
+                keys.update(self._keys())
+                k = keys[sid]
+            out.append(SpooledReading(seq, k[0], k[1], ts, value))
+        return out
+
+    def _batch_within(
+        self, rows: list[SpooledReading], max_bytes: int, **kw: Any
+    ) -> tuple[dict[str, Any], int] | None:
+        """Largest contiguous prefix of ``rows`` whose batch packs within ``max_bytes``."""
+        # Contiguity: stop at the first hole (a hole only appears where retention dropped rows).
+        for n in range(1, len(rows)):
+            if rows[n].seq != rows[n - 1].seq + 1:
+                rows = rows[:n]
+                break
+        n = len(rows)
+        while n > 0:
+            batch = encode_batch(self.epoch, rows[:n], **kw)
+            size = packed_size(batch)
+            if size <= max_bytes:
+                return batch, size
+            n = min(n - 1, int(n * max_bytes / size * 0.95))
+        return None
+
+    def peek_unsent(self, max_rows: int = 8_000) -> tuple[list[SpooledReading], int]:
+        """The next unsent readings (contiguous, oldest first) and the not-yet-reported drops."""
+        cursor = int(self._meta("cursor") or 0)
+        oldest = self.db.execute("SELECT MIN(seq) FROM readings").fetchone()[0]
+        rows = self._rows(max(cursor + 1, oldest or 0), None, max_rows)
+        for n in range(1, len(rows)):
+            if rows[n].seq != rows[n - 1].seq + 1:
+                rows = rows[:n]
+                break
+        return rows, int(self._meta("undelivered_dropped") or 0)
+
+    def mark_emitted(self, batch: Mapping[str, Any], readings: int) -> None:
+        """Move the cursor past ``batch`` and count it (one transaction)."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("UPDATE meta SET v=? WHERE k='cursor'", (str(batch["last"]),))
+                if batch.get("dropped"):
+                    self.db.execute(
+                        "UPDATE meta SET v=CAST(MAX(0, CAST(v AS INTEGER) - ?) AS TEXT)"
+                        " WHERE k='undelivered_dropped'",
+                        (int(batch["dropped"]),),
+                    )
+                counts = {"emitted": readings, "batches": 1}
+                if batch.get("agg"):
+                    counts.update(aggregated=readings, agg_batches=1, agg_rows=len(batch["r"]))
+                self._bump(counts)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def next_batches(
+        self,
+        *,
+        max_batch_bytes: int = 32_768,
+        max_run_bytes: int = 98_304,
+        max_rows: int = 8_000,
+        site: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The next unsent readings as batches within the byte caps; moves the cursor.
+
+        The cursor moves in the same call: an emitted batch that never reaches the top master
+        is found as a gap there and replayed from this spool.
+        """
+        out: list[dict[str, Any]] = []
+        spent = 0
+        while spent < max_run_bytes:
+            rows, dropped = self.peek_unsent(max_rows)
+            if not rows:
+                break
+            got = self._batch_within(
+                rows, min(max_batch_bytes, max_run_bytes - spent), site=site, dropped=dropped
+            )
+            if got is None:
+                break
+            batch, size = got
+            self.mark_emitted(batch, len(batch["r"]))
+            out.append(batch)
+            spent += size
+        return out
+
+    def replay(
+        self, epoch: str, from_seq: int, to_seq: int, *, max_batch_bytes: int = 32_768
+    ) -> list[dict[str, Any]]:
+        """Batches re-encoding ``[from_seq, to_seq]`` of ``epoch`` (the cursor does not move)."""
+        held = self.held()
+        holds = (
+            f"epoch {self.epoch}, sequences {held['first']}..{held['last']}"
+            if held["first"] is not None
+            else f"epoch {self.epoch}, no readings"
+        )
+        if epoch != self.epoch:
+            raise SpoolError(f"unknown epoch {epoch!r}: this spool holds {holds}")
+        if from_seq > to_seq:
+            raise SpoolError(f"empty range {from_seq}..{to_seq}")
+        if held["first"] is None or from_seq < held["first"] or to_seq > held["last"]:
+            raise SpoolError(
+                f"range {from_seq}..{to_seq} of epoch {epoch} is not held: this spool holds {holds}"
+            )
+        out = []
+        lo = from_seq
+        while lo <= to_seq:
+            rows = self._rows(lo, to_seq, 8_000)
+            if not rows:
+                break
+            got = self._batch_within(rows, max_batch_bytes)
+            if got is None:
+                break
+            out.append(got[0])
+            lo = got[0]["last"] + 1
+        return out
+
+    def held(self) -> dict[str, Any]:
+        lo, hi = self.db.execute("SELECT MIN(seq), MAX(seq) FROM readings").fetchone()
+        return {"epoch": self.epoch, "first": lo, "last": hi}
+
+    def set_aside(self, n: int = 20) -> list[dict[str, Any]]:
+        """The last readings set aside (implausible), newest last."""
+        rows = self.db.execute(
+            "SELECT key, ts, value, reason FROM aside ORDER BY id DESC LIMIT ?", (n,)
+        ).fetchall()
+        return [
+            {"key": k, "ts_ms": ts, "value": v, "reason": why} for k, ts, v, why in reversed(rows)
+        ]
+
+    def latest(self) -> dict[str, dict[str, Any]]:
+        """The newest held reading of every sensor key."""
+        rows = self.db.execute(
+            "SELECT s.key, s.unit, r.seq, r.ts, r.value FROM readings r JOIN sensors s"
+            " ON s.id = r.sid WHERE r.seq IN (SELECT MAX(seq) FROM readings GROUP BY sid)"
+        ).fetchall()
+        return {
+            k: {"unit": u or None, "seq": seq, "ts_ms": ts, "value": v} for k, u, seq, ts, v in rows
+        }
+
+    def sensor_keys(self) -> list[str]:
+        """Every sensor key this spool has numbered (``<sensor>/<metric>``)."""
+        return [k for (k,) in self.db.execute("SELECT key FROM sensors ORDER BY key")]
+
+    def tail(self, n: int = 10) -> list[dict[str, Any]]:
+        last = int(self._meta("last_seq") or 0)
+        rows = self._rows(max(1, last - n + 1), None, n)
+        return [
+            {"seq": r.seq, "key": r.key, "unit": r.unit, "ts_ms": r.ts_ms, "value": r.value}
+            for r in rows
+        ]
+
+    def _bytes_per_row(self, n: int) -> float:
+        """Measured bytes per held reading (used pages of the file / rows), at least ROW_BYTES.
+
+        The file does not shrink when rows go (freed pages are reused), so the byte budget is
+        applied to the pages in use, not to the file size.
+        """
+        if n <= 0:
+            return float(ROW_BYTES)
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        psize = self.db.execute("PRAGMA page_size").fetchone()[0]
+        return max(float(ROW_BYTES), (pages - free) * psize / n)
+
+    # -- retention -------------------------------------------------------------------------
+    def trim(self, now_ms: int | None = None) -> int:
+        """Apply the age and byte budgets; drop oldest first, count what was never emitted."""
+        now_ms = now_ms or _now_ms()
+        dropped = 0
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = int(self._meta("cursor") or 0)
+                cut = 0
+                if self.max_age_s is not None:
+                    row = self.db.execute(
+                        "SELECT MAX(seq) FROM readings WHERE added < ?",
+                        (now_ms - int(self.max_age_s * 1000),),
+                    ).fetchone()
+                    cut = max(cut, row[0] or 0)
+                if self.max_bytes is not None:
+                    n, lo = self.db.execute("SELECT COUNT(*), MIN(seq) FROM readings").fetchone()
+                    over = n - int(self.max_bytes // self._bytes_per_row(n))
+                    if over > 0:
+                        cut = max(cut, lo + over - 1)
+                if cut:
+                    cur = self.db.execute("DELETE FROM readings WHERE seq <= ?", (cut,))
+                    removed = cur.rowcount
+                    unsent = self.db.execute(
+                        "SELECT ? - ?", (min(cut, int(self._meta("last_seq") or 0)), cursor)
+                    ).fetchone()[0]
+                    if unsent > 0:
+                        # Never emitted: a real loss. Count it, tell the next batch, move on.
+                        dropped = unsent
+                        self._bump({"dropped": unsent})
+                        prev = int(self._meta("undelivered_dropped") or 0)
+                        self.db.execute(
+                            "INSERT INTO meta VALUES ('undelivered_dropped', ?) "
+                            "ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                            (str(prev + unsent),),
+                        )
+                        self.db.execute("UPDATE meta SET v=? WHERE k='cursor'", (str(cut),))
+                        log.warning(
+                            "tributary spool %s: retention dropped %d never-sent readings",
+                            self.path,
+                            unsent,
+                        )
+                    self._bump({"trimmed": removed})
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return dropped
+
+    # -- status --------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        held = self.held()
+        n, oldest_added = self.db.execute("SELECT COUNT(*), MIN(added) FROM readings").fetchone()
+        last = int(self._meta("last_seq") or 0)
+        cursor = int(self._meta("cursor") or 0)
+        states = dict(
+            (k[len("state:") :], v)
+            for k, v in self.db.execute("SELECT k, v FROM meta WHERE k LIKE 'state:%'")
+        )
+        try:
+            size = sum(
+                os.path.getsize(self.path + s)
+                for s in ("", "-wal")
+                if os.path.exists(self.path + s)
+            )
+        except OSError:
+            size = 0
+        counters = self.counters()
+        return {
+            "path": self.path,
+            "epoch": self.epoch,
+            "last_seq": last,
+            "cursor": cursor,
+            "unsent": max(0, last - cursor),
+            "held": {"first": held["first"], "last": held["last"], "count": n},
+            "oldest_age_s": round((_now_ms() - oldest_added) / 1000, 1) if oldest_added else 0,
+            "bytes": size,
+            "dropped": counters.get("dropped", 0),
+            "dropped_not_yet_reported": int(self._meta("undelivered_dropped") or 0),
+            "budget": {"max_bytes": self.max_bytes, "max_age_s": self.max_age_s},
+            "counters": counters,
+            "state": states,
+        }

@@ -1,0 +1,442 @@
+"""The batch wire format: one Salt event carries many readings, compactly.
+
+Version 1 (DESIGN.md, with two size refinements documented in README's architecture)::
+
+    {"v": 1, "epoch": "<id>", "first": <seq>, "last": <seq>,
+     "sensors": ["t1/temperature", ...],   # dictionary for this batch
+     "units": ["C", ...],                   # unit per dictionary entry ("" = none)
+     "t0": <ts ms>,                         # base timestamp; rows carry offsets from it
+     "d": [2, null, ...],                   # decimals per sensor: row values are integers
+                                            # v * 10**d, or plain floats where d is null
+     "r": [[<sensor index>, <ts - t0>, <value>], ...],  # seq = first + row
+     "dropped": <n>, "agg": <window s or null>, "site": "<site>"}
+
+Salt serialises events with msgpack, so integers cost 1-5 bytes where a float64 costs 9 and an
+absolute millisecond timestamp 9: offsets and decimal mantissas bring a raw reading to about
+6-8 bytes on the wire instead of about 20.
+
+Aggregated batches (bandwidth budget exceeded, ``agg`` = window seconds, a number): each row
+summarises the readings of one sensor in one window::
+
+    [<sensor index>, <first ts - t0>, <mean>, <min>, <max>, <count>, <last ts - t0>, <seq off>]
+
+``mean``/``min``/``max`` are encoded like raw values (mantissas with the sensor's decimals
+``d``; the mean is rounded to those decimals). ``first + seq off`` is the sequence number of
+the *last* raw reading in the group and becomes the document's ``seq`` (unique: every raw
+reading belongs to exactly one group). An aggregated batch covers ``first..last`` entirely:
+the counts add up to ``last - first + 1``. :func:`decode_batch` returns each aggregate as a
+reading dict with ``value`` = mean, ``ts_ms`` = first timestamp and an extra ``agg`` key:
+``{"window_s", "min", "max", "count", "first", "last"}`` (first/last: timestamps in ms).
+Raw batches decode exactly as before.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from saltext.tributary.protocol.reading import TS_MAX_MS, TS_MIN_MS
+
+VERSION = 1
+#: Refuse batches with more rows than this (a sane beacon run is far below it).
+MAX_ROWS = 50_000
+MAX_SENSORS = 4_096
+MAX_DECIMALS = 6
+
+
+class WireError(ValueError):
+    """A batch whose structure is unusable; ``reason`` is a countable slug."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledReading:
+    """A reading as stored in a spool: numbered, keyed by ``<sensor>/<metric>``."""
+
+    seq: int
+    key: str
+    unit: str
+    ts_ms: int
+    value: float
+
+
+def _decimals(value: float) -> int | None:
+    """Smallest d <= MAX_DECIMALS such that value == round(value * 10**d) / 10**d."""
+    if not math.isfinite(value):
+        return None
+    for d in range(MAX_DECIMALS + 1):
+        scale = 10**d
+        mant = round(value * scale)
+        if abs(mant) < 2**53 and mant / scale == value:
+            return d
+    return None
+
+
+def encode_batch(
+    epoch: str,
+    rows: Sequence[SpooledReading],
+    *,
+    dropped: int = 0,
+    agg: float | None = None,
+    site: str | None = None,
+) -> dict[str, Any]:
+    """Build a v1 batch from contiguous spooled readings (seq = first + row index)."""
+    if not rows:
+        raise ValueError("empty batch")
+    first = rows[0].seq
+    index: dict[str, int] = {}
+    sensors: list[str] = []
+    units: list[str] = []
+    decs: list[int | None] = []
+    t0 = min(r.ts_ms for r in rows)
+    for r in rows:
+        i = index.get(r.key)
+        if i is None:
+            i = index[r.key] = len(sensors)
+            sensors.append(r.key)
+            units.append(r.unit or "")
+            decs.append(0)
+        d = decs[i]
+        if d is not None:
+            rd = _decimals(r.value)
+            decs[i] = None if rd is None else max(d, rd)
+    out_rows: list[list[Any]] = []
+    for n, r in enumerate(rows):
+        if r.seq != first + n:
+            raise ValueError(f"batch rows are not contiguous at seq {r.seq}")
+        i = index[r.key]
+        d = decs[i]
+        v: float | int = round(r.value * 10**d) if d is not None else r.value
+        out_rows.append([i, r.ts_ms - t0, v])
+    return _batch(
+        epoch, first, rows[-1].seq, sensors, units, t0, decs, out_rows, dropped, agg, site
+    )
+
+
+def encode_agg_batch(
+    epoch: str,
+    rows: Sequence[SpooledReading],
+    window_s: float,
+    *,
+    dropped: int = 0,
+    site: str | None = None,
+) -> dict[str, Any]:
+    """Aggregate contiguous spooled readings per sensor and ``window_s`` window (see above)."""
+    if not rows:
+        raise ValueError("empty batch")
+    if window_s <= 0:
+        raise ValueError("window_s must be positive")
+    first = rows[0].seq
+    win_ms = max(1, round(window_s * 1000))
+    groups: dict[tuple[str, int], list[Any]] = {}
+    for n, r in enumerate(rows):
+        if r.seq != first + n:
+            raise ValueError(f"batch rows are not contiguous at seq {r.seq}")
+        g = groups.get((r.key, r.ts_ms // win_ms))
+        if g is None:
+            # [unit, first ts, last ts, sum, min, max, count, last seq]
+            groups[(r.key, r.ts_ms // win_ms)] = [
+                r.unit,
+                r.ts_ms,
+                r.ts_ms,
+                r.value,
+                r.value,
+                r.value,
+                1,
+                r.seq,
+            ]
+        else:
+            g[1] = min(g[1], r.ts_ms)
+            g[2] = max(g[2], r.ts_ms)
+            g[3] += r.value
+            g[4] = min(g[4], r.value)
+            g[5] = max(g[5], r.value)
+            g[6] += 1
+            g[7] = r.seq
+    index: dict[str, int] = {}
+    sensors: list[str] = []
+    units: list[str] = []
+    decs: list[int | None] = []
+    for (key, _w), g in groups.items():
+        i = index.get(key)
+        if i is None:
+            i = index[key] = len(sensors)
+            sensors.append(key)
+            units.append(g[0] or "")
+            decs.append(0)
+        d = decs[i]
+        if d is not None:
+            for v in (g[4], g[5]):
+                rd = _decimals(v)
+                d = None if rd is None or d is None else max(d, rd)
+            decs[i] = d
+    # A mean carries one decimal more than the readings it summarises (20 and 21 -> 20.5);
+    # min and max stay exact at that scale.
+    decs = [None if d is None or d >= MAX_DECIMALS else d + 1 for d in decs]
+    t0 = min(g[1] for g in groups.values())
+    out_rows: list[list[Any]] = []
+    for (key, _w), g in sorted(groups.items(), key=lambda kv: kv[1][7]):
+        i = index[key]
+        d = decs[i]
+        mean = g[3] / g[6]
+
+        def enc(v: float, d: int | None = d) -> float | int:
+            return round(v * 10**d) if d is not None else v
+
+        out_rows.append(
+            [i, g[1] - t0, enc(mean), enc(g[4]), enc(g[5]), g[6], g[2] - t0, g[7] - first]
+        )
+    return _batch(
+        epoch, first, rows[-1].seq, sensors, units, t0, decs, out_rows, dropped, window_s, site
+    )
+
+
+def _batch(
+    epoch: str,
+    first: int,
+    last: int,
+    sensors: list[str],
+    units: list[str],
+    t0: int,
+    decs: list[int | None],
+    rows: list[list[Any]],
+    dropped: int,
+    agg: float | None,
+    site: str | None,
+) -> dict[str, Any]:
+    """The v1 batch envelope shared by raw and aggregated batches."""
+    batch: dict[str, Any] = {
+        "v": VERSION,
+        "epoch": epoch,
+        "first": first,
+        "last": last,
+        "sensors": sensors,
+        "units": units,
+        "t0": t0,
+        "d": decs,
+        "r": rows,
+        "dropped": int(dropped),
+        "agg": agg,
+    }
+    if site:
+        batch["site"] = site
+    return batch
+
+
+def packed_size(batch: dict[str, Any]) -> int:
+    """Bytes of the batch as msgpack (what Salt puts on the wire for the event data)."""
+    return len(msgpack.packb(batch, use_bin_type=True))
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """A validated batch: good readings plus rows set aside with their reason."""
+
+    epoch: str
+    first: int
+    last: int
+    site: str | None
+    dropped: int
+    agg: float | None
+    readings: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+
+
+def _req(data: dict[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
+    if key not in data:
+        raise WireError("missing_field", f"batch has no {key!r}")
+    val = data[key]
+    if isinstance(val, bool) or not isinstance(val, types):
+        raise WireError("bad_field", f"batch field {key!r} has type {type(val).__name__}")
+    return val
+
+
+def decode_batch(data: dict[str, Any]) -> DecodedBatch:
+    """Validate and expand a batch. Structural faults raise WireError; a bad row is set aside."""
+    if not isinstance(data, dict):
+        raise WireError("not_a_batch", f"event data is {type(data).__name__}")
+    if data.get("v") != VERSION:
+        raise WireError("bad_version", f"wire version {data.get('v')!r} is not {VERSION}")
+    epoch = _req(data, "epoch", str)
+    if not 0 < len(epoch) <= 64:
+        raise WireError("bad_field", "epoch must be 1..64 characters")
+    first = _req(data, "first", int)
+    last = _req(data, "last", int)
+    sensors = _req(data, "sensors", list)
+    rows = _req(data, "r", list)
+    t0 = data.get("t0", 0)
+    if isinstance(t0, bool) or not isinstance(t0, int):
+        raise WireError("bad_field", "batch field 't0' is not an integer")
+    if len(rows) > MAX_ROWS or len(sensors) > MAX_SENSORS:
+        raise WireError("oversized", f"{len(rows)} rows / {len(sensors)} sensors")
+    agg = data.get("agg")
+    is_agg = isinstance(agg, (int, float)) and not isinstance(agg, bool) and agg > 0
+    if is_agg:
+        total = 0
+        for row in rows:
+            if isinstance(row, (list, tuple)) and len(row) == 8:
+                c = row[5]
+                total += c if isinstance(c, int) and not isinstance(c, bool) and c > 0 else 0
+        if first < 0 or last < first or total != last - first + 1:
+            raise WireError(
+                "bad_range", f"first={first} last={last} but aggregates count {total} readings"
+            )
+    elif first < 0 or last - first + 1 != len(rows):
+        raise WireError("bad_range", f"first={first} last={last} but {len(rows)} rows")
+    units = data.get("units") or [""] * len(sensors)
+    decs = data.get("d") or [None] * len(sensors)
+    if not isinstance(units, list) or not isinstance(decs, list):
+        raise WireError("bad_field", "units/d must be lists")
+    if len(units) != len(sensors) or len(decs) != len(sensors):
+        raise WireError("bad_field", "units/d do not match the sensor dictionary")
+    keys: list[tuple[str, str] | None] = []
+    for s in sensors:
+        if isinstance(s, str) and s.count("/") >= 1:
+            sensor, metric = s.rsplit("/", 1)
+            keys.append((sensor, metric))
+        else:
+            keys.append(None)
+    site = data.get("site")
+    dropped = data.get("dropped") or 0
+    out: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    if is_agg:
+        _decode_agg(
+            rows, first, last, t0, keys, sensors, units, decs, float(agg or 0), out, rejected
+        )
+    for n, row in enumerate(rows if not is_agg else []):
+        seq = first + n
+        try:
+            if not isinstance(row, (list, tuple)) or len(row) != 3:
+                raise WireError("bad_row", "row is not [sensor, dt, value]")
+            idx, dt, val = row
+            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(keys):
+                raise WireError("bad_row", f"sensor index {idx!r} out of range")
+            key = keys[idx]
+            if key is None:
+                raise WireError("bad_sensor", f"sensor entry {sensors[idx]!r} is not sensor/metric")
+            if isinstance(dt, bool) or not isinstance(dt, int):
+                raise WireError("bad_timestamp", f"time offset {dt!r} is not an integer")
+            ts = t0 + dt
+            if not TS_MIN_MS <= ts < TS_MAX_MS:
+                raise WireError("bad_timestamp", f"timestamp {ts} ms is outside 2000..2100")
+            if isinstance(val, bool) or not isinstance(val, (int, float)):
+                raise WireError("not_numeric", f"value {val!r} is not a number")
+            d = decs[idx]
+            value = float(val) / 10**d if isinstance(d, int) and d > 0 else float(val)
+            if not math.isfinite(value):
+                raise WireError("not_finite", f"value {val!r} is not finite")
+            unit = units[idx] if isinstance(units[idx], str) else ""
+            out.append(
+                {
+                    "seq": seq,
+                    "sensor": key[0],
+                    "metric": key[1],
+                    "unit": unit or None,
+                    "ts_ms": ts,
+                    "value": value,
+                }
+            )
+        except WireError as exc:
+            rejected.append({"seq": seq, "reason": exc.reason, "detail": exc.detail, "row": row})
+    return DecodedBatch(
+        epoch=epoch,
+        first=first,
+        last=last,
+        site=site if isinstance(site, str) else None,
+        dropped=dropped if isinstance(dropped, int) else 0,
+        agg=agg if isinstance(agg, (int, float)) else None,
+        readings=out,
+        rejected=rejected,
+    )
+
+
+def _decode_agg(
+    rows: list[Any],
+    first: int,
+    last: int,
+    t0: int,
+    keys: list[tuple[str, str] | None],
+    sensors: list[Any],
+    units: list[Any],
+    decs: list[Any],
+    window_s: float,
+    out: list[dict[str, Any]],
+    rejected: list[dict[str, Any]],
+) -> None:
+    for row in rows:
+        seq = first
+        try:
+            if not isinstance(row, (list, tuple)) or len(row) != 8:
+                raise WireError(
+                    "bad_row",
+                    "aggregate row is not [sensor, dt, mean, min, max, count, dt_last, seq_off]",
+                )
+            idx, dt, mean, lo, hi, count, dt_last, seq_off = row
+            if isinstance(seq_off, bool) or not isinstance(seq_off, int):
+                raise WireError("bad_row", f"seq offset {seq_off!r} is not an integer")
+            seq = first + seq_off
+            if not first <= seq <= last:
+                raise WireError("bad_row", f"seq offset {seq_off} outside the batch")
+            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(keys):
+                raise WireError("bad_row", f"sensor index {idx!r} out of range")
+            key = keys[idx]
+            if key is None:
+                raise WireError("bad_sensor", f"sensor entry {sensors[idx]!r} is not sensor/metric")
+            for t in (dt, dt_last):
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise WireError("bad_timestamp", f"time offset {t!r} is not an integer")
+            ts, ts_last = t0 + dt, t0 + dt_last
+            for t in (ts, ts_last):
+                if not TS_MIN_MS <= t < TS_MAX_MS:
+                    raise WireError("bad_timestamp", f"timestamp {t} ms is outside 2000..2100")
+            d = decs[idx]
+            vals = []
+            for v in (mean, lo, hi):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise WireError("not_numeric", f"value {v!r} is not a number")
+                f = float(v) / 10**d if isinstance(d, int) and d > 0 else float(v)
+                if not math.isfinite(f):
+                    raise WireError("not_finite", f"value {v!r} is not finite")
+                vals.append(f)
+            unit = units[idx] if isinstance(units[idx], str) else ""
+            out.append(
+                {
+                    "seq": seq,
+                    "sensor": key[0],
+                    "metric": key[1],
+                    "unit": unit or None,
+                    "ts_ms": ts,
+                    "value": vals[0],
+                    "agg": {
+                        "window_s": window_s,
+                        "min": vals[1],
+                        "max": vals[2],
+                        "count": count,
+                        "first": ts,
+                        "last": ts_last,
+                    },
+                }
+            )
+        except (WireError, ValueError) as exc:
+            reason = getattr(exc, "reason", "bad_row")
+            rejected.append(
+                {"seq": seq, "reason": reason, "detail": getattr(exc, "detail", ""), "row": row}
+            )
+
+
+def bytes_per_reading(batches: Iterable[dict[str, Any]]) -> float:
+    """Mean msgpack bytes per reading over some batches."""
+    total = n = 0
+    for b in batches:
+        total += packed_size(b)
+        n += len(b["r"])
+    return total / n if n else 0.0

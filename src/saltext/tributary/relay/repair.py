@@ -1,0 +1,196 @@
+"""Gap repair: ask gateways to replay what the ledger shows missing.
+
+Where it runs, and why: inside the ``tributary_relay`` engine, as a thread of its own beside the
+shipper. It reads the same ledger the shipper writes (the relay spool's SQLite file), so the
+two never disagree about what is missing; it lives and dies with the relay (a top master
+without the relay has no ledger to repair); and a separate engine would need its own process,
+its own copy of the configuration and a second writer on the ledger for nothing. It never
+touches the event-bus thread: a replay request through a syndic takes seconds (``syndic_wait``)
+and must not delay draining the bus.
+
+The replay request itself is a function ``replay(gateway, epoch, lo, hi) -> answer`` (on the
+master: ``salt.client.LocalClient().cmd(gateway, "tributary.replay", [epoch, lo, hi])``, which
+works through the syndic). Its answer decides the gap's fate:
+
+* ``{"result": True, ...}``: the gateway re-emitted the range; the gap closes when the batches
+  are indexed. Until then the next request waits ``backoff_s * 2**attempts`` (capped).
+* ``{"result": False, "error": "... not held ..."}`` or an unknown epoch: the gateway no longer
+  holds the range; the gap is given up with that reason (kept, reported, never retried).
+* no answer (``None``, gateway offline): retried with backoff, given up after ``max_attempts``.
+
+Requests are rate-limited fleet-wide (``per_minute``) and sized at most ``max_readings``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from saltext.tributary.relay.ledger import Gap, Ledger
+
+log = logging.getLogger(__name__)
+
+ReplayFn = Callable[[str, str, int, int], Any]
+
+GONE_MARKERS = ("not held", "unknown epoch", "empty range")
+
+
+class RateLimiter:
+    """At most ``per_minute`` events in any 60 s window."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self.times: deque[float] = deque()
+
+    def allow(self) -> bool:
+        now = self.clock()
+        while self.times and now - self.times[0] >= 60:
+            self.times.popleft()
+        if len(self.times) >= self.per_minute:
+            return False
+        self.times.append(now)
+        return True
+
+
+def classify(answer: Any) -> tuple[str, str]:
+    """``("ok"|"gone"|"retry", detail)`` for a gateway's answer to a replay request."""
+    if answer is None:
+        return "retry", "no answer from the gateway"
+    if isinstance(answer, Mapping):
+        if answer.get("result") is True:
+            return "ok", f"{answer.get('readings', '?')} readings re-emitted"
+        err = str(answer.get("error") or answer)
+        if any(m in err for m in GONE_MARKERS):
+            return "gone", err
+        return "retry", err
+    # a string is Salt's way of reporting an exception or a missing function
+    return "retry", str(answer)[:500]
+
+
+class GapRepairer:
+    """One pass (:meth:`run_once`) or a loop (:meth:`start`) over the ledger's due gaps."""
+
+    def __init__(
+        self,
+        ledger_factory: Callable[[], Ledger],
+        replay: ReplayFn,
+        *,
+        grace_s: float = 60.0,
+        check_s: float = 5.0,
+        backoff_s: float = 30.0,
+        backoff_max_s: float = 600.0,
+        per_minute: int = 6,
+        max_attempts: int = 8,
+        max_readings: int = 20_000,
+        count: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.ledger_factory = ledger_factory
+        self.replay = replay
+        self.grace_s = grace_s
+        self.check_s = check_s
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.limiter = RateLimiter(per_minute)
+        self.max_attempts = max_attempts
+        self.max_readings = max_readings
+        self.count = count or (lambda name, n: None)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last: list[dict[str, Any]] = []
+
+    def run_once(self, ledger: Ledger, now: float | None = None) -> list[dict[str, Any]]:
+        """Refresh the gaps and request the due ones; returns what was done."""
+        now = time.time() if now is None else now
+        ledger.refresh(now)
+        done: list[dict[str, Any]] = []
+        busy: set[str] = set()
+        for gap in ledger.due(self.grace_s, now):
+            if gap.gateway in busy:
+                continue  # one request per gateway per pass
+            if gap.attempts >= self.max_attempts:
+                reason = f"still missing after {gap.attempts} replay requests"
+                ledger.give_up(gap, reason)
+                self.count("gaps_given_up", 1)
+                done.append({**gap.as_dict(now), "outcome": "given_up"})
+                continue
+            if not self.limiter.allow():
+                break
+            busy.add(gap.gateway)
+            done.append(self.request(ledger, gap, now))
+        self.last = done
+        return done
+
+    def request(self, ledger: Ledger, gap: Gap, now: float | None = None) -> dict[str, Any]:
+        """Ask for (the first ``max_readings`` of) one gap and record the outcome."""
+        now = time.time() if now is None else now
+        hi = min(gap.hi, gap.lo + self.max_readings - 1)
+        # Counted before the request: through a syndic the answer takes syndic_wait (5 s),
+        # and the replayed readings can be indexed, and the counters persisted with them,
+        # before it is back.
+        self.count("replays_requested", 1)
+        self.count(f"replays_requested@{gap.gateway}", 1)
+        try:
+            answer = self.replay(gap.gateway, gap.epoch, gap.lo, hi)
+        except Exception as exc:  # a failed request is retried
+            answer = f"{type(exc).__name__}: {exc}"
+        outcome, detail = classify(answer)
+        if outcome == "gone":
+            ledger.give_up(gap, f"gateway no longer holds the range: {detail}")
+            self.count("gaps_given_up", 1)
+            log.error(
+                "tributary relay: gap %s %s..%s of %s given up: %s",
+                gap.epoch,
+                gap.lo,
+                gap.hi,
+                gap.gateway,
+                detail,
+            )
+        else:
+            ledger.requested(gap, self.backoff_s, self.backoff_max_s, now)
+            log.info(
+                "tributary relay: replay %s %s..%s from %s (attempt %s): %s, %s",
+                gap.epoch,
+                gap.lo,
+                hi,
+                gap.gateway,
+                gap.attempts,
+                outcome,
+                detail,
+            )
+            if outcome == "retry":
+                self.count("replays_failed", 1)
+                log.warning(
+                    "tributary relay: replay %s %s..%s from %s failed (%s); will retry",
+                    gap.epoch,
+                    gap.lo,
+                    hi,
+                    gap.gateway,
+                    detail,
+                )
+        return {**gap.as_dict(now), "requested_to": hi, "outcome": outcome, "detail": detail}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="tributary-gaps", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        ledger = self.ledger_factory()
+        while not self._stop.wait(self.check_s):
+            try:
+                self.run_once(ledger)
+            except Exception:  # keep repairing after a transient fault
+                log.exception("tributary relay: gap repair pass failed")
+
+
+def gap_summary(gaps: list[Gap], now: float | None = None) -> list[dict[str, Any]]:
+    return [g.as_dict(now) for g in gaps]

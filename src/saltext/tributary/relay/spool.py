@@ -1,0 +1,210 @@
+"""The relay spool: batches as they came off the bus, until Elasticsearch confirmed them.
+
+One SQLite file holds the spooled batches, the counters, the last heartbeat facts per gateway,
+the gateway keys that syndics vouched for and (``relay.ledger``) the ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
+
+import msgpack
+
+from saltext.tributary.relay.ledger import Ledger
+from saltext.tributary.util.clock import now_ms
+
+log = logging.getLogger(__name__)
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (id INTEGER PRIMARY KEY, gateway TEXT NOT NULL,
+    kind TEXT NOT NULL, ukey TEXT NOT NULL UNIQUE, received INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS heartbeat_facts (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS gateway_keys (gateway TEXT NOT NULL, source TEXT NOT NULL,
+    pem TEXT NOT NULL, updated REAL NOT NULL, PRIMARY KEY (gateway, source));
+"""
+#: Columns added after the first release of the spool schema (migrated in place).
+EXTRA_COLUMNS = {
+    "hold_until": "INTEGER NOT NULL DEFAULT 0",
+    "n": "INTEGER NOT NULL DEFAULT 0",
+}
+
+
+_LOCKS_GUARD = threading.Lock()
+_WRITE_LOCKS: dict[str, threading.RLock] = {}
+
+
+def _write_lock(path: str) -> threading.RLock:
+    """One writer lock per spool file in this process. The bus reader and the shipper write
+    through separate SQLite connections; contended, SQLite's busy handler sleeps 1, 2, 5, 10 ms
+    ... per retry (py-spy showed intake spending its time there). A Python lock hands over at
+    once, and SQLite never sees the two threads collide."""
+    with _LOCKS_GUARD:
+        return _WRITE_LOCKS.setdefault(os.path.abspath(path), threading.RLock())
+
+
+class RelaySpool:
+    """Durable FIFO of received batches (SQLite, WAL)."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(batches)")}
+        for col, decl in EXTRA_COLUMNS.items():
+            if col not in have:
+                try:
+                    self.db.execute(f"ALTER TABLE batches ADD COLUMN {col} {decl}")
+                except sqlite3.OperationalError:  # another connection migrated it meanwhile
+                    pass
+        self.ledger = Ledger(self.db)
+        self._puts = 0
+        self.write_lock = _write_lock(path)
+
+    def put(self, gateway: str, kind: str, ukey: str, data: Any) -> bool:
+        body = msgpack.packb(data, use_bin_type=True, default=str)
+        rows = data.get("r") if isinstance(data, Mapping) else None
+        with self.write_lock:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO batches (gateway, kind, ukey, received, body, n)"
+                " VALUES (?,?,?,?,?,?)",
+                (gateway, kind, ukey, now_ms(), body, len(rows) if isinstance(rows, list) else 0),
+            )
+            return cur.rowcount == 1
+
+    def used_bytes(self) -> int:
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = self.db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+
+    def enforce_budget(self, max_bytes: int) -> tuple[int, int]:
+        """Drop the oldest batches until the spool fits ``max_bytes``: (batches, readings)."""
+        with self.write_lock:
+            return self._enforce_budget(max_bytes)
+
+    def _enforce_budget(self, max_bytes: int) -> tuple[int, int]:
+        batches = readings = 0
+        while self.used_bytes() > max_bytes:
+            rows = self.db.execute("SELECT id, n FROM batches ORDER BY id LIMIT 4").fetchall()
+            if not rows:
+                break
+            self.db.executemany("DELETE FROM batches WHERE id=?", [(r[0],) for r in rows])
+            batches += len(rows)
+            readings += sum(r[1] for r in rows)
+        return batches, readings
+
+    def hold(self, ids: list[int], until_ms: int) -> None:
+        with self.write_lock:
+            self.db.executemany(
+                "UPDATE batches SET hold_until=? WHERE id=?", [(until_ms, i) for i in ids]
+            )
+
+    def release_holds(self) -> None:
+        with self.write_lock:
+            self.db.execute("UPDATE batches SET hold_until=0 WHERE hold_until>0")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction under the process's writer lock."""
+        with self.write_lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def set_keys(self, source: str, keys: Mapping[str, str]) -> None:
+        """Replace the accepted keys published by ``source`` (a syndic id)."""
+        now = time.time()
+        with self.transaction():
+            self.db.execute("DELETE FROM gateway_keys WHERE source=?", (source,))
+            self.db.executemany(
+                "INSERT INTO gateway_keys VALUES (?,?,?,?)",
+                [(gw, source, pem, now) for gw, pem in keys.items()],
+            )
+
+    def keys_for(self, gateway: str) -> list[str]:
+        return [
+            r[0]
+            for r in self.db.execute("SELECT pem FROM gateway_keys WHERE gateway=?", (gateway,))
+        ]
+
+    def key_sources(self) -> dict[str, int]:
+        return dict(
+            self.db.execute("SELECT source, COUNT(*) FROM gateway_keys GROUP BY source").fetchall()
+        )
+
+    def depth_by_gateway(self) -> dict[str, tuple[int, int]]:
+        return {
+            gw: (b, n)
+            for gw, b, n in self.db.execute(
+                "SELECT gateway, COUNT(*), SUM(n) FROM batches GROUP BY gateway"
+            )
+        }
+
+    def take(
+        self, limit: int, max_docs: int | None = None, skip: Collection[int] = ()
+    ) -> list[tuple[int, str, str, int, Any]]:
+        """The oldest shippable batches: at most ``limit`` rows and, past the first row, at most
+        ``max_docs`` readings, skipping rows in ``skip`` (in flight). Only taken rows are
+        unpacked."""
+        cur = self.db.execute(
+            "SELECT id, gateway, kind, received, n, body FROM batches WHERE hold_until<=?"
+            " ORDER BY id LIMIT ?",
+            (now_ms(), limit + len(skip)),
+        )
+        out: list[tuple[int, str, str, int, Any]] = []
+        docs = 0
+        try:
+            for i, gw, kind, rec, n, body in cur:
+                if i in skip:
+                    continue
+                k = max(n or 0, 1)
+                if max_docs is not None and out and docs + k > max_docs:
+                    break
+                out.append(
+                    (i, gw, kind, rec, msgpack.unpackb(body, raw=False, strict_map_key=False))
+                )
+                docs += k
+                if len(out) >= limit:
+                    break
+        finally:
+            cur.close()
+        return out
+
+    def done(self, ids: list[int]) -> None:
+        self.db.executemany("DELETE FROM batches WHERE id=?", [(i,) for i in ids])
+
+    def depth(self) -> tuple[int, int | None]:
+        n, oldest = self.db.execute("SELECT COUNT(*), MIN(received) FROM batches").fetchone()
+        return n, oldest
+
+    def bump(self, counts: Mapping[str, int]) -> None:
+        for name, n in counts.items():
+            if n:
+                self.db.execute(
+                    "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET n = n + ?",
+                    (name, n, n),
+                )
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT name, n FROM counters").fetchall())
+
+    def close(self) -> None:
+        self.db.close()

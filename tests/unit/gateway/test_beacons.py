@@ -1,0 +1,86 @@
+"""Gateway glue without Salt: config validation, spooling in-process sources, emit paths."""
+
+from __future__ import annotations
+
+import pytest
+
+from saltext.tributary.gateway import beacons as gw_beacons
+from saltext.tributary.gateway import config as gw_config
+from saltext.tributary.gateway.spool import SpoolFull
+from saltext.tributary.protocol.reading import RejectedReading, make_reading
+from saltext.tributary.protocol.wire import decode_batch
+from tests.support.keys import write_keypair
+
+T0 = 1_700_000_000_000
+
+
+@pytest.fixture(autouse=True)
+def clean_registry():
+    yield
+    gw_beacons.stop_sources()
+
+
+@pytest.fixture(scope="module")
+def opts(tmp_path_factory):
+
+    pki = tmp_path_factory.mktemp("pki")
+    write_keypair(pki)
+    return {"id": "gw", "pki_dir": str(pki)}
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return {"_beacon_name": "t", "spool": {"path": str(tmp_path / "s.db")}}
+
+
+def test_validate_never_raises_and_names_keys():
+    for fn in (gw_config.validate_mqtt, gw_config.validate_sysfs, gw_config.validate_health):
+        for bad in (None, 5, "x", [{"spool": object()}], [{"filters": "x"}]):
+            ok, msg = fn(bad)
+            assert ok is False and isinstance(msg, str)
+    ok, msg = gw_config.validate_health([{"bandwidth": {"bytes_per_s": 10, "speed": 1}}])
+    assert not ok and "bandwidth.speed" in msg
+
+
+def test_spool_readings_filters_and_counts(cfg, opts):
+    cfg["filters"] = [{"match": "*", "max": 50}]
+    rs = [make_reading("a", "t", v, T0 + i, "C") for i, v in enumerate((1, 99, 2))]
+    first, last = gw_beacons.spool_readings(cfg, {}, rs, [RejectedReading("w1_crc", "x")])
+    assert (first, last) == (1, 2)
+    c = gw_beacons.emitting_spool(cfg, {}).counters()
+    assert c["received"] == 4 and c["rejected:w1_crc"] == 1 and c["rejected:implausible"] == 1
+    (ev,) = gw_beacons.emit(cfg, opts, {"site": "x"})
+    assert ev["tag"] == "batch" and [r["value"] for r in decode_batch(ev).readings] == [1.0, 2.0]
+
+
+def test_spool_full_is_counted_as_dropped(cfg, monkeypatch):
+    spool = gw_beacons.emitting_spool(cfg, {})
+
+    def full(*a, **k):
+        raise SpoolFull("spool: filesystem full")
+
+    monkeypatch.setattr(spool, "append", full)
+    assert gw_beacons.spool_readings(cfg, {}, [make_reading("a", "t", 1, T0, None)], []) == (0, 0)
+    assert spool.counters()["dropped:disk_full"] == 1
+
+
+def test_emit_with_bandwidth_budget_aggregates(cfg, opts):
+    cfg["bandwidth"] = {"bytes_per_s": 1, "window_s": 60, "burst_s": 1}
+    rs = [make_reading(f"s{i % 3}", "t", 20 + i % 5, T0 + i * 100, "C") for i in range(3000)]
+    gw_beacons.spool_readings(cfg, {}, rs, [])
+    events = gw_beacons.emit(cfg, opts, {})
+    assert len(events) == 1 and events[0]["agg"] == 60
+    dec = decode_batch(events[0])
+    assert sum(r["agg"]["count"] for r in dec.readings) == 3000
+    assert gw_beacons.emit(cfg, opts, {}) == []  # budget spent
+
+
+def test_budget_is_per_gateway_whichever_beacon_emits(cfg, opts):
+    limited = dict(cfg, bandwidth={"bytes_per_s": 1, "window_s": 60, "burst_s": 1})
+    other = dict(cfg, _beacon_name="health")  # same spool, no bandwidth key of its own
+    gw_beacons.spool_readings(limited, {}, [make_reading("a", "t", 1, T0, "C")], [])
+    assert gw_beacons.emit(limited, opts, {})  # registers the budget, spends the bucket
+    rs = [make_reading("a", "t", i % 3, T0 + 1000 + i, "C") for i in range(500)]
+    gw_beacons.spool_readings(other, {}, rs, [])
+    assert gw_beacons.emit(other, opts, {}) == []  # the other beacon is held to the same budget
+    assert gw_beacons.emitting_spool(cfg, {}).status()["unsent"] == 500  # waiting, not dropped

@@ -1,0 +1,77 @@
+"""A crash between spool commit and broker acknowledgement numbers nothing twice.
+
+Real Mosquitto broker, real paho client: the first subscriber commits every message to the
+spool but its acknowledgements never leave (its connection dies first, as under kill -9); the
+broker redelivers the unacknowledged QoS 1 messages, flagged DUP, to the next subscriber with
+the same persistent session, which recognises them in the spool and only acknowledges them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from saltext.tributary.gateway.sources.mqtt import BrokerConfig, MqttSource
+from saltext.tributary.gateway.sources.payload import Mapper, compile_rules
+from saltext.tributary.gateway.spool import GatewaySpool
+from tests.support.mosquitto import start_broker
+
+pytest.importorskip("paho.mqtt.client")
+
+RULES = [{"topic": "sensors/{sensor}/{metric}", "format": "number", "unit": "C"}]
+
+
+def _wait(pred, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+def _source(port: int, path: str) -> MqttSource:
+    src = MqttSource(
+        BrokerConfig(port=port, client_id="gw-redelivery"), Mapper(compile_rules(RULES)), path
+    )
+    src.start()
+    _wait(lambda: src.subscribed)
+    return src
+
+
+def _counters(path: str) -> dict:
+    spool = GatewaySpool(path)
+    try:
+        return {**spool.counters(), "last_seq": spool.status()["last_seq"]}
+    finally:
+        spool.close()
+
+
+def test_redelivered_after_commit_is_not_numbered_twice(tmp_path):
+    broker = start_broker()
+    path = str(tmp_path / "spool.db")
+    try:
+        first = _source(broker.port, path)
+        # The acknowledgements of this subscriber never reach the broker.
+        first.client.ack = lambda mid, qos: None  # type: ignore[method-assign]
+        broker.publish("sensors/t1/temperature", [str(i) for i in range(40)])
+        _wait(lambda: _counters(path).get("spooled", 0) == 40)
+        # Die without a DISCONNECT and without the stop() flush: like kill -9.
+        first._stop.set()
+        first.client.loop_stop()
+        first.client.socket().close()
+
+        second = _source(broker.port, path)
+        try:
+            _wait(lambda: _counters(path).get("redelivered_duplicates", 0) == 40)
+            broker.publish("sensors/t1/temperature", ["99"])
+            _wait(lambda: _counters(path).get("spooled", 0) == 41)
+        finally:
+            second.stop()
+        counters = _counters(path)
+        assert counters["last_seq"] == 41
+        assert counters["spooled"] == 41
+        assert counters["redelivered_duplicates"] == 40
+    finally:
+        broker.cleanup()

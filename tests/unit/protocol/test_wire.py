@@ -1,0 +1,135 @@
+"""The v1 batch wire format: round trip, validation, bytes per reading."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import msgpack
+import pytest
+
+from saltext.tributary.protocol.wire import (
+    MAX_ROWS,
+    SpooledReading,
+    WireError,
+    bytes_per_reading,
+    decode_batch,
+    encode_batch,
+    packed_size,
+)
+
+T0 = 1_790_000_000_000
+
+
+def rows(n: int, first: int = 1, keys=("t1/temperature", "h1/humidity"), step_ms: int = 1000):
+    rng = random.Random(7)
+    return [
+        SpooledReading(
+            first + i, keys[i % len(keys)], "C", T0 + i * step_ms, round(rng.uniform(-20, 40), 2)
+        )
+        for i in range(n)
+    ]
+
+
+def test_round_trip_keeps_every_field():
+    src = rows(50, first=101)
+    batch = encode_batch("ep1", src, site="brisbane", dropped=3)
+    # The event travels as msgpack inside Salt: decode what msgpack gives back.
+    wire = msgpack.unpackb(msgpack.packb(batch, use_bin_type=True), raw=False)
+    out = decode_batch(wire)
+    assert (out.epoch, out.first, out.last, out.site, out.dropped) == (
+        "ep1",
+        101,
+        150,
+        "brisbane",
+        3,
+    )
+    assert out.rejected == []
+    got = [
+        (r["seq"], f"{r['sensor']}/{r['metric']}", r["unit"], r["ts_ms"], r["value"])
+        for r in out.readings
+    ]
+    assert got == [(r.seq, r.key, r.unit, r.ts_ms, r.value) for r in src]
+
+
+def test_values_that_need_full_precision_stay_floats():
+    src = [
+        SpooledReading(1, "a/x", "", T0, 1 / 3),
+        SpooledReading(2, "a/x", "", T0, 2.5),
+        SpooledReading(3, "b/y", "", T0, -0.0),
+        SpooledReading(4, "b/y", "", T0, 1e-9),
+    ]
+    batch = encode_batch("e", src)
+    assert batch["d"][0] is None  # 1/3 has no short decimal form
+    out = decode_batch(batch)
+    assert [r["value"] for r in out.readings] == [1 / 3, 2.5, 0.0, 1e-9]
+
+
+def test_contiguity_is_required():
+    with pytest.raises(ValueError):
+        encode_batch(
+            "e", [SpooledReading(1, "a/x", "", T0, 1.0), SpooledReading(3, "a/x", "", T0, 2.0)]
+        )
+
+
+def test_raw_batches_are_small_on_the_wire():
+    # 2 decimals, one reading per second per sensor, 8 sensors: a typical gateway batch
+    keys = tuple(f"s{i}/temperature" for i in range(8))
+    batch = encode_batch("0123456789ab", rows(2000, keys=keys, step_ms=125))
+    per = bytes_per_reading([batch])
+    assert per <= 12, per
+    assert packed_size(batch) == len(msgpack.packb(batch, use_bin_type=True))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda b: b.update(v=2), "bad_version"),
+        (lambda b: b.pop("epoch"), "missing_field"),
+        (lambda b: b.update(epoch=""), "bad_field"),
+        (lambda b: b.update(first="1"), "bad_field"),
+        (lambda b: b.update(last=b["last"] + 1), "bad_range"),
+        (
+            lambda b: b.update(r=[[0, 0, 1]] * (MAX_ROWS + 1), last=b["first"] + MAX_ROWS),
+            "oversized",
+        ),
+        (lambda b: b.update(t0="x"), "bad_field"),
+        (lambda b: b.update(units=["C"]), "bad_field"),
+    ],
+)
+def test_structural_faults_are_rejected_with_a_reason(mutate, reason):
+    batch = encode_batch("e", rows(4))
+    mutate(batch)
+    with pytest.raises(WireError) as exc:
+        decode_batch(batch)
+    assert exc.value.reason == reason
+
+
+def test_not_a_mapping():
+    with pytest.raises(WireError) as exc:
+        decode_batch(["v", 1])  # type: ignore[arg-type]
+    assert exc.value.reason == "not_a_batch"
+
+
+def test_bad_rows_are_set_aside_and_the_rest_kept():
+    batch = encode_batch("e", rows(6))
+    batch["r"][1] = [0, 0, "hot"]
+    batch["r"][2] = [9, 0, 1]
+    batch["r"][3] = [0, 10**15, 1]
+    batch["r"][4] = "junk"
+    out = decode_batch(batch)
+    assert [r["seq"] for r in out.readings] == [1, 6]
+    assert [(r["seq"], r["reason"]) for r in out.rejected] == [
+        (2, "not_numeric"),
+        (3, "bad_row"),
+        (4, "bad_timestamp"),
+        (5, "bad_row"),
+    ]
+
+
+def test_non_finite_row_value_is_rejected():
+    batch = encode_batch("e", rows(2))
+    batch["d"] = [None, None]
+    batch["r"][0][2] = math.inf
+    out = decode_batch(batch)
+    assert [r["reason"] for r in out.rejected] == ["not_finite"]

@@ -1,0 +1,118 @@
+"""The uplink's pure part: which syndic-master events go up, bounded queues, requests."""
+
+from __future__ import annotations
+
+from saltext.tributary.syndic.uplink import Uplink, settings, validate
+
+BATCH = "salt/beacon/gw-1/tributary_mqtt/batch"
+
+
+def ret(jid: str, minion: str, value: object = True) -> tuple[str, dict]:
+    return f"salt/job/{jid}/ret/{minion}", {
+        "jid": jid,
+        "id": minion,
+        "fun": "test.ping",
+        "return": value,
+        "retcode": 0,
+        "success": True,
+        "cmd": "_return",
+        "_stamp": "2026-11-30T00:00:00",
+    }
+
+
+def test_only_tributary_events_and_job_returns_go_up():
+    up = Uplink("syn-1")
+    assert up.take(BATCH, {"v": 1})
+    assert up.take("salt/beacon/gw-1/tributary_health/health", {"v": 1})
+    assert up.take("tributary/keys/syn-1", {"keys": {}})
+    assert up.take(*ret("20261130000000000001", "gw-1"))
+    for tag in (
+        "salt/beacon/gw-1/inotify/x",
+        "salt/job/20261130000000000001/new",
+        "salt/auth",
+        "salt/key",
+        "tributary/keys/a/b",
+        "salt/job/notajid/ret/gw-1",
+    ):
+        assert not up.take(tag, {"jid": "1", "return": 1}), tag
+    assert not up.take(BATCH, "not a mapping")
+    assert not up.take(None, {})  # type: ignore[arg-type]
+    assert len(up.events) == 3 and len(up.rets) == 1
+
+
+def test_returns_are_grouped_per_job_and_sent_before_events():
+    up = Uplink("syn-1", batch=10)
+    up.take(BATCH, {"v": 1})
+    up.take(*ret("1", "gw-1", "a"))
+    up.take(*ret("1", "gw-2", "b"))
+    up.take(*ret("2", "gw-1", "c"))
+    kind, load, size = up.next_request()
+    assert kind == "returns" and size == 2
+    assert load["cmd"] == "_syndic_return" and load["id"] == "syn-1"
+    first = load["load"][0]
+    assert first["jid"] == "1" and first["fun"] == "test.ping" and first["id"] == "syn-1"
+    assert first["return"] == {
+        "gw-1": {"return": "a", "retcode": 0, "success": True},
+        "gw-2": {"return": "b", "retcode": 0, "success": True},
+    }
+    up.sent(kind, size)
+    kind, load, size = up.next_request()
+    assert kind == "events" and size == 1
+    assert load == {
+        "cmd": "_minion_event",
+        "id": "syn-1",
+        "events": [{"tag": BATCH, "data": {"v": 1}}],
+        "pretag": None,
+    }
+    up.sent(kind, size)
+    assert up.next_request() is None and not up.pending()
+
+
+def test_a_failed_request_keeps_its_items_and_batches_are_bounded():
+    up = Uplink("syn-1", batch=2)
+    for i in range(5):
+        up.take(BATCH, {"n": i})
+    kind, load, size = up.next_request()
+    assert size == 2 and [e["data"]["n"] for e in load["events"]] == [0, 1]
+    # not answered: nothing leaves, the same request comes again
+    assert up.next_request()[1] == load
+    up.sent(kind, size)
+    assert [e["data"]["n"] for e in up.next_request()[1]["events"]] == [2, 3]
+
+
+def test_past_max_queue_the_oldest_are_dropped_and_counted():
+    up = Uplink("syn-1", max_queue=3)
+    for i in range(5):
+        up.take(BATCH, {"n": i})
+    assert [e["data"]["n"] for e in up.events] == [2, 3, 4]
+    assert up.counters["events_dropped"] == 2
+
+
+def test_returns_can_be_left_to_salt_syndic():
+    up = Uplink("syn-1", returns=False)
+    assert not up.take(*ret("1", "gw-1"))
+
+
+def test_validate_names_the_key_and_never_raises():
+    assert validate({}) == (True, "valid")
+    assert validate({"returns": True, "max_queue": 10, "backoff": {"min_s": 1}})[0]
+    for cfg, key in (
+        ({"batch": 0}, "batch"),
+        ({"max_queue": "x"}, "max_queue"),
+        ({"returns": "yes"}, "returns"),
+        ({"timeout_s": -1}, "timeout_s"),
+        ({"backoff": []}, "backoff"),
+        ({"backoff": {"max_s": 0}}, "backoff.max_s"),
+        ({"master_port": True}, "master_port"),
+        ({"master": 1}, "master"),
+        ({"bogus": 1}, "bogus"),
+    ):
+        ok, msg = validate(cfg)
+        assert ok is False and key in msg, (cfg, msg)
+    assert validate(None)[0] is False
+    assert validate(object())[0] is False  # type: ignore[arg-type]
+
+
+def test_settings_fill_in_the_defaults():
+    s = settings({"backoff": {"max_s": 5}})
+    assert s["backoff"] == {"min_s": 0.5, "max_s": 5} and s["batch"] == 200 and s["returns"]
