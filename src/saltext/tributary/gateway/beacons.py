@@ -30,6 +30,7 @@ from saltext.tributary.gateway.sources.payload import Mapper, compile_rules
 from saltext.tributary.gateway.sources.sysfs import SysfsSource, compile_sources
 from saltext.tributary.gateway.spool import GatewaySpool, SpoolFull
 from saltext.tributary.protocol.reading import Reading, RejectedReading
+from saltext.tributary.util import clock
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ def run_health_beacon(
     cfg = config_to_dict(config)
     cfg.setdefault("_beacon_name", "tributary_health")
     spool = emitting_spool(cfg, opts)
-    now = health_mod.now_ms()
+    now = clock.now_ms()
     metrics = health_mod.collect(
         spool.status(),
         root=str(cfg.get("root", "/")),

@@ -15,6 +15,7 @@ from saltext.tributary.gateway.config import config_to_dict, spool_options, spoo
 from saltext.tributary.gateway.sources import health as health_mod
 from saltext.tributary.gateway.sources.sysfs import SysfsConfigError, SysfsSource, compile_sources
 from saltext.tributary.gateway.spool import GatewaySpool
+from saltext.tributary.util import clock
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def read_now(
                 errors[f"{name}:{rej.detail.split(':')[0]}"] = f"{rej.reason}: {rej.detail}"
         elif cfg["_module"] == "tributary_health":
             metrics = health_mod.collect({}, root=str(cfg.get("root", "/")))
-            for r in health_mod.readings(metrics, health_mod.now_ms(), cfg.get("sensor", "health")):
+            for r in health_mod.readings(metrics, clock.now_ms(), cfg.get("sensor", "health")):
                 if (
                     sensor is None
                     or fnmatch.fnmatchcase(r.sensor, sensor)

@@ -23,6 +23,7 @@ from typing import Any
 
 from saltext.tributary.protocol.reading import Reading
 from saltext.tributary.protocol.wire import SpooledReading, encode_batch, packed_size
+from saltext.tributary.util import clock, sqlite
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,6 @@ def _is_full(exc: BaseException) -> bool:
     return "full" in text or "no space" in text
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class GatewaySpool:
     """Durable numbered reading log for one gateway."""
 
@@ -89,24 +86,18 @@ class GatewaySpool:
 
     # -- opening, corruption ---------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=30000")
+        db = sqlite.connect(self.path)
         db.executescript(SCHEMA)
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite.transaction(db):
             if db.execute("SELECT v FROM meta WHERE k='epoch'").fetchone() is None:
                 epoch = uuid.uuid4().hex[:12]
                 db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('last_seq', '0')")
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('cursor', '0')")
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (str(_now_ms()),))
+                db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('created', ?)", (str(clock.now_ms()),)
+                )
                 log.info("tributary spool %s: new epoch %s", self.path, epoch)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return db
 
     def _open(self) -> sqlite3.Connection:
@@ -140,23 +131,12 @@ class GatewaySpool:
         return row[0] if row else None
 
     def _bump(self, counts: Mapping[str, int]) -> None:
-        for name, n in counts.items():
-            if n:
-                self.db.execute(
-                    "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET n = n + ?",
-                    (name, n, n),
-                )
+        sqlite.bump(self.db, counts)
 
     def count(self, counts: Mapping[str, int]) -> None:
         """Add to named counters (e.g. ``{"rejected:not_numeric": 1}``)."""
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self._bump(counts)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._lock, sqlite.transaction(self.db):
+            self._bump(counts)
 
     def counters(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT name, n FROM counters ORDER BY name").fetchall())
@@ -234,43 +214,48 @@ class GatewaySpool:
         acked: Sequence[tuple[str, int]] = (),
     ) -> tuple[int, int]:
         with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
             try:
-                last = int(self._meta("last_seq") or 0)
-                first = last + 1
-                now = _now_ms()
-                rows = []
-                for r in readings:
-                    last += 1
-                    rows.append((last, self._sensor_id(r.key, r.unit or ""), r.ts_ms, r.value, now))
-                if rows:
-                    self.db.executemany("INSERT INTO readings VALUES (?, ?, ?, ?, ?)", rows)
-                    self.db.execute("UPDATE meta SET v=? WHERE k='last_seq'", (str(last),))
-                if aside:
-                    self.db.executemany(
-                        "INSERT INTO aside (key, ts, value, reason, added) VALUES (?, ?, ?, ?, ?)",
-                        [(r.key, r.ts_ms, r.value, why, now) for r, why in aside],
-                    )
-                    self.db.execute(
-                        "DELETE FROM aside WHERE id <= (SELECT MAX(id) FROM aside) - ?",
-                        (ASIDE_KEEP,),
-                    )
-                if acked:
-                    self.db.executemany("UPDATE inflight SET acked=1 WHERE src=? AND mid=?", acked)
-                if inflight:
-                    self.db.executemany(
-                        "INSERT OR REPLACE INTO inflight (src, mid, digest) VALUES (?, ?, ?)",
-                        inflight,
-                    )
-                self._bump({"spooled": len(rows), **(counts or {})})
-                self.db.execute("COMMIT")
+                with sqlite.transaction(self.db):
+                    return self._insert(readings, counts, aside, inflight, acked)
             except BaseException:
-                try:
-                    self.db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                self._sensor_ids.clear()
+                self._sensor_ids.clear()  # ids handed out inside the rolled-back transaction
                 raise
+
+    def _insert(
+        self,
+        readings: Sequence[Reading],
+        counts: Mapping[str, int] | None,
+        aside: Sequence[tuple[Reading, str]],
+        inflight: Sequence[tuple[str, int, bytes]],
+        acked: Sequence[tuple[str, int]],
+    ) -> tuple[int, int]:
+        last = int(self._meta("last_seq") or 0)
+        first = last + 1
+        now = clock.now_ms()
+        rows = []
+        for r in readings:
+            last += 1
+            rows.append((last, self._sensor_id(r.key, r.unit or ""), r.ts_ms, r.value, now))
+        if rows:
+            self.db.executemany("INSERT INTO readings VALUES (?, ?, ?, ?, ?)", rows)
+            self.db.execute("UPDATE meta SET v=? WHERE k='last_seq'", (str(last),))
+        if aside:
+            self.db.executemany(
+                "INSERT INTO aside (key, ts, value, reason, added) VALUES (?, ?, ?, ?, ?)",
+                [(r.key, r.ts_ms, r.value, why, now) for r, why in aside],
+            )
+            self.db.execute(
+                "DELETE FROM aside WHERE id <= (SELECT MAX(id) FROM aside) - ?",
+                (ASIDE_KEEP,),
+            )
+        if acked:
+            self.db.executemany("UPDATE inflight SET acked=1 WHERE src=? AND mid=?", acked)
+        if inflight:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO inflight (src, mid, digest) VALUES (?, ?, ?)",
+                inflight,
+            )
+        self._bump({"spooled": len(rows), **(counts or {})})
         return (first, last) if rows else (0, 0)
 
     # -- reading back --------------------------------------------------------------------------
@@ -327,24 +312,18 @@ class GatewaySpool:
 
     def mark_emitted(self, batch: Mapping[str, Any], readings: int) -> None:
         """Move the cursor past ``batch`` and count it (one transaction)."""
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self.db.execute("UPDATE meta SET v=? WHERE k='cursor'", (str(batch["last"]),))
-                if batch.get("dropped"):
-                    self.db.execute(
-                        "UPDATE meta SET v=CAST(MAX(0, CAST(v AS INTEGER) - ?) AS TEXT)"
-                        " WHERE k='undelivered_dropped'",
-                        (int(batch["dropped"]),),
-                    )
-                counts = {"emitted": readings, "batches": 1}
-                if batch.get("agg"):
-                    counts.update(aggregated=readings, agg_batches=1, agg_rows=len(batch["r"]))
-                self._bump(counts)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._lock, sqlite.transaction(self.db):
+            self.db.execute("UPDATE meta SET v=? WHERE k='cursor'", (str(batch["last"]),))
+            if batch.get("dropped"):
+                self.db.execute(
+                    "UPDATE meta SET v=CAST(MAX(0, CAST(v AS INTEGER) - ?) AS TEXT)"
+                    " WHERE k='undelivered_dropped'",
+                    (int(batch["dropped"]),),
+                )
+            counts = {"emitted": readings, "batches": 1}
+            if batch.get("agg"):
+                counts.update(aggregated=readings, agg_batches=1, agg_rows=len(batch["r"]))
+            self._bump(counts)
 
     def next_batches(
         self,
@@ -450,59 +429,50 @@ class GatewaySpool:
         """
         if n <= 0:
             return float(ROW_BYTES)
-        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
-        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
-        psize = self.db.execute("PRAGMA page_size").fetchone()[0]
-        return max(float(ROW_BYTES), (pages - free) * psize / n)
+        return max(float(ROW_BYTES), sqlite.used_bytes(self.db) / n)
 
     # -- retention -------------------------------------------------------------------------
     def trim(self, now_ms: int | None = None) -> int:
         """Apply the age and byte budgets; drop oldest first, count what was never emitted."""
-        now_ms = now_ms or _now_ms()
+        now_ms = now_ms or clock.now_ms()
         dropped = 0
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = int(self._meta("cursor") or 0)
-                cut = 0
-                if self.max_age_s is not None:
-                    row = self.db.execute(
-                        "SELECT MAX(seq) FROM readings WHERE added < ?",
-                        (now_ms - int(self.max_age_s * 1000),),
-                    ).fetchone()
-                    cut = max(cut, row[0] or 0)
-                if self.max_bytes is not None:
-                    n, lo = self.db.execute("SELECT COUNT(*), MIN(seq) FROM readings").fetchone()
-                    over = n - int(self.max_bytes // self._bytes_per_row(n))
-                    if over > 0:
-                        cut = max(cut, lo + over - 1)
-                if cut:
-                    cur = self.db.execute("DELETE FROM readings WHERE seq <= ?", (cut,))
-                    removed = cur.rowcount
-                    unsent = self.db.execute(
-                        "SELECT ? - ?", (min(cut, int(self._meta("last_seq") or 0)), cursor)
-                    ).fetchone()[0]
-                    if unsent > 0:
-                        # Never emitted: a real loss. Count it, tell the next batch, move on.
-                        dropped = unsent
-                        self._bump({"dropped": unsent})
-                        prev = int(self._meta("undelivered_dropped") or 0)
-                        self.db.execute(
-                            "INSERT INTO meta VALUES ('undelivered_dropped', ?) "
-                            "ON CONFLICT(k) DO UPDATE SET v = excluded.v",
-                            (str(prev + unsent),),
-                        )
-                        self.db.execute("UPDATE meta SET v=? WHERE k='cursor'", (str(cut),))
-                        log.warning(
-                            "tributary spool %s: retention dropped %d never-sent readings",
-                            self.path,
-                            unsent,
-                        )
-                    self._bump({"trimmed": removed})
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._lock, sqlite.transaction(self.db):
+            cursor = int(self._meta("cursor") or 0)
+            cut = 0
+            if self.max_age_s is not None:
+                row = self.db.execute(
+                    "SELECT MAX(seq) FROM readings WHERE added < ?",
+                    (now_ms - int(self.max_age_s * 1000),),
+                ).fetchone()
+                cut = max(cut, row[0] or 0)
+            if self.max_bytes is not None:
+                n, lo = self.db.execute("SELECT COUNT(*), MIN(seq) FROM readings").fetchone()
+                over = n - int(self.max_bytes // self._bytes_per_row(n))
+                if over > 0:
+                    cut = max(cut, lo + over - 1)
+            if cut:
+                cur = self.db.execute("DELETE FROM readings WHERE seq <= ?", (cut,))
+                removed = cur.rowcount
+                unsent = self.db.execute(
+                    "SELECT ? - ?", (min(cut, int(self._meta("last_seq") or 0)), cursor)
+                ).fetchone()[0]
+                if unsent > 0:
+                    # Never emitted: a real loss. Count it, tell the next batch, move on.
+                    dropped = unsent
+                    self._bump({"dropped": unsent})
+                    prev = int(self._meta("undelivered_dropped") or 0)
+                    self.db.execute(
+                        "INSERT INTO meta VALUES ('undelivered_dropped', ?) "
+                        "ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                        (str(prev + unsent),),
+                    )
+                    self.db.execute("UPDATE meta SET v=? WHERE k='cursor'", (str(cut),))
+                    log.warning(
+                        "tributary spool %s: retention dropped %d never-sent readings",
+                        self.path,
+                        unsent,
+                    )
+                self._bump({"trimmed": removed})
         return dropped
 
     # -- status --------------------------------------------------------------------------------
@@ -531,7 +501,7 @@ class GatewaySpool:
             "cursor": cursor,
             "unsent": max(0, last - cursor),
             "held": {"first": held["first"], "last": held["last"], "count": n},
-            "oldest_age_s": round((_now_ms() - oldest_added) / 1000, 1) if oldest_added else 0,
+            "oldest_age_s": round((clock.now_ms() - oldest_added) / 1000, 1) if oldest_added else 0,
             "bytes": size,
             "dropped": counters.get("dropped", 0),
             "dropped_not_yet_reported": int(self._meta("undelivered_dropped") or 0),

@@ -16,12 +16,12 @@ Pure logic over an ``sqlite3`` connection: no Salt, no Elasticsearch; unit teste
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from saltext.tributary.util import sqlite
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger_ranges (gateway TEXT NOT NULL, epoch TEXT NOT NULL,
@@ -34,22 +34,6 @@ CREATE TABLE IF NOT EXISTS ledger_gaps (gateway TEXT NOT NULL, epoch TEXT NOT NU
     attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'open', reason TEXT, PRIMARY KEY (gateway, epoch, lo));
 """
-
-
-@contextlib.contextmanager
-def _tx(db: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction, or part of the caller's when one is open (the relay commits a
-    bulk's ledger ranges with its spool deletions in one transaction)."""
-    if db.in_transaction:
-        yield
-        return
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 @dataclass
@@ -99,7 +83,7 @@ class Ledger:
             return
         now = time.time() if now is None else now
         db = self.db
-        with _tx(db):
+        with sqlite.transaction(db):
             rows = db.execute(
                 "SELECT lo, hi FROM ledger_ranges WHERE gateway=? AND epoch=? AND lo<=? AND hi>=?",
                 (gateway, epoch, hi + 1, lo - 1),
@@ -156,7 +140,7 @@ class Ledger:
         """Recompute the gaps from the ranges; keep the repair state of overlapping old gaps."""
         now = time.time() if now is None else now
         db = self.db
-        with _tx(db):
+        with sqlite.transaction(db):
             old = [Gap(*r) for r in db.execute("SELECT * FROM ledger_gaps").fetchall()]
             pairs = db.execute("SELECT gateway, epoch FROM ledger_heads").fetchall()
             new: list[Gap] = []

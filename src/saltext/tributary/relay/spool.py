@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 
 from saltext.tributary.relay.ledger import Ledger
+from saltext.tributary.util import sqlite
 from saltext.tributary.util.clock import now_ms
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,7 @@ class RelaySpool:
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db = sqlite.connect(path)
         self.db.executescript(SCHEMA)
         have = {r[1] for r in self.db.execute("PRAGMA table_info(batches)")}
         for col, decl in EXTRA_COLUMNS.items():
@@ -86,10 +85,7 @@ class RelaySpool:
             return cur.rowcount == 1
 
     def used_bytes(self) -> int:
-        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
-        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
-        size = self.db.execute("PRAGMA page_size").fetchone()[0]
-        return int((pages - free) * size)
+        return sqlite.used_bytes(self.db)
 
     def enforce_budget(self, max_bytes: int) -> tuple[int, int]:
         """Drop the oldest batches until the spool fits ``max_bytes``: (batches, readings)."""
@@ -120,14 +116,8 @@ class RelaySpool:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One write transaction under the process's writer lock."""
-        with self.write_lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        with self.write_lock, sqlite.transaction(self.db):
+            yield
 
     def set_keys(self, source: str, keys: Mapping[str, str]) -> None:
         """Replace the accepted keys published by ``source`` (a syndic id)."""
@@ -196,12 +186,7 @@ class RelaySpool:
         return n, oldest
 
     def bump(self, counts: Mapping[str, int]) -> None:
-        for name, n in counts.items():
-            if n:
-                self.db.execute(
-                    "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET n = n + ?",
-                    (name, n, n),
-                )
+        sqlite.bump(self.db, counts)
 
     def counters(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT name, n FROM counters").fetchall())

@@ -26,7 +26,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -156,7 +155,3 @@ def event(epoch: str, last_seq: int, metrics: Mapping[str, Any], now_ms: int) ->
         "_stamp": now_ms,
         **metrics,
     }
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
