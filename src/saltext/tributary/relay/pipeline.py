@@ -28,6 +28,7 @@ from typing import Any
 from saltext.tributary.protocol import signing
 from saltext.tributary.protocol.reading import doc_id
 from saltext.tributary.protocol.wire import DecodedBatch, WireError, decode_batch
+from saltext.tributary.relay.bulk import classify_bulk_response
 from saltext.tributary.relay.config import RelayConfig
 from saltext.tributary.relay.documents import Docs, batch_key, jnum, jstr, reading_doc
 from saltext.tributary.relay.elasticsearch import index_name, precreate_indices
@@ -42,7 +43,6 @@ TAG_RE = re.compile(
     r"^(?:syndic/[^/]+/)*salt/beacon/(?P<gw>[^/]+)/(?P<beacon>[^/]+)/(?P<kind>batch|health)$"
 )
 KEYS_RE = re.compile(r"^(?:syndic/[^/]+/)*tributary/keys/(?P<syndic>[^/]+)$")
-RETRYABLE = {429, 500, 502, 503, 504}
 SWITCH_INTERVAL_S = 0.0005
 #: Only what the relay reads from a bulk answer (a third of the full answer's bytes).
 BULK_FILTER = "items.*._index,items.*.status,items.*.error"
@@ -527,49 +527,25 @@ class Relay:
     def _bulk(self, docs: Docs) -> set[int]:
         body = "\n".join(docs.lines) + "\n"
         resp = self.client.bulk(operations=body, refresh=False, filter_path=BULK_FILTER)
-        items = resp.get("items") or []
-        if len(items) != len(docs.owners):
-            raise RuntimeError(f"bulk answered {len(items)} items for {len(docs.owners)} ops")
-        retry: set[int] = set()
+        outcome = classify_bulk_response(resp.get("items") or [], docs, self.config.prefix)
         second: list[str] = []
-        counts: Counter[str] = Counter()
-        readings_idx = f"{self.config.prefix}-readings"
-        for n, item in enumerate(items):
-            ((_op, res),) = item.items()
-            status = res.get("status", 0)
-            if status in (200, 201):
-                index = str(res.get("_index", ""))
-                if readings_idx in index:
-                    orig = docs.originals[n]
-                    gw = orig[0] if isinstance(orig, tuple) else orig.get("gateway", "?")
-                    counts["indexed"] += 1
-                    counts[f"indexed@{gw}"] += 1
-                elif "-health" in index:
-                    counts["health_indexed"] += 1
-            elif status == 409:
-                counts["already_present"] += 1
-            elif status in RETRYABLE:
-                counts["retried_docs"] += 1
-                retry.add(docs.owners[n])
-            else:
-                err = res.get("error") or {}
-                reason = (
-                    err.get("type", f"status_{status}") if isinstance(err, Mapping) else str(err)
+        for rej in outcome.rejected:
+            orig = reading_doc(docs.originals[rej.op])
+            did = None
+            if isinstance(docs.originals[rej.op], tuple):
+                did = doc_id(orig["gateway"], orig["epoch"], orig["seq"])
+            second.extend(
+                self._deadletter(
+                    orig.get("gateway", "?"), rej.reason, rej.detail, "index", did, orig
                 )
-                detail = err.get("reason", "") if isinstance(err, Mapping) else ""
-                orig = reading_doc(docs.originals[n])
-                if f"{self.config.prefix}-deadletter" in str(res.get("_index", "")):
-                    log.error("tributary relay: dead letter itself rejected: %s %s", reason, detail)
-                    counts["deadletter_failed"] += 1
-                    continue
-                did = None
-                if isinstance(docs.originals[n], tuple):
-                    did = doc_id(orig["gateway"], orig["epoch"], orig["seq"])
-                second.extend(
-                    self._deadletter(orig.get("gateway", "?"), reason, detail, "index", did, orig)
-                )
+            )
+        if outcome.counts.get("deadletter_failed"):
+            log.error(
+                "tributary relay: %d dead letters themselves rejected",
+                outcome.counts["deadletter_failed"],
+            )
         with self._clock:
-            self.counters.update(counts)
+            self.counters.update(outcome.counts)
         if second:
             resp2 = self.client.bulk(operations="\n".join(second) + "\n", refresh=False)
             if resp2.get("errors"):
@@ -577,7 +553,7 @@ class Relay:
                     ((_, res),) = item.items()
                     if res.get("status") not in (200, 201, 409):
                         raise RuntimeError(f"dead-letter write failed: {res.get('error')}")
-        return retry
+        return outcome.retry_rows
 
     def status(self) -> dict[str, Any]:
         depth, oldest = self.spool.depth()

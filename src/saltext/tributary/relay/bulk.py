@@ -1,0 +1,87 @@
+"""What an Elasticsearch bulk answer means for the spooled batches it carried (pure).
+
+The relay sends one bulk per plan (:class:`~saltext.tributary.relay.documents.Docs`: the
+operations and, per operation, the spool row it came from). Its answer is read here, apart from
+the I/O, as elasticsearch-py separates ``_process_bulk_chunk`` from interpreting its result:
+
+* 200/201: created (counted per gateway for readings, and health documents);
+* 409: already present (a replay or the syndic's second copy): done, counted;
+* 429 and 5xx: the row goes back to the spool and the whole batch is retried later;
+* any other document-level status: the document is dead-lettered with its reason, and never
+  stalls the rest of its batch; a dead letter that is itself refused is counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from saltext.tributary.relay.documents import Docs
+
+RETRYABLE = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass
+class Rejected:
+    """One document Elasticsearch refused for good: its op index and the reason it gave."""
+
+    op: int
+    reason: str
+    detail: str
+
+
+@dataclass
+class BulkOutcome:
+    #: spool rows with at least one document to retry (429/5xx)
+    retry_rows: set[int] = field(default_factory=set)
+    #: documents to dead-letter
+    rejected: list[Rejected] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+
+
+def _gateway(original: Any) -> str:
+    if isinstance(original, tuple):
+        return str(original[0])
+    return str(original.get("gateway", "?")) if isinstance(original, Mapping) else "?"
+
+
+def classify_bulk_response(
+    items: Sequence[Mapping[str, Any]], plan: Docs, prefix: str
+) -> BulkOutcome:
+    """Interpret a bulk answer's ``items`` for ``plan`` (raises ValueError when the answer
+    does not have one item per operation: nothing of it can be trusted then)."""
+    if len(items) != len(plan.owners):
+        raise ValueError(f"bulk answered {len(items)} items for {len(plan.owners)} ops")
+    out = BulkOutcome()
+    readings_idx = f"{prefix}-readings"
+    deadletter_idx = f"{prefix}-deadletter"
+    for n, item in enumerate(items):
+        ((_op, res),) = item.items()
+        status = res.get("status", 0)
+        index = str(res.get("_index", ""))
+        if status in (200, 201):
+            if readings_idx in index:
+                out.counts["indexed"] += 1
+                out.counts[f"indexed@{_gateway(plan.originals[n])}"] += 1
+            elif "-health" in index:
+                out.counts["health_indexed"] += 1
+        elif status == 409:
+            out.counts["already_present"] += 1
+        elif status in RETRYABLE:
+            out.counts["retried_docs"] += 1
+            out.retry_rows.add(plan.owners[n])
+        elif deadletter_idx in index:
+            out.counts["deadletter_failed"] += 1
+        else:
+            err = res.get("error") or {}
+            if isinstance(err, Mapping):
+                reason, detail = (
+                    str(err.get("type", f"status_{status}")),
+                    str(err.get("reason", "")),
+                )
+            else:
+                reason, detail = str(err), ""
+            out.rejected.append(Rejected(n, reason, detail))
+    return out

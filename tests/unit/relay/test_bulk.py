@@ -1,0 +1,85 @@
+"""Reading a bulk answer, without Elasticsearch: what each item status means for its batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from saltext.tributary.relay.bulk import classify_bulk_response
+from saltext.tributary.relay.documents import Docs
+
+READING = ("gw-a", "brisbane", "ep", 0, {"seq": 1})
+
+
+def plan(owners: list[int], originals: list | None = None) -> Docs:
+    originals = originals or [READING] * len(owners)
+    return Docs(lines=[], owners=owners, originals=originals, ids=sorted(set(owners)))
+
+
+def item(status: int, index: str = "tributary-readings-2026.11.30", error=None) -> dict:
+    res = {"_index": index, "status": status}
+    if error is not None:
+        res["error"] = error
+    return {"create": res}
+
+
+def test_created_documents_are_counted_per_gateway():
+    out = classify_bulk_response(
+        [item(201), item(201), item(201, "tributary-health-2026.11.30")],
+        plan([1, 1, 2], [READING, {"gateway": "gw-b"}, {"gateway": "gw-a"}]),
+        "tributary",
+    )
+    assert out.counts == {"indexed": 2, "indexed@gw-a": 1, "indexed@gw-b": 1, "health_indexed": 1}
+    assert not out.retry_rows and not out.rejected
+
+
+def test_409_is_already_present_and_done():
+    out = classify_bulk_response([item(409), item(201)], plan([1, 1]), "tributary")
+    assert out.counts["already_present"] == 1 and out.counts["indexed"] == 1
+    assert not out.retry_rows and not out.rejected
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_429_and_5xx_send_the_row_back_for_a_retry(status):
+    out = classify_bulk_response([item(201), item(status)], plan([1, 2]), "tributary")
+    assert out.retry_rows == {2} and out.counts["retried_docs"] == 1 and not out.rejected
+
+
+@pytest.mark.parametrize(
+    ("error", "reason", "detail"),
+    [
+        (
+            {"type": "document_parsing_exception", "reason": "bad unit"},
+            "document_parsing_exception",
+            "bad unit",
+        ),
+        ({}, "status_400", ""),
+        ("plain text", "plain text", ""),
+    ],
+)
+def test_other_4xx_are_dead_lettered_with_their_reason(error, reason, detail):
+    out = classify_bulk_response([item(400, error=error)], plan([7]), "tributary")
+    assert [(r.op, r.reason, r.detail) for r in out.rejected] == [(0, reason, detail)]
+    assert not out.retry_rows
+
+
+def test_a_refused_dead_letter_is_counted_not_dead_lettered_again():
+    out = classify_bulk_response(
+        [item(400, "tributary-deadletter-2026.11.30", {"type": "x"})], plan([1]), "tributary"
+    )
+    assert out.counts["deadletter_failed"] == 1 and not out.rejected
+
+
+def test_a_mixed_answer_sorts_every_item():
+    out = classify_bulk_response(
+        [item(201), item(409), item(429), item(400, error={"type": "mapper_parsing_exception"})],
+        plan([1, 1, 2, 3]),
+        "tributary",
+    )
+    assert out.counts["indexed"] == 1 and out.counts["already_present"] == 1
+    assert out.retry_rows == {2}
+    assert [(r.op, r.reason) for r in out.rejected] == [(3, "mapper_parsing_exception")]
+
+
+def test_an_answer_of_the_wrong_length_is_refused():
+    with pytest.raises(ValueError, match="2 items for 3 ops"):
+        classify_bulk_response([item(201), item(201)], plan([1, 1, 1]), "tributary")
