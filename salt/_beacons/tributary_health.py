@@ -37,6 +37,7 @@ With every option::
 import logging
 
 try:
+    import saltext.tributary as tributary_pkg
     from saltext.tributary.gateway import beacons as gw_beacons
     from saltext.tributary.gateway import config as gw_config
 
@@ -48,11 +49,15 @@ except ImportError as _exc:
 
 log = logging.getLogger(__name__)
 __virtualname__ = "tributary_health"
+__tributary_version__ = "0.1.0"
 
 
 def __virtual__():
     if not HAS_LIBS:
         return False, f"tributary_health: the saltext.tributary package is not installed: {MISSING}"
+    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
+    if mismatch:
+        return False, mismatch
     return __virtualname__
 
 

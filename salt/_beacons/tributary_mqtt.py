@@ -68,6 +68,7 @@ import logging
 try:
     import paho.mqtt.client  # noqa: F401
 
+    import saltext.tributary as tributary_pkg
     from saltext.tributary.gateway import beacons as gw_beacons
     from saltext.tributary.gateway import config as gw_config
 
@@ -79,6 +80,7 @@ except ImportError as _exc:
 
 log = logging.getLogger(__name__)
 __virtualname__ = "tributary_mqtt"
+__tributary_version__ = "0.1.0"
 
 
 def __virtual__():
@@ -87,6 +89,9 @@ def __virtual__():
             False,
             f"tributary_mqtt: saltext.tributary[gateway] (paho-mqtt) is not installed: {MISSING}",
         )
+    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
+    if mismatch:
+        return False, mismatch
     return __virtualname__
 
 
@@ -101,5 +106,6 @@ def beacon(config):
 
 
 def close(config):
-    """Stop the subscriber threads (Salt calls this when the beacon is removed or disabled)."""
-    gw_beacons.stop_sources()
+    """Stop this beacon's subscriber threads (Salt calls this when the beacon is removed or
+    disabled); other Tributary beacons keep running."""
+    gw_beacons.close_beacon(config, __opts__, "tributary_mqtt")

@@ -48,6 +48,7 @@ A minimal configuration (CPU thermal zones only, a fake tree for tests)::
 import logging
 
 try:
+    import saltext.tributary as tributary_pkg
     from saltext.tributary.gateway import beacons as gw_beacons
     from saltext.tributary.gateway import config as gw_config
 
@@ -59,11 +60,15 @@ except ImportError as _exc:
 
 log = logging.getLogger(__name__)
 __virtualname__ = "tributary_sysfs"
+__tributary_version__ = "0.1.0"
 
 
 def __virtual__():
     if not HAS_LIBS:
         return False, f"tributary_sysfs: the saltext.tributary package is not installed: {MISSING}"
+    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
+    if mismatch:
+        return False, mismatch
     return __virtualname__
 
 

@@ -25,6 +25,7 @@ import os
 import time
 
 try:
+    import saltext.tributary as tributary_pkg
     from saltext.tributary.protocol import signing
 
     HAS_LIBS = True
@@ -37,12 +38,16 @@ import salt.utils.event
 
 log = logging.getLogger(__name__)
 __virtualname__ = "tributary_keys"
+__tributary_version__ = "0.1.0"
 RETRY_S = 2.0
 
 
 def __virtual__():
     if not HAS_LIBS:
         return False, f"tributary_keys: saltext.tributary is not installed: {MISSING}"
+    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
+    if mismatch:
+        return False, mismatch
     return __virtualname__
 
 

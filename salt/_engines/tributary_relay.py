@@ -56,6 +56,7 @@ import logging
 try:
     import elasticsearch  # noqa: F401
 
+    import saltext.tributary as tributary_pkg
     from saltext.tributary.relay import config as relay_config
     from saltext.tributary.relay import elasticsearch as es_lib
     from saltext.tributary.relay import pipeline
@@ -72,6 +73,7 @@ import salt.utils.event
 
 log = logging.getLogger(__name__)
 __virtualname__ = "tributary_relay"
+__tributary_version__ = "0.1.0"
 
 
 def __virtual__():
@@ -81,6 +83,9 @@ def __virtual__():
             "tributary_relay: saltext.tributary[master] (elasticsearch) is not installed: "
             + MISSING,
         )
+    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
+    if mismatch:
+        return False, mismatch
     return __virtualname__
 
 

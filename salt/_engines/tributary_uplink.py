@@ -40,6 +40,7 @@ import os
 import time
 
 try:
+    import saltext.tributary as tributary_pkg
     from saltext.tributary.syndic import uplink as uplink_lib
 
     HAS_LIBS = True
@@ -51,11 +52,15 @@ except ImportError as _exc:
 
 log = logging.getLogger(__name__)
 __virtualname__ = "tributary_uplink"
+__tributary_version__ = "0.1.0"
 
 
 def __virtual__():
     if not HAS_LIBS:
         return False, f"tributary_uplink: saltext.tributary is not installed: {MISSING}"
+    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
+    if mismatch:
+        return False, mismatch
     return __virtualname__
 
 

@@ -12,6 +12,7 @@ addresses every gateway with a temperature sensor. The logic lives in
 import logging
 
 try:
+    import saltext.tributary as tributary_pkg
     from saltext.tributary.gateway import grains as gw_grains
 
     HAS_LIBS = True
@@ -20,11 +21,15 @@ except ImportError:
 
 log = logging.getLogger(__name__)
 __virtualname__ = "tributary"
+__tributary_version__ = "0.1.0"
 
 
 def __virtual__():
     if not HAS_LIBS:
         return False, "tributary grains: the saltext.tributary package is not installed"
+    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
+    if mismatch:
+        return False, mismatch
     return __virtualname__
 
 

@@ -7,6 +7,7 @@ The logic lives in :mod:`saltext.tributary.gateway.operations`; this module is t
 import logging
 
 try:
+    import saltext.tributary as tributary_pkg
     from saltext.tributary.gateway import operations as gw_ops
 
     HAS_LIBS = True
@@ -17,11 +18,15 @@ except ImportError as _exc:
 
 log = logging.getLogger(__name__)
 __virtualname__ = "tributary"
+__tributary_version__ = "0.1.0"
 
 
 def __virtual__():
     if not HAS_LIBS:
         return False, f"tributary: the saltext.tributary package is not installed: {MISSING}"
+    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
+    if mismatch:
+        return False, mismatch
     return __virtualname__
 
 

@@ -11,6 +11,7 @@ import logging
 import time
 
 try:
+    import saltext.tributary as tributary_pkg
     from saltext.tributary.relay import repair as repair_lib
     from saltext.tributary.relay import status as relay_status
 
@@ -22,11 +23,15 @@ except ImportError as _exc:
 
 log = logging.getLogger(__name__)
 __virtualname__ = "tributary"
+__tributary_version__ = "0.1.0"
 
 
 def __virtual__():
     if not HAS_LIBS:
         return False, f"tributary runner: the saltext.tributary package is not installed: {MISSING}"
+    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
+    if mismatch:
+        return False, mismatch
     return __virtualname__
 
 

@@ -21,8 +21,8 @@ from saltfactories.utils.functional import Loaders
 
 from saltext.tributary.gateway import beacons as gw_beacons
 from saltext.tributary.gateway import config as gw_config
-from tests.conftest import wait_for
 from tests.support.keys import write_keypair
+from tests.support.topology import wait_for
 from tests.unit.gateway.test_sysfs import put, w1_text
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

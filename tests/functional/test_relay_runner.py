@@ -111,3 +111,32 @@ def test_every_documented_engine_example_validates(opts, name):
     for cfg in examples:
         ok, msg = engines[f"{name}.validate"](cfg)
         assert ok, (cfg, msg)
+
+
+LOADER_MODULES = sorted((REPO / "salt").glob("_*/*.py"))
+
+
+def _pyproject_version() -> str:
+    text = (REPO / "pyproject.toml").read_text()
+    return re.search(r'^version = "([^"]+)"', text, re.M).group(1)
+
+
+@pytest.mark.parametrize("path", LOADER_MODULES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_loader_modules_are_for_the_installed_library(path, monkeypatch):
+    """Each loader module names the library version it is written for; against another it
+    refuses to load and says why (they are synced from the fileserver, apart from the package)."""
+    import importlib.util
+
+    import saltext.tributary as pkg
+
+    assert pkg.__version__ == _pyproject_version()
+    spec = importlib.util.spec_from_file_location(f"loader_{path.parent.name}_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.__tributary_version__ == pkg.__version__
+    if getattr(mod, "HAS_LIBS", True):
+        assert mod.__virtual__() == mod.__virtualname__
+    monkeypatch.setattr(pkg, "__version__", "0.0.0-other")
+    ok, reason = mod.__virtual__()
+    assert ok is False
+    assert f"is for saltext.tributary {mod.__tributary_version__} but 0.0.0-other" in reason

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from tests.conftest import GATEWAYS, wait_for
 from tests.support.simulator import Simulator
+from tests.support.topology import GATEWAYS, wait_for
 
 pytestmark = pytest.mark.demo
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.conftest import GATEWAYS, NEEDS_UPLINK, dumps, es_count, es_readings, wait_for
+from tests.support.topology import GATEWAYS, NEEDS_UPLINK, dumps, es_count, es_readings, wait_for
 
 pytestmark = pytest.mark.usefixtures("topology")
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import es_count, es_readings, gateway_subscribed, wait_for
+from tests.support.topology import es_count, es_readings, gateway_subscribed, wait_for
 
 pytestmark = [pytest.mark.usefixtures("topology"), pytest.mark.fault]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.conftest import es_readings
+from tests.support.topology import es_readings
 
 
 class Stream:

@@ -18,9 +18,9 @@ import pytest
 
 from saltext.tributary.protocol import signing
 from saltext.tributary.protocol.wire import MAX_SENSORS, SpooledReading, encode_batch
-from tests.conftest import dumps, es_count, es_readings, gateway_subscribed, wait_for
 from tests.integration.faults.conftest import FGATEWAYS
 from tests.integration.faults.helpers import Stream, assert_exactly, sleep_outage
+from tests.support.topology import dumps, es_count, es_readings, gateway_subscribed, wait_for
 
 pytestmark = pytest.mark.usefixtures("faults")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import wait_for
+from tests.support.topology import wait_for
 
 
 def test_pipeline_metrics_indexed(faults):

@@ -26,10 +26,10 @@ import shutil
 
 import pytest
 
-from tests.conftest import QUIET, REPO, running_gateways, syndic_kwargs
 from tests.integration.faults.conftest import fault_relay_config
 from tests.support.es import free_port
 from tests.support.mosquitto import start_broker
+from tests.support.topology import QUIET, REPO, running_gateways, syndic_kwargs
 
 GATEWAY = "mgw-1"
 SYNDIC_ID = "msyn-1"

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import es_count, es_readings, wait_for
 from tests.integration.faults.helpers import Stream, assert_exactly, sleep_outage
 from tests.integration.multimaster.conftest import GATEWAY, SYNDIC_ID, TOPS
+from tests.support.topology import es_count, es_readings, wait_for
 
 log = logging.getLogger(__name__)
 pytestmark = pytest.mark.usefixtures("multimaster")

@@ -1,5 +1,5 @@
 """Fixtures for the Salt-state tests: a salt master + minion of their own (not the session
-syndic topology of tests/conftest.py), file_roots = the repo's salt/states and salt/,
+syndic topology of tests/integration/conftest.py), file_roots = the repo's salt/states and salt/,
 pillar_roots = a temp dir the tests write, and helpers for MQTT clients and waits."""
 
 from __future__ import annotations

@@ -84,3 +84,21 @@ def test_budget_is_per_gateway_whichever_beacon_emits(cfg, opts):
     gw_beacons.spool_readings(other, {}, rs, [])
     assert gw_beacons.emit(other, opts, {}) == []  # the other beacon is held to the same budget
     assert gw_beacons.emitting_spool(cfg, {}).status()["unsent"] == 500  # waiting, not dropped
+
+
+def test_closing_one_beacon_leaves_the_others_running(tmp_path):
+    """Salt calls ``close`` for the one beacon it removes: only that beacon's parts stop."""
+    opts = {"id": "gw", "cachedir": str(tmp_path)}
+    spool = {"path": str(tmp_path / "s.db")}
+    src = [{"kind": "thermal", "interval_s": 10}]
+    a = {"_beacon_name": "sysfs_a", "root": str(tmp_path), "spool": spool, "sources": src}
+    b = {"_beacon_name": "sysfs_b", "root": str(tmp_path), "spool": spool, "sources": src}
+    source_b = gw_beacons.sysfs_source(b, opts)
+    gw_beacons.sysfs_source(a, opts)
+    shared = gw_beacons.emitting_spool(a, opts)
+    gw_beacons.close_beacon([{k: v} for k, v in a.items()], opts, "tributary_sysfs")
+    keys = set(gw_beacons._sources)
+    assert f"{spool['path']}|sysfs_b" in keys and f"{spool['path']}|sysfs_a" not in keys
+    assert gw_beacons.sysfs_source(b, opts) is source_b  # not restarted
+    assert gw_beacons.emitting_spool(b, opts) is shared  # the shared spool stays open
+    shared.status()

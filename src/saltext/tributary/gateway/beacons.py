@@ -77,6 +77,19 @@ def ensure_mqtt_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
         return source
 
 
+def close_beacon(config: Any, opts: Mapping[str, Any], module: str) -> None:
+    """Stop what one beacon started: its subscriber or poller and its filters. Other beacons'
+    parts keep running, and the spool they share stays open (Salt calls a beacon's ``close``
+    when that beacon alone is removed or disabled)."""
+    cfg = config_to_dict(config)
+    key = f"{spool_path(cfg, opts)}|{cfg.get('_beacon_name') or module}"
+    with _registry_lock:
+        current = _sources.pop(key, None)
+        _filters.pop(key, None)
+    if current is not None and hasattr(current[1], "stop"):
+        current[1].stop()
+
+
 def stop_sources() -> None:
     """Stop every subscriber (beacon ``close``, tests)."""
     with _registry_lock:
@@ -156,7 +169,7 @@ def maybe_trim(spool: GatewaySpool, now: float | None = None) -> int:
 
 def finalize_batch(batch: dict[str, Any], opts: Mapping[str, Any]) -> dict[str, Any]:
     """The single place where an outgoing batch (beacon or replay) is finalised."""
-    # Origin authentication (relay issue 4): sign with this minion's own key, last of all.
+    # Origin authentication: sign with this minion's own key, last of all.
     from saltext.tributary.protocol import signing
 
     return signing.sign_batch(batch, opts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 #: Timestamps outside this window (2000-01-01 .. 2100-01-01 UTC, in ms) are rejected: they are
 #: almost always a seconds/milliseconds mix-up or an unset RTC on the sensor.
@@ -38,8 +38,6 @@ class Reading:
     value: float
     ts_ms: int
     unit: str | None = None
-    quality: str | None = None
-    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -81,7 +79,6 @@ def make_reading(
     value: object,
     ts_ms: object,
     unit: str | None = None,
-    quality: str | None = None,
 ) -> Reading:
     """Build a validated Reading, raising RejectedReading with a reason otherwise."""
     return Reading(
@@ -90,7 +87,6 @@ def make_reading(
         value=check_value(value),
         ts_ms=check_ts(ts_ms),
         unit=unit,
-        quality=quality,
     )
 
 

@@ -19,7 +19,6 @@ class RelayConfig:
     prefix: str = "tributary"
     spool_path: str = "/var/cache/salt/master/tributary/relay.db"
     bulk_max_docs: int = 5_000
-    bulk_max_bytes: int = 8 * 1024 * 1024
     bulk_max_wait_s: float = 0.2
     #: Bulks in flight at once (the next is built while Elasticsearch indexes these).
     bulk_concurrency: int = 2

@@ -13,10 +13,6 @@ from typing import Any
 KINDS = ("readings", "health", "deadletter", "metrics", "anomalies")
 
 
-class EsConfigError(ValueError):
-    """A bad ``elasticsearch`` config block; the message names the key."""
-
-
 def validate_es_config(cfg: Any) -> list[str]:
     if not isinstance(cfg, Mapping):
         return ["elasticsearch: must be a mapping (hosts, username/password or api_key, ca_certs)"]
@@ -86,7 +82,6 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "unit": _KW,
         "seq": {"type": "long"},
         "epoch": _KW,
-        "quality": _KW,
         "agg": {
             "properties": {
                 "window_s": {"type": "double"},
@@ -97,7 +92,6 @@ MAPPINGS: dict[str, dict[str, Any]] = {
                 "last": _DATE,
             }
         },
-        "labels": {"type": "object", "dynamic": True},
         "location": {"type": "geo_point"},
         "relayed_at": _DATE,
     },

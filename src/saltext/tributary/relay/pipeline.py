@@ -465,13 +465,6 @@ class Relay:
             )
         return len(done)
 
-    def ship_once(self, spool: RelaySpool) -> int:
-        """Ship one bulk's worth from the spool; returns the number of batches completed."""
-        docs = self.prepare(spool)
-        if docs is None:
-            return 0
-        return self.finish(spool, docs, self._bulk(docs) if docs.lines else set())
-
     def metrics_doc(self, spool: RelaySpool) -> dict[str, Any]:
         depth, oldest = spool.depth()
         counters = spool.counters()
@@ -554,15 +547,6 @@ class Relay:
                     if res.get("status") not in (200, 201, 409):
                         raise RuntimeError(f"dead-letter write failed: {res.get('error')}")
         return outcome.retry_rows
-
-    def status(self) -> dict[str, Any]:
-        depth, oldest = self.spool.depth()
-        return {
-            "spool_batches": depth,
-            "spool_oldest_age_s": round((now_ms() - oldest) / 1000, 1) if oldest else 0,
-            "counters": {**self.spool.counters()},
-            "last_error": self.last_error,
-        }
 
 
 def _brief(data: Any, rows: int = 20) -> Any:

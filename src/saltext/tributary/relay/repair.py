@@ -190,7 +190,3 @@ class GapRepairer:
                 self.run_once(ledger)
             except Exception:  # keep repairing after a transient fault
                 log.exception("tributary relay: gap repair pass failed")
-
-
-def gap_summary(gaps: list[Gap], now: float | None = None) -> list[dict[str, Any]]:
-    return [g.as_dict(now) for g in gaps]

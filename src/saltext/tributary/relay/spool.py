@@ -70,7 +70,6 @@ class RelaySpool:
                 except sqlite3.OperationalError:  # another connection migrated it meanwhile
                     pass
         self.ledger = Ledger(self.db)
-        self._puts = 0
         self.write_lock = _write_lock(path)
 
     def put(self, gateway: str, kind: str, ukey: str, data: Any) -> bool:

@@ -104,7 +104,7 @@ def status_from_opts(opts: Mapping[str, Any], check_es: bool = True) -> dict[str
         totals = {k: v for k, v in counters.items() if "@" not in k}
         out.update(
             result=bool(out.get("elasticsearch", {}).get("reachable", True)),
-            # the relay itself, as the skeleton's status reported it
+            # the relay engine's own spool and counters
             relay={
                 "spool_batches": depth,
                 "spool_oldest_age_s": round((now_ms() - oldest) / 1000, 1) if oldest else 0,

@@ -1,0 +1,108 @@
+"""Shared fixtures: real Elasticsearch, real Mosquitto brokers, a real three-tier Salt topology.
+
+Topology (pytest-salt-factories, session scoped)::
+
+    top master "top" (order_masters, engine tributary_relay -> Elasticsearch)
+      <- salt-syndic "syndic-1" + its master (file_roots = repo salt/, pillar_roots = pillar/)
+           <- gateway minions gw-brisbane-1 (site brisbane), gw-sydney-1 (site sydney),
+              each with its own Mosquitto broker and the tributary_mqtt beacon.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+
+from tests.support.es import start_elasticsearch
+from tests.support.mosquitto import start_broker
+from tests.support.topology import (
+    GATEWAYS,
+    QUIET,
+    REPO,
+    relay_engine_config,
+    running_gateways,
+    syndic_kwargs,
+)
+
+
+@pytest.fixture(scope="session")
+def es_node():
+    node = start_elasticsearch(tls=True)
+    yield node
+    node.cleanup()
+
+
+@pytest.fixture(scope="session")
+def salt_factories_config():
+    root = tempfile.mkdtemp(prefix="tributary-salt-")
+    return {"root_dir": root, "start_timeout": 120, "inject_sitecustomize": False}
+
+
+@pytest.fixture(scope="session")
+def top_master(salt_factories, es_node):
+    factory = salt_factories.salt_master_daemon(
+        "top",
+        order_masters=True,
+        overrides={
+            **QUIET,
+            "engines_dirs": [str(REPO / "salt" / "_engines")],
+            "runner_dirs": [str(REPO / "salt" / "_runners")],
+            "engines": [{"tributary_relay": relay_engine_config(es_node)}],
+        },
+    )
+    with factory.started():
+        yield factory
+
+
+@pytest.fixture(scope="session")
+def syndic(top_master):
+    factory = top_master.salt_syndic_daemon("syndic-1", **syndic_kwargs("syndic-1"))
+    with factory.started():
+        yield factory
+
+
+@pytest.fixture(scope="session")
+def brokers():
+    started = {gw: start_broker() for gw in GATEWAYS}
+    yield started
+    for b in started.values():
+        b.cleanup()
+
+
+@pytest.fixture(scope="session")
+def gateways(syndic, brokers):
+    with running_gateways(syndic.master, GATEWAYS, brokers) as factories:
+        yield factories
+
+
+@pytest.fixture(scope="session")
+def topology(es_node, top_master, syndic, gateways, brokers):
+    return {
+        "es": es_node,
+        "top": top_master,
+        "syndic": syndic,
+        "gateways": gateways,
+        "brokers": brokers,
+    }
+
+
+#: Fixtures that yield a topology dict (es, top, syndic, gateways): a failed test using one keeps
+#: its daemons' logs (``tests.support.daemonlogs``).
+TOPOLOGY_FIXTURES = ("faults", "topology")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or report.when not in ("setup", "call"):
+        return
+    from tests.support import daemonlogs
+
+    for name in TOPOLOGY_FIXTURES:
+        topo = getattr(item, "funcargs", {}).get(name)
+        if isinstance(topo, dict):
+            factories = [topo["top"], topo["syndic"], *topo["gateways"].values()]
+            daemonlogs.attach(item, report, factories, topo.get("es"))
+            return

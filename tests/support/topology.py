@@ -1,0 +1,208 @@
+"""The three-tier test topology without fixtures: constants, Salt daemon settings, helpers.
+
+Shared by the integration fixtures (``tests/integration/conftest.py``), the demo and the bench.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import salt.version
+
+log = logging.getLogger(__name__)
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent.parent
+
+
+SALT_VERSION = tuple(salt.version.__saltstack_version__.info[:2])
+
+
+log = logging.getLogger(__name__)
+
+
+GATEWAYS = {"gw-brisbane-1": "brisbane", "gw-sydney-1": "sydney"}
+
+
+QUIET = {"log_level_logfile": "warning", "log_level": "warning"}
+
+
+#: Daemons of the fault topologies log at info to their files (``fire_master failed``, job
+#: starts, the relay's gap repair), kept on failure by ``tests.support.daemonlogs``.
+VERBOSE = {"log_level_logfile": "info", "log_level": "warning"}
+
+
+#: Salt 3008's salt-syndic forwards no events and, after the first, no job returns: the
+#: syndic masters run the ``tributary_uplink`` engine instead (README, "Versions tested").
+NEEDS_UPLINK = SALT_VERSION >= (3008,)
+
+
+#: Gateway minions: Salt calls beacons once a second but counts a beacon's ``interval`` in
+#: ``loop_interval`` units, and salt-factories sets ``loop_interval: 0.05``, which turned
+#: ``interval: 1`` into one beacon run every 20 s. Salt's default of 1 s is what fleets run.
+GATEWAY_LOOP = {"loop_interval": 1}
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 60,
+    what: str = "condition",
+    interval: float = 0.25,
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def relay_engine_config(es_node, **extra) -> dict:
+    cfg = {
+        "elasticsearch": es_node.client_config,
+        "index_prefix": "tributary",
+        "bulk": {"max_docs": 5000, "max_wait_s": 0.1},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def syndic_kwargs(syndic_id: str, logs: Mapping[str, str] = QUIET) -> dict[str, Any]:
+    """``salt_syndic_daemon`` arguments of a Tributary syndic: the syndic master serves the
+    repo's states and pillar and runs the key-publishing engine for origin authentication."""
+    return {
+        "master_overrides": {
+            **logs,
+            "file_roots": {"base": [str(REPO / "salt")]},
+            "pillar_roots": {"base": [str(REPO / "pillar")]},
+        },
+        "minion_overrides": {**logs, "publish_port": 4506},
+        # master.d/syndic.conf (these overrides) sets the syndic master's engines list too, so
+        # the key-publishing engine goes here.
+        "overrides": {
+            **logs,
+            "syndic_event_forward_timeout": 0.5,
+            "engines_dirs": [str(REPO / "salt" / "_engines")],
+            "engines": [
+                {"tributary_keys": {"interval": 5, "syndic_id": syndic_id}},
+                *([{"tributary_uplink": {}}] if NEEDS_UPLINK else []),
+            ],
+        },
+    }
+
+
+def master_ports(master: Any) -> dict[str, int]:
+    """A minion's view of its master's ports, as a fleet on default ports has it.
+
+    salt-factories gives each master random ports but tells its minions only ``master_port``.
+    Salt 3007's minion, after its first reconnect to a restarted master, schedules
+    ``status.master``, which looks for a connection to ``publish_port`` (default 4505): without
+    the real port it declared the master lost every second, re-initialised its channels each
+    time and dropped the events and jobs in between (the gap-repair fault test's flakiness).
+    """
+    return {"publish_port": int(master.config["publish_port"])}
+
+
+def beacon_config(broker_port: int) -> list[dict]:
+    return [
+        {"broker": {"host": "127.0.0.1", "port": broker_port}},
+        {
+            "topics": [
+                {"topic": "sensors/{sensor}/level", "metric": "level", "unit": "%"},
+                {"topic": "sensors/{sensor}/{metric}", "format": "number", "unit": "C"},
+                {
+                    "topic": "json/{sensor}",
+                    "format": "json",
+                    "fields": {
+                        "temp": {"metric": "temperature", "unit": "C"},
+                        "env.hum": {"metric": "humidity", "unit": "%"},
+                    },
+                    "timestamp": {"field": "ts", "format": "ms"},
+                },
+            ]
+        },
+        {"interval": 1},
+    ]
+
+
+def gateway_subscribed(factory) -> bool:
+    ret = factory.salt_call_cli(timeout=60).run("tributary.status")
+    return ret.returncode == 0 and (ret.data.get("state") or {}).get("broker") == "subscribed"
+
+
+@contextlib.contextmanager
+def running_gateways(
+    syndic_master: Any,
+    sites: Mapping[str, str],
+    brokers: Mapping[str, Any],
+    logs: Mapping[str, str] = QUIET,
+    heartbeat_s: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Gateway minions below ``syndic_master`` (id -> site), each with the tributary_mqtt
+    beacon on its own broker (and the tributary_health heartbeat every ``heartbeat_s`` seconds
+    when given): started, synced, and subscribed before they are yielded."""
+    factories = {}
+    try:
+        for gw, site in sites.items():
+            beacons: dict[str, Any] = {"tributary_mqtt": beacon_config(brokers[gw].port)}
+            if heartbeat_s:
+                beacons["tributary_health"] = [{"interval": heartbeat_s}]
+            factory = syndic_master.salt_minion_daemon(
+                gw,
+                overrides={
+                    **logs,
+                    **GATEWAY_LOOP,
+                    **master_ports(syndic_master),
+                    "grains": {"site": site, "role": "gateway"},
+                    "beacons": beacons,
+                },
+            )
+            factory.start()
+            factories[gw] = factory
+        for factory in factories.values():
+            ret = factory.salt_call_cli(timeout=120).run("saltutil.sync_all")
+            assert ret.returncode == 0, ret
+            # The beacon module arrived with the sync: reload beacons so it runs.
+            ret = factory.salt_call_cli(timeout=60).run("saltutil.refresh_beacons")
+            assert ret.returncode == 0, ret
+        for factory in factories.values():
+            wait_for(
+                lambda f=factory: gateway_subscribed(f),
+                timeout=90,
+                what=f"{factory.id}'s MQTT subscription",
+            )
+        yield factories
+    finally:
+        for factory in factories.values():
+            factory.terminate()
+
+
+def es_readings(es_node, gateway: str, sensor: str | None = None, size: int = 10000) -> list[dict]:
+    must: list[dict] = [{"term": {"gateway": gateway}}]
+    if sensor:
+        must.append({"term": {"sensor": sensor}})
+    res = es_node.search(
+        "tributary-readings-*",
+        {"size": size, "query": {"bool": {"must": must}}, "sort": [{"seq": "asc"}]},
+    )
+    return [h["_source"] | {"_id": h["_id"]} for h in res["hits"]["hits"]]
+
+
+def es_count(es_node, gateway: str, sensor: str | None = None) -> int:
+    must: list[dict] = [{"term": {"gateway": gateway}}]
+    if sensor:
+        must.append({"term": {"sensor": sensor}})
+    return es_node.count("tributary-readings-*", {"bool": {"must": must}})
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
