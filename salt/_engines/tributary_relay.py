@@ -119,13 +119,13 @@ def start(**config):
     def setup():
         es_lib.install_templates(
             client,
-            rcfg.prefix,
+            rcfg.index_prefix,
             replicas=es_cfg.get("replicas", 1),
             shards=es_cfg.get("shards", 1),
-            data_streams=config.get("indices") == "data_stream",
+            data_streams=rcfg.indices == "data_stream",
         )
-        if config.get("indices") != "data_stream":
-            es_lib.precreate_indices(client, rcfg.prefix, rcfg.daily)
+        if rcfg.indices != "data_stream":
+            es_lib.precreate_indices(client, rcfg.index_prefix, rcfg.daily)
 
     relay = pipeline.Relay(client, rcfg, setup=setup)
     relay.name = __opts__.get("id") or "relay"
@@ -148,14 +148,14 @@ def start(**config):
 
         repairer = GapRepairer(
             lambda: relay_spool.RelaySpool(rcfg.spool_path).ledger,
-            _replay_fn(rcfg.replay_timeout_s),
-            grace_s=rcfg.gap_grace_s,
-            check_s=rcfg.gap_check_s,
-            backoff_s=rcfg.replay_backoff_s,
-            backoff_max_s=rcfg.replay_backoff_max_s,
-            per_minute=rcfg.replay_per_minute,
-            max_attempts=rcfg.replay_max_attempts,
-            max_readings=rcfg.replay_max_readings,
+            _replay_fn(rcfg.gaps.timeout_s),
+            grace_s=rcfg.gaps.grace_s,
+            check_s=rcfg.gaps.check_s,
+            backoff_s=rcfg.gaps.backoff_s,
+            backoff_max_s=rcfg.gaps.backoff_max_s,
+            per_minute=rcfg.gaps.per_minute,
+            max_attempts=rcfg.gaps.max_attempts,
+            max_readings=rcfg.gaps.max_readings,
             count=relay._inc,  # pylint: disable=protected-access
         )
         repairer.start()

@@ -74,14 +74,14 @@ def _syndic_opts(cfg):
     import salt.config
     import salt.minion
 
-    minion_conf = cfg.get("minion_config") or os.path.join(
+    minion_conf = cfg.minion_config or os.path.join(
         os.path.dirname(__opts__["conf_file"]), "minion"
     )
     opts = salt.config.syndic_config(__opts__["conf_file"], minion_conf)
-    if cfg.get("master"):
-        opts["master"] = cfg["master"]
-    if cfg.get("master_port"):
-        opts["master_port"] = int(cfg["master_port"])
+    if cfg.master:
+        opts["master"] = cfg.master
+    if cfg.master_port:
+        opts["master_port"] = cfg.master_port
     opts.update(salt.minion.resolve_dns(opts))
     return opts
 
@@ -94,12 +94,12 @@ def start(**config):
         raise ValueError(msg)
     import salt.channel.client
 
-    cfg = uplink_lib.settings(config)
+    cfg, _ = uplink_lib.parse_uplink(config)
     opts = _syndic_opts(cfg)
     up = uplink_lib.Uplink(
-        opts["id"], max_queue=cfg["max_queue"], batch=cfg["batch"], returns=cfg["returns"]
+        opts["id"], max_queue=cfg.max_queue, batch=cfg.batch, returns=cfg.returns
     )
-    backoff = cfg["backoff"]
+    backoff = cfg.backoff
     delay, next_try, channel = 0.0, 0.0, None
     log.info("tributary_uplink: forwarding to %s as %s", opts.get("master_uri"), opts["id"])
     with salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=True) as bus:
@@ -115,7 +115,7 @@ def start(**config):
                 log.error(
                     "tributary_uplink: queue past max_queue (%s): dropped the %s oldest items;"
                     " the relay's gap repair asks the gateways for lost batches",
-                    cfg["max_queue"],
+                    cfg.max_queue,
                     dropped,
                 )
             while up.pending() and time.monotonic() >= next_try:
@@ -123,9 +123,9 @@ def start(**config):
                 try:
                     if channel is None:
                         channel = salt.channel.client.ReqChannel.factory(opts, crypt="aes")
-                    channel.send(load, timeout=cfg["timeout_s"], tries=1)
+                    channel.send(load, timeout=cfg.timeout_s, tries=1)
                 except Exception as exc:  # pylint: disable=broad-except
-                    delay = min(max(delay * 2, backoff["min_s"]), backoff["max_s"])
+                    delay = min(max(delay * 2, backoff.min_s), backoff.max_s)
                     next_try = time.monotonic() + delay
                     log.warning(
                         "tributary_uplink: %s to %s failed (%s); retrying in %.1f s",

@@ -140,3 +140,27 @@ def test_loader_modules_are_for_the_installed_library(path, monkeypatch):
     ok, reason = mod.__virtual__()
     assert ok is False
     assert f"is for saltext.tributary {mod.__tributary_version__} but 0.0.0-other" in reason
+
+
+def _leaves(data, prefix=""):
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "elasticsearch":
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_relay_docstring_example_shows_the_defaults():
+    """The engine's documented example states the schema's defaults (one source of truth):
+    every value it shows, but the site-specific Elasticsearch block, is the default."""
+    from saltext.tributary.relay.config import RelayConfig
+    from saltext.tributary.util import schema
+
+    defaults = dict(_leaves(schema.defaults(RelayConfig)))
+    (example,) = engine_examples("tributary_relay")
+    shown = dict(_leaves(example))
+    shown.pop("elasticsearch")
+    assert shown, "the example shows no option"
+    for key, value in shown.items():
+        assert key in defaults, f"{key}: documented but not an option"
+        assert value == defaults[key], f"{key}: documented {value!r}, default {defaults[key]!r}"

@@ -8,10 +8,10 @@ Package scoped, so every fault test shares one topology (start-up costs about tw
            <- gateways fgw-brisbane / fgw-sydney, each with its own Mosquitto broker and a
               health heartbeat every 5 s (it reveals a lost tail to the relay's ledger)
 
-Nothing here is shared with the session topology of ``tests/integration/conftest.py``, so stopping a daemon
-never disturbs another test. The daemons log at info to their files; when a test fails, those
-logs (and Elasticsearch's) are copied under ``.run/failed-logs/`` and the failure report names
-the directory (``tests.support.daemonlogs``).
+Nothing here is shared with the session topology of ``tests/integration/conftest.py``, so
+stopping a daemon never disturbs another test. The daemons log at info to their files; when a
+test fails, those logs (and Elasticsearch's) are copied under ``.run/failed-logs/`` and the
+failure report names the directory (``tests.support.daemonlogs``).
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def test_malformed_batches_are_dead_lettered_with_reasons(tmp_path, master_pki, 
 
 
 def test_disk_budget_drops_oldest_and_counts(tmp_path, master_pki, keys):
-    relay = make_relay(tmp_path, master_pki, max_spool_bytes=1024 * 1024)
+    relay = make_relay(tmp_path, master_pki, spool_max_bytes=1024 * 1024)
     big = [
         SpooledReading(i + 1, f"s{i % 50}/m", "C", 1_700_000_000_000 + i, i * 1.37)
         for i in range(2000)
@@ -225,7 +225,7 @@ def test_validate_never_raises_and_config_maps():
         "/c",
         "/pki",
     )
-    assert (rc.gap_grace_s, rc.replay_per_minute, rc.daily, rc.allow_unsigned) == (
+    assert (rc.gaps.grace_s, rc.gaps.per_minute, rc.daily, rc.allow_unsigned) == (
         5,
         2,
         False,
@@ -313,4 +313,4 @@ def test_bulk_concurrency_is_validated():
     assert validate_relay({**base, "bulk": {"concurrency": 2}})[0]
     ok, msg = validate_relay({**base, "bulk": {"concurrency": 0}})
     assert not ok and "bulk.concurrency" in msg
-    assert relay_config({"bulk": {"concurrency": 3}}, "/tmp").bulk_concurrency == 3
+    assert relay_config({"bulk": {"concurrency": 3}}, "/tmp").bulk.concurrency == 3

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from saltext.tributary.syndic.uplink import Uplink, settings, validate
+from saltext.tributary.syndic.uplink import Uplink, UplinkConfig, parse_uplink, validate
 
 BATCH = "salt/beacon/gw-1/tributary_mqtt/batch"
 
@@ -106,6 +106,7 @@ def test_validate_names_the_key_and_never_raises():
         ({"master_port": True}, "master_port"),
         ({"master": 1}, "master"),
         ({"bogus": 1}, "bogus"),
+        ({"backoff": {"max": 3}}, "backoff.max"),
     ):
         ok, msg = validate(cfg)
         assert ok is False and key in msg, (cfg, msg)
@@ -113,6 +114,7 @@ def test_validate_names_the_key_and_never_raises():
     assert validate(object())[0] is False  # type: ignore[arg-type]
 
 
-def test_settings_fill_in_the_defaults():
-    s = settings({"backoff": {"max_s": 5}})
-    assert s["backoff"] == {"min_s": 0.5, "max_s": 5} and s["batch"] == 200 and s["returns"]
+def test_parse_fills_in_the_defaults():
+    cfg, errors = parse_uplink({"backoff": {"max_s": 5}})
+    assert errors == [] and cfg.backoff.max_s == 5 and cfg.backoff.min_s == 0.5
+    assert cfg.batch == 200 and cfg.returns and cfg == UplinkConfig(backoff=cfg.backoff)

@@ -112,14 +112,14 @@ class Relay:
 
     def check_budget(self) -> None:
         """Past the disk budget, drop the oldest spooled batches: counted, logged loudly."""
-        batches, readings = self.spool.enforce_budget(self.config.max_spool_bytes)
+        batches, readings = self.spool.enforce_budget(self.config.spool_max_bytes)
         if batches:
             self._inc("spool_dropped_batches", batches)
             self._inc("spool_dropped_readings", readings)
             log.error(
                 "tributary relay: spool past its budget of %d bytes: dropped the %d oldest"
                 " batches (%d readings); the ledger will ask gateways to replay them",
-                self.config.max_spool_bytes,
+                self.config.spool_max_bytes,
                 batches,
                 readings,
             )
@@ -233,10 +233,10 @@ class Relay:
         ledger, then the rows leave the spool) strictly in the order they were taken; a
         failure drops what was in flight back to the spool (re-sent ops answer 409)."""
         spool = RelaySpool(self.config.spool_path)
-        depth = max(1, self.config.bulk_concurrency)
+        depth = max(1, self.config.bulk.concurrency)
         pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="tributary-bulk")
         inflight: deque[tuple[Docs, Future[set[int]]]] = deque()
-        backoff = self.config.backoff_min_s
+        backoff = self.config.backoff.min_s
         while not self._stop.is_set():
             try:
                 self._maybe_metrics(spool)
@@ -252,9 +252,9 @@ class Relay:
                 if inflight and (len(inflight) >= depth or docs is None or inflight[0][1].done()):
                     prev, fut = inflight.popleft()
                     self.finish(spool, prev, fut.result())
-                backoff = self.config.backoff_min_s
+                backoff = self.config.backoff.min_s
                 if not inflight and (docs is None or not docs.ids):
-                    self._wake.wait(self.config.bulk_max_wait_s)
+                    self._wake.wait(self.config.bulk.max_wait_s)
                     self._wake.clear()
             except Exception as exc:
                 for _, fut in inflight:  # let them land; their rows stay spooled (409 on resend)
@@ -268,7 +268,7 @@ class Relay:
                     backoff,
                 )
                 self._stop.wait(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, self.config.backoff_max_s)
+                backoff = min(backoff * 2, self.config.backoff.max_s)
         try:
             while inflight:
                 prev, fut = inflight.popleft()
@@ -311,7 +311,7 @@ class Relay:
                     "gateway": gateway,
                     **{k: v for k, v in data.items() if k not in ("tag", "id")},
                 }
-                idx = index_name(cfg.prefix, "health", now, cfg.daily)
+                idx = index_name(cfg.index_prefix, "health", now, cfg.daily)
                 lines.append(dumps({"create": {"_index": idx}}))
                 lines.append(dumps(doc, default=str))
                 owners.append(row_id)
@@ -378,7 +378,9 @@ class Relay:
             if idx is None:
                 if len(names) > 64:
                     names.clear()
-                idx = names[day] = json.dumps(index_name(cfg.prefix, "readings", ts, cfg.daily))
+                idx = names[day] = json.dumps(
+                    index_name(cfg.index_prefix, "readings", ts, cfg.daily)
+                )
             key = (r["sensor"], r["metric"], r["unit"])
             frag = frags.get(key)
             if frag is None:
@@ -408,7 +410,7 @@ class Relay:
         original: Any,
     ) -> list[str]:
         now = now_ms()
-        idx = index_name(self.config.prefix, "deadletter", now, self.config.daily)
+        idx = index_name(self.config.index_prefix, "deadletter", now, self.config.daily)
         meta: dict[str, Any] = {"_index": idx}
         if did:
             meta["_id"] = f"{did}:{stage}"
@@ -430,7 +432,7 @@ class Relay:
         if not self.ready and self._setup is not None:
             self._setup()
             self.ready = True
-        rows = spool.take(256, self.config.bulk_max_docs, skip)
+        rows = spool.take(256, self.config.bulk.max_docs, skip)
         if not rows:
             return None
         docs = self.build_docs(rows, spool)
@@ -489,7 +491,7 @@ class Relay:
             return
         self._last_metrics = time.monotonic()
         doc = self.metrics_doc(spool)
-        idx = index_name(self.config.prefix, "metrics", doc["@timestamp"], self.config.daily)
+        idx = index_name(self.config.index_prefix, "metrics", doc["@timestamp"], self.config.daily)
         try:
             self.client.index(index=idx, document=doc, op_type="create")
         except Exception as exc:  # metrics never stop the shipping
@@ -503,7 +505,7 @@ class Relay:
             return
         self._last_precreate = time.monotonic()
         try:
-            precreate_indices(self.client, self.config.prefix, True)
+            precreate_indices(self.client, self.config.index_prefix, True)
         except Exception as exc:  # the first bulk of the day creates it otherwise
             log.debug("tributary relay: could not pre-create indices: %s", exc)
 
@@ -520,7 +522,7 @@ class Relay:
     def _bulk(self, docs: Docs) -> set[int]:
         body = "\n".join(docs.lines) + "\n"
         resp = self.client.bulk(operations=body, refresh=False, filter_path=BULK_FILTER)
-        outcome = classify_bulk_response(resp.get("items") or [], docs, self.config.prefix)
+        outcome = classify_bulk_response(resp.get("items") or [], docs, self.config.index_prefix)
         second: list[str] = []
         for rej in outcome.rejected:
             orig = reading_doc(docs.originals[rej.op])

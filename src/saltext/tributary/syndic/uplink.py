@@ -25,65 +25,44 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from saltext.tributary.util import schema
+from saltext.tributary.util.schema import Backoff, option
+
 EVENT_RE = re.compile(r"^(salt/beacon/[^/]+/tributary_[A-Za-z0-9_]+/[^/]+|tributary/keys/[^/]+)$")
 RETURN_RE = re.compile(r"^salt/job/(?P<jid>\d+)/ret/(?P<minion>[^/]+)$")
 #: what a job return carries up, as salt-syndic's own forwarding keeps it
 RETURN_KEYS = ("return", "retcode", "success", "fun_args", "out")
 
-DEFAULTS: dict[str, Any] = {
-    "returns": True,
-    "max_queue": 20_000,
-    "batch": 200,
-    "timeout_s": 30,
-    "backoff": {"min_s": 0.5, "max_s": 30},
-}
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    """The ``tributary_uplink`` engine's configuration, under its YAML names."""
+
+    returns: bool = option(True, doc="forward job returns too")
+    max_queue: int = option(20_000, range=(1, 10_000_000), doc="items held while the top is away")
+    batch: int = option(200, range=(1, 10_000), doc="events per request")
+    timeout_s: float = option(30.0, range=(0.1, 3600), doc="per request")
+    backoff: Backoff = option(Backoff)
+    minion_config: str | None = option(None, doc="the syndic's minion config (id, pki_dir)")
+    master: str | None = option(None, doc="default: syndic_master")
+    master_port: int | None = option(None, range=(1, 65535), doc="default: syndic_master_port")
 
 
-def _positive(value: Any, integer: bool) -> bool:
-    kinds = (int,) if integer else (int, float)
-    return not isinstance(value, bool) and isinstance(value, kinds) and value > 0
+def parse_uplink(config: Any) -> tuple[UplinkConfig | None, list[str]]:
+    if not isinstance(config, Mapping):
+        return None, ["configuration must be a mapping"]
+    return schema.parse(UplinkConfig, config)
 
 
 def validate(config: Any) -> tuple[bool, str]:
     """Validate the ``tributary_uplink`` engine config; never raises."""
     try:
-        if not isinstance(config, Mapping):
-            return False, "tributary_uplink: configuration must be a mapping"
-        errors = []
-        known = {*DEFAULTS, "minion_config", "master", "master_port"}
-        errors += [f"{k}: unknown option" for k in config if k not in known]
-        if not isinstance(config.get("returns", True), bool):
-            errors.append("returns: must be true or false")
-        for key in ("max_queue", "batch", "master_port"):
-            if key in config and not _positive(config[key], integer=True):
-                errors.append(f"{key}: must be a positive integer")
-        if "timeout_s" in config and not _positive(config["timeout_s"], integer=False):
-            errors.append("timeout_s: must be a positive number")
-        for key in ("minion_config", "master"):
-            if key in config and not isinstance(config[key], str):
-                errors.append(f"{key}: must be a string")
-        backoff = config.get("backoff", {})
-        if not isinstance(backoff, Mapping):
-            errors.append("backoff: must be a mapping (min_s, max_s)")
-        else:
-            errors += [
-                f"backoff.{k}: unknown option" for k in backoff if k not in ("min_s", "max_s")
-            ]
-            for key in ("min_s", "max_s"):
-                if key in backoff and not _positive(backoff[key], integer=False):
-                    errors.append(f"backoff.{key}: must be a positive number")
-        if errors:
-            return False, "tributary_uplink: " + "; ".join(errors)
-        return True, "valid"
+        _, errors = parse_uplink(config)
     except Exception as exc:  # validate() never raises
         return False, f"tributary_uplink: invalid configuration: {exc}"
-
-
-def settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config with its defaults filled in (after :func:`validate`)."""
-    out = {**DEFAULTS, **config}
-    out["backoff"] = {**DEFAULTS["backoff"], **(config.get("backoff") or {})}
-    return out
+    if errors:
+        return False, "tributary_uplink: " + "; ".join(errors)
+    return True, "valid"
 
 
 @dataclass

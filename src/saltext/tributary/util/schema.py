@@ -1,0 +1,110 @@
+"""Config schemas as nested dataclasses: one place for names, types, ranges and defaults.
+
+A loader's configuration is a frozen dataclass whose fields carry their YAML names, their
+defaults and, in ``metadata``, their checks (``range``, ``choices``, ``pattern``, ``doc``).
+:func:`parse` turns a mapping into that dataclass and returns every problem with its key path
+(``gaps.grace_s: must be a number in 0..2592000, got -1``), unknown keys included, so the
+loader's ``validate()`` and ``start()`` read the same schema and cannot disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def option(default: Any, *, doc: str = "", **checks: Any) -> Any:
+    """A dataclass field with its default and checks (``range=(lo, hi)``, ``choices=(...)``,
+    ``pattern=r"..."``); mutable defaults (mappings) are copied per instance."""
+    meta = {"doc": doc, **checks}
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return dataclasses.field(default_factory=default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _check(value: Any, kind: Any, name: str, meta: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """``(converted value, None)`` or ``(None, error)`` for one scalar option."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None:
+            return None, None
+        kind = args[0]
+    if kind is bool:
+        if not isinstance(value, bool):
+            return None, f"{name}: must be true or false"
+    elif kind in (int, float):
+        ok = not isinstance(value, bool) and isinstance(
+            value, (int, float) if kind is float else int
+        )
+        lo, hi = meta.get("range", (None, None))
+        if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
+            what = "an integer" if kind is int else "a number"
+            where = f" in {lo:g}..{hi:g}" if lo is not None else ""
+            return None, f"{name}: must be {what}{where}, got {value!r}"
+        value = kind(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            return None, f"{name}: must be a string"
+        if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+            return None, f"{name}: {meta.get('pattern_doc', 'does not match ' + meta['pattern'])}"
+    elif typing.get_origin(kind) in (dict, Mapping) or kind in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            return None, f"{name}: must be a mapping"
+        value = dict(value)
+    if "choices" in meta and value not in meta["choices"]:
+        choices = ", ".join(repr(c) for c in meta["choices"])
+        return None, f"{name}: must be one of {choices}, got {value!r}"
+    return value, None
+
+
+def parse(cls: type[T], data: Any, path: str = "") -> tuple[T | None, list[str]]:
+    """``(instance, [])`` or ``(None, errors)``; every error names its key path."""
+    where = path or "configuration"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        return None, [f"{where}: must be a mapping"]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    errors = [f"{path + '.' if path else ''}{k}: unknown option" for k in data if k not in fields]
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        key = f"{path}.{name}" if path else name
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            sub, errs = parse(kind, data[name], key)  # type: ignore[arg-type]
+            errors += errs
+            kwargs[name] = sub
+            continue
+        value, err = _check(data[name], kind, key, f.metadata)
+        if err:
+            errors.append(err)
+        else:
+            kwargs[name] = value
+    if errors:
+        return None, errors
+    return cls(**kwargs), []
+
+
+def defaults(cls: type[Any]) -> dict[str, Any]:
+    """The schema's defaults as the mapping a YAML example would hold."""
+    return dataclasses.asdict(cls())
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff between retries (shared by the relay and the uplink)."""
+
+    min_s: float = option(0.5, range=(0.01, 3600), doc="first retry delay after a failure")
+    max_s: float = option(30.0, range=(0.01, 86400), doc="cap of the exponential backoff")
