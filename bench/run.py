@@ -253,7 +253,10 @@ class Counters:
             return {}
         db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
         try:
-            return dict(db.execute("SELECT name, n FROM counters").fetchall())
+            out = dict(db.execute("SELECT name, n FROM counters").fetchall())
+            for gw, name, n in db.execute("SELECT gateway, name, n FROM gateway_counters"):
+                out[f"{name}@{gw}"] = n
+            return out
         except sqlite3.Error:
             return {}
         finally:

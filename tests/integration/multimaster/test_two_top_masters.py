@@ -48,7 +48,11 @@ def _query(top, sql: str, args: tuple = ()) -> list[tuple]:
 
 
 def counters(top) -> dict[str, int]:
-    return dict(_query(top, "SELECT name, n FROM counters"))
+    """The relay's fleet counters, and this gateway's as ``<name>@gateway``."""
+    out = dict(_query(top, "SELECT name, n FROM counters"))
+    rows = _query(top, "SELECT name, n FROM gateway_counters WHERE gateway=?", (GATEWAY,))
+    out.update({f"{name}@gateway": n for name, n in rows})
+    return out
 
 
 def key_sources(top) -> set[str]:
@@ -123,7 +127,7 @@ class Timeline:
 
 
 def snapshot(tops) -> dict[str, dict[str, int]]:
-    keys = ("batches_in", f"indexed@{GATEWAY}", "already_present", "replays_requested")
+    keys = ("batches_in", "indexed@gateway", "already_present", "replays_requested")
     out = {}
     for name, top in tops.items():
         c = counters(top)
@@ -252,7 +256,7 @@ def test_two_top_masters_no_duplicates(multimaster):
                 k: c.get(k, 0)
                 for k in (
                     "batches_in",
-                    f"indexed@{GATEWAY}",
+                    "indexed@gateway",
                     "already_present",
                     "replays_requested",
                     "replays_failed",
@@ -265,7 +269,7 @@ def test_two_top_masters_no_duplicates(multimaster):
     log.warning("multimaster report: %s", report)
     print("multimaster report:", report)
 
-    indexed = {n: c.get(f"indexed@{GATEWAY}", 0) for n, c in totals.items()}
+    indexed = {n: c.get("indexed@gateway", 0) for n, c in totals.items()}
     present = {n: c.get("already_present", 0) for n, c in totals.items()}
     # Both relays wrote to Elasticsearch ...
     assert all(v > 0 for v in indexed.values()), report

@@ -28,7 +28,12 @@ def test_created_documents_are_counted_per_gateway():
         plan([1, 1, 2], [READING, {"gateway": "gw-b"}, {"gateway": "gw-a"}]),
         "tributary",
     )
-    assert out.counts == {"indexed": 2, "indexed@gw-a": 1, "indexed@gw-b": 1, "health_indexed": 1}
+    assert out.counts == {
+        "indexed": 2,
+        ("indexed", "gw-a"): 1,
+        ("indexed", "gw-b"): 1,
+        "health_indexed": 1,
+    }
     assert not out.retry_rows and not out.rejected
 
 

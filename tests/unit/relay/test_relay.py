@@ -104,7 +104,7 @@ def test_forged_unsigned_and_unknown_are_dead_lettered(tmp_path, master_pki, key
     )
     assert not docs.ranges  # nothing accounted for in the ledger
     assert relay.counters["rejected:bad_signature"] == 2
-    assert relay.counters["rejected@gw-b"] == 2
+    assert relay.counters[("rejected", "gw-b")] == 2
 
 
 def test_unknown_key_waits_for_the_key_set(tmp_path, master_pki, keys):
@@ -314,3 +314,18 @@ def test_bulk_concurrency_is_validated():
     ok, msg = validate_relay({**base, "bulk": {"concurrency": 0}})
     assert not ok and "bulk.concurrency" in msg
     assert relay_config({"bulk": {"concurrency": 3}}, "/tmp").bulk.concurrency == 3
+
+
+def test_per_gateway_counters_are_structured_and_old_spools_migrate(tmp_path):
+    spool = RelaySpool(str(tmp_path / "r.db"))
+    spool.bump({"indexed": 3, ("indexed", "gw-a"): 2, ("indexed", "gw-b"): 1})
+    spool.bump({("indexed", "gw-a"): 1})
+    assert spool.counters() == {"indexed": 3}
+    assert spool.gateway_counters() == {"gw-a": {"indexed": 3}, "gw-b": {"indexed": 1}}
+    # a spool written before the table existed kept them as "<name>@<gateway>" counters
+    spool.db.execute("INSERT INTO counters VALUES ('rejected@gw-c', 4)")
+    spool.close()
+    spool = RelaySpool(str(tmp_path / "r.db"))
+    assert spool.counters() == {"indexed": 3}
+    assert spool.gateway_counters()["gw-c"] == {"rejected": 4}
+    spool.close()

@@ -38,6 +38,7 @@ class BulkOutcome:
     retry_rows: set[int] = field(default_factory=set)
     #: documents to dead-letter
     rejected: list[Rejected] = field(default_factory=list)
+    #: fleet counters by name, per-gateway ones by ``(name, gateway)``
     counts: Counter = field(default_factory=Counter)
 
 
@@ -64,7 +65,7 @@ def classify_bulk_response(
         if status in (200, 201):
             if readings_idx in index:
                 out.counts["indexed"] += 1
-                out.counts[f"indexed@{_gateway(plan.originals[n])}"] += 1
+                out.counts[("indexed", _gateway(plan.originals[n]))] += 1
             elif "-health" in index:
                 out.counts["health_indexed"] += 1
         elif status == 409:

@@ -63,7 +63,7 @@ class Relay:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[Any] = Counter()  # name, or (name, gateway)
         self._clock = threading.Lock()
         self.last_error: str | None = None
         self._puts = 0
@@ -199,7 +199,7 @@ class Relay:
                 return True
             docs.ids.append(row_id)
             self._inc(f"rejected:{exc.reason}", 1)
-            self._inc(f"rejected@{gateway}", 1)
+            self._inc("rejected", 1, gateway=gateway)
             log.warning("tributary relay: %s under %s set aside: %s", what, gateway, exc)
             docs.lines.extend(
                 self._deadletter(gateway, exc.reason, exc.detail, "origin", None, _brief(data))
@@ -325,7 +325,7 @@ class Relay:
                     continue
                 ids.append(row_id)
                 self._inc(f"rejected:{exc.reason}", 1)
-                self._inc(f"rejected@{gateway}", 1)
+                self._inc("rejected", 1, gateway=gateway)
                 log.warning("tributary relay: batch under %s set aside: %s", gateway, exc)
                 lines.extend(
                     self._deadletter(gateway, exc.reason, exc.detail, "origin", None, _brief(data))
@@ -338,7 +338,7 @@ class Relay:
                 batch = decode_batch(data)
             except WireError as exc:
                 self._inc(f"rejected:{exc.reason}", 1)
-                self._inc(f"rejected@{gateway}", 1)
+                self._inc("rejected", 1, gateway=gateway)
                 dl = self._deadletter(gateway, exc.reason, exc.detail, "wire", None, _brief(data))
                 lines.extend(dl)
                 owners.append(row_id)
@@ -424,7 +424,7 @@ class Relay:
             "original": original if isinstance(original, Mapping) else {"value": repr(original)},
         }
         self._inc("dead_lettered", 1)
-        self._inc(f"dead_lettered@{gateway}", 1)
+        self._inc("dead_lettered", 1, gateway=gateway)
         return [json.dumps({"create": meta}), json.dumps(doc, default=str)]
 
     def prepare(self, spool: RelaySpool, skip: Collection[int] = ()) -> Docs | None:
@@ -471,13 +471,14 @@ class Relay:
         depth, oldest = spool.depth()
         counters = spool.counters()
         for k, v in self.counters.items():
-            counters[k] = counters.get(k, 0) + v
+            if isinstance(k, str):
+                counters[k] = counters.get(k, 0) + v
         gaps = spool.ledger.gaps(include_given_up=False)
         return {
             "@timestamp": now_ms(),
             "relay": self.name,
-            # fleet counters only: per-gateway names would grow the mapping with the fleet
-            "counters": {k.replace(":", "_"): v for k, v in counters.items() if "@" not in k},
+            # fleet counters only: per-gateway ones would grow the mapping with the fleet
+            "counters": {k.replace(":", "_"): v for k, v in counters.items()},
             "spool_batches": depth,
             "spool_bytes": spool.used_bytes(),
             "spool_oldest_age_s": round((now_ms() - oldest) / 1000, 1) if oldest else 0,
@@ -509,11 +510,12 @@ class Relay:
         except Exception as exc:  # the first bulk of the day creates it otherwise
             log.debug("tributary relay: could not pre-create indices: %s", exc)
 
-    def _inc(self, name: str, n: int = 1) -> None:
+    def _inc(self, name: str, n: int = 1, gateway: str | None = None) -> None:
+        """Count ``n`` under ``name``, for the fleet or, with ``gateway``, for that gateway."""
         with self._clock:
-            self.counters[name] += n
+            self.counters[(name, gateway) if gateway else name] += n
 
-    def _drain_counters(self) -> dict[str, int]:
+    def _drain_counters(self) -> dict[Any, int]:
         with self._clock:
             out = dict(self.counters)
             self.counters.clear()

@@ -87,7 +87,7 @@ class GapRepairer:
         per_minute: int = 6,
         max_attempts: int = 8,
         max_readings: int = 20_000,
-        count: Callable[[str, int], None] | None = None,
+        count: Callable[..., None] | None = None,
     ) -> None:
         self.ledger_factory = ledger_factory
         self.replay = replay
@@ -98,7 +98,8 @@ class GapRepairer:
         self.limiter = RateLimiter(per_minute)
         self.max_attempts = max_attempts
         self.max_readings = max_readings
-        self.count = count or (lambda name, n: None)
+        #: ``count(name, n, gateway=None)``: the relay's counters
+        self.count = count or (lambda name, n, gateway=None: None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: list[dict[str, Any]] = []
@@ -133,7 +134,7 @@ class GapRepairer:
         # and the replayed readings can be indexed, and the counters persisted with them,
         # before it is back.
         self.count("replays_requested", 1)
-        self.count(f"replays_requested@{gap.gateway}", 1)
+        self.count("replays_requested", 1, gateway=gap.gateway)
         try:
             answer = self.replay(gap.gateway, gap.epoch, gap.lo, hi)
         except Exception as exc:  # a failed request is retried

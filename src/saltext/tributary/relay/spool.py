@@ -30,10 +30,14 @@ CREATE TABLE IF NOT EXISTS batches (id INTEGER PRIMARY KEY, gateway TEXT NOT NUL
     kind TEXT NOT NULL, ukey TEXT NOT NULL UNIQUE, received INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS gateway_counters (gateway TEXT NOT NULL, name TEXT NOT NULL,
+    n INTEGER NOT NULL, PRIMARY KEY (gateway, name));
 CREATE TABLE IF NOT EXISTS heartbeat_facts (name TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS gateway_keys (gateway TEXT NOT NULL, source TEXT NOT NULL,
     pem TEXT NOT NULL, updated REAL NOT NULL, PRIMARY KEY (gateway, source));
 """
+#: The counters kept per gateway (``gateway_counters``), shown by ``tributary.status``.
+PER_GATEWAY_COUNTERS = ("indexed", "dead_lettered", "rejected", "replays_requested")
 #: Columns added after the first release of the spool schema (migrated in place).
 EXTRA_COLUMNS = {
     "hold_until": "INTEGER NOT NULL DEFAULT 0",
@@ -71,6 +75,7 @@ class RelaySpool:
                     pass
         self.ledger = Ledger(self.db)
         self.write_lock = _write_lock(path)
+        self._migrate_counters()
 
     def put(self, gateway: str, kind: str, ukey: str, data: Any) -> bool:
         body = msgpack.packb(data, use_bin_type=True, default=str)
@@ -184,11 +189,38 @@ class RelaySpool:
         n, oldest = self.db.execute("SELECT COUNT(*), MIN(received) FROM batches").fetchone()
         return n, oldest
 
-    def bump(self, counts: Mapping[str, int]) -> None:
-        sqlite.bump(self.db, counts)
+    def bump(self, counts: Mapping[Any, int]) -> None:
+        """Add to the fleet counters (``name`` keys) and the per-gateway counters
+        (``(name, gateway)`` keys), in the caller's transaction if one is open."""
+        per_gw = [(k[1], k[0], n, n) for k, n in counts.items() if isinstance(k, tuple) and n]
+        sqlite.bump(self.db, {k: n for k, n in counts.items() if isinstance(k, str)})
+        if per_gw:
+            self.db.executemany(
+                "INSERT INTO gateway_counters VALUES (?, ?, ?)"
+                " ON CONFLICT(gateway, name) DO UPDATE SET n = n + ?",
+                per_gw,
+            )
 
     def counters(self) -> dict[str, int]:
+        """The fleet counters."""
         return dict(self.db.execute("SELECT name, n FROM counters").fetchall())
+
+    def gateway_counters(self) -> dict[str, dict[str, int]]:
+        """The per-gateway counters: gateway -> name -> n."""
+        out: dict[str, dict[str, int]] = {}
+        for gw, name, n in self.db.execute("SELECT gateway, name, n FROM gateway_counters"):
+            out.setdefault(gw, {})[name] = n
+        return out
+
+    def _migrate_counters(self) -> None:
+        """Spools written before per-gateway counters had their own table kept them as
+        ``<name>@<gateway>`` rows of ``counters``: move them."""
+        rows = self.db.execute("SELECT name, n FROM counters WHERE name LIKE '%@%'").fetchall()
+        if not rows:
+            return
+        with self.write_lock, sqlite.transaction(self.db):
+            self.bump({tuple(name.split("@", 1)): n for name, n in rows})
+            self.db.executemany("DELETE FROM counters WHERE name=?", [(r[0],) for r in rows])
 
     def close(self) -> None:
         self.db.close()

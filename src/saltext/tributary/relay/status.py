@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from saltext.tributary.relay.config import RelayConfig, engine_config, relay_config
-from saltext.tributary.relay.spool import RelaySpool
+from saltext.tributary.relay.spool import PER_GATEWAY_COUNTERS, RelaySpool
 from saltext.tributary.util.clock import now_ms
 
 log = logging.getLogger(__name__)
@@ -90,18 +90,19 @@ def status_from_opts(opts: Mapping[str, Any], check_es: bool = True) -> dict[str
         ledger.refresh(now)
         gateways = ledger.summary(now)
         per_gw_depth = spool.depth_by_gateway()
-        for gw in set(per_gw_depth) | {k.split("@", 1)[1] for k in counters if "@" in k}:
+        per_gw_counters = spool.gateway_counters()
+        for gw in set(per_gw_depth) | set(per_gw_counters):
             gateways.setdefault(gw, {"epochs": {}, "open_gaps": 0, "missing": 0})
         for gw, entry in gateways.items():
             b, n = per_gw_depth.get(gw, (0, 0))
             entry["relay_spool"] = {"batches": b, "readings": n or 0}
-            for name in ("indexed", "dead_lettered", "rejected", "replays_requested"):
-                entry[name] = counters.get(f"{name}@{gw}", 0)
+            for name in PER_GATEWAY_COUNTERS:
+                entry[name] = per_gw_counters.get(gw, {}).get(name, 0)
             entry["gateway_spool"] = entry.pop("gateway_spool", None)
         for gw, hb in _last_heartbeats(spool).items():
             if gw in gateways:
                 gateways[gw]["gateway_spool"] = hb
-        totals = {k: v for k, v in counters.items() if "@" not in k}
+        totals = counters
         out.update(
             result=bool(out.get("elasticsearch", {}).get("reachable", True)),
             # the relay engine's own spool and counters
