@@ -60,6 +60,7 @@ try:
     from saltext.tributary.relay import config as relay_config
     from saltext.tributary.relay import elasticsearch as es_lib
     from saltext.tributary.relay import pipeline
+    from saltext.tributary.relay import repair as repair_lib
     from saltext.tributary.relay import spool as relay_spool
     from saltext.tributary.relay import status as relay_status
 
@@ -92,18 +93,6 @@ def __virtual__():
 def validate(config):
     """Validate the engine configuration; returns ``(bool, message)`` and never raises."""
     return relay_config.validate_relay(config)
-
-
-def _replay_fn(timeout):
-    import salt.client
-
-    client = salt.client.get_local_client(mopts=__opts__)
-
-    def replay(gateway, epoch, lo, hi):
-        ret = client.cmd(gateway, "tributary.replay", [epoch, lo, hi], timeout=timeout)
-        return (ret or {}).get(gateway)
-
-    return replay
 
 
 def start(**config):
@@ -144,11 +133,9 @@ def start(**config):
     repairer = None
     gaps = config.get("gaps") or {}
     if gaps.get("enabled", True):
-        from saltext.tributary.relay.repair import GapRepairer
-
-        repairer = GapRepairer(
+        repairer = repair_lib.GapRepairer(
             lambda: relay_spool.RelaySpool(rcfg.spool_path).ledger,
-            _replay_fn(rcfg.gaps.timeout_s),
+            repair_lib.local_client_replay(__opts__, rcfg.gaps.timeout_s),
             grace_s=rcfg.gaps.grace_s,
             check_s=rcfg.gaps.check_s,
             backoff_s=rcfg.gaps.backoff_s,

@@ -94,14 +94,7 @@ def replay(gateway, epoch=None, from_seq=None, to_seq=None, timeout=60):
         salt-run tributary.replay gw-brisbane-1
         salt-run tributary.replay gw-brisbane-1 3f9c2a1b7d10 1200 1300
     """
-    import salt.client
-
-    client = salt.client.get_local_client(mopts=__opts__)
-
-    def call(gw, ep, lo, hi):
-        ret = client.cmd(gw, "tributary.replay", [ep, int(lo), int(hi)], timeout=int(timeout))
-        return (ret or {}).get(gw)
-
+    call = repair_lib.local_client_replay(__opts__, timeout)
     if epoch is not None:
         if from_seq is None or to_seq is None:
             return {"result": False, "error": "give epoch, from_seq and to_seq, or none of them"}
@@ -115,10 +108,12 @@ def replay(gateway, epoch=None, from_seq=None, to_seq=None, timeout=60):
         rep = repair_lib.GapRepairer(
             lambda: spool.ledger,
             call,
-            backoff_s=rcfg.replay_backoff_s,
-            backoff_max_s=rcfg.replay_backoff_max_s,
-            max_readings=rcfg.replay_max_readings,
-            count=lambda name, n: spool.bump({name: n}),
+            backoff_s=rcfg.gaps.backoff_s,
+            backoff_max_s=rcfg.gaps.backoff_max_s,
+            max_readings=rcfg.gaps.max_readings,
+            count=lambda name, n, gateway=None: spool.bump(
+                {(name, gateway) if gateway else name: n}
+            ),
         )
         spool.ledger.refresh()
         requested = [

@@ -317,21 +317,7 @@ class Relay:
                 owners.append(row_id)
                 originals.append(doc)
                 continue
-            try:
-                self.check_origin(spool, gateway, data)
-            except signing.SignatureError as exc:
-                if exc.reason == "unknown_key" and now - received < cfg.key_wait_s * 1000:
-                    docs.held.append(row_id)  # the syndic's key set may not have arrived yet
-                    continue
-                ids.append(row_id)
-                self._inc(f"rejected:{exc.reason}", 1)
-                self._inc("rejected", 1, gateway=gateway)
-                log.warning("tributary relay: batch under %s set aside: %s", gateway, exc)
-                lines.extend(
-                    self._deadletter(gateway, exc.reason, exc.detail, "origin", None, _brief(data))
-                )
-                owners.append(row_id)
-                originals.append(data)
+            if self._origin_refused(docs, spool, row_id, gateway, received, data, now, "batch"):
                 continue
             ids.append(row_id)
             try:

@@ -39,6 +39,21 @@ ReplayFn = Callable[[str, str, int, int], Any]
 GONE_MARKERS = ("not held", "unknown epoch", "empty range")
 
 
+def local_client_replay(opts: Mapping[str, Any], timeout: float) -> ReplayFn:
+    """``replay(gateway, epoch, lo, hi)`` through this master's LocalClient (it reaches
+    gateways behind syndics): the answer of the gateway's ``tributary.replay``, or None."""
+    import salt.client
+
+    client = salt.client.get_local_client(mopts=dict(opts))
+
+    def replay(gateway: str, epoch: str, lo: int, hi: int) -> Any:
+        args = [str(epoch), int(lo), int(hi)]
+        ret = client.cmd(gateway, "tributary.replay", args, timeout=int(timeout))
+        return (ret or {}).get(gateway)
+
+    return replay
+
+
 class RateLimiter:
     """At most ``per_minute`` events in any 60 s window."""
 
