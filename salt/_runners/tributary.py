@@ -111,9 +111,7 @@ def replay(gateway, epoch=None, from_seq=None, to_seq=None, timeout=60):
             backoff_s=rcfg.gaps.backoff_s,
             backoff_max_s=rcfg.gaps.backoff_max_s,
             max_readings=rcfg.gaps.max_readings,
-            count=lambda name, n, gateway=None: spool.bump(
-                {(name, gateway) if gateway else name: n}
-            ),
+            count=spool.count,
         )
         spool.ledger.refresh()
         requested = [

@@ -201,6 +201,11 @@ class RelaySpool:
                 per_gw,
             )
 
+    def count(self, name: str, n: int = 1, gateway: str | None = None) -> None:
+        """Count ``n`` under ``name`` now, for the fleet or for ``gateway``."""
+        with self.write_lock:
+            self.bump({(name, gateway) if gateway else name: n})
+
     def counters(self) -> dict[str, int]:
         """The fleet counters."""
         return dict(self.db.execute("SELECT name, n FROM counters").fetchall())
