@@ -86,13 +86,7 @@ def parse_relay(config: Any) -> tuple[RelayConfig | None, list[str]]:
 
 def validate_relay(config: Any) -> tuple[bool, str]:
     """Validate the ``tributary_relay`` engine config; never raises."""
-    try:
-        _, errors = parse_relay(config)
-    except Exception as exc:  # validate() never raises
-        return False, f"tributary_relay: invalid configuration: {exc}"
-    if errors:
-        return False, "tributary_relay: " + "; ".join(errors)
-    return True, "valid"
+    return schema.verdict("tributary_relay", parse_relay, config)
 
 
 def relay_config(

@@ -56,13 +56,7 @@ def parse_uplink(config: Any) -> tuple[UplinkConfig | None, list[str]]:
 
 def validate(config: Any) -> tuple[bool, str]:
     """Validate the ``tributary_uplink`` engine config; never raises."""
-    try:
-        _, errors = parse_uplink(config)
-    except Exception as exc:  # validate() never raises
-        return False, f"tributary_uplink: invalid configuration: {exc}"
-    if errors:
-        return False, "tributary_uplink: " + "; ".join(errors)
-    return True, "valid"
+    return schema.verdict("tributary_uplink", parse_uplink, config)
 
 
 @dataclass

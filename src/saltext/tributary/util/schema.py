@@ -13,7 +13,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -95,6 +95,20 @@ def parse(cls: type[T], data: Any, path: str = "") -> tuple[T | None, list[str]]
     if errors:
         return None, errors
     return cls(**kwargs), []
+
+
+def verdict(
+    label: str, parse_fn: Callable[[Any], tuple[Any, list[str]]], config: Any
+) -> tuple[bool, str]:
+    """What a loader's ``validate()`` returns: ``(True, "valid")`` or ``(False, "<label>: <every
+    problem with its key path>")``; never raises."""
+    try:
+        _, errors = parse_fn(config)
+    except Exception as exc:  # validate() never raises
+        return False, f"{label}: invalid configuration: {exc}"
+    if errors:
+        return False, f"{label}: " + "; ".join(errors)
+    return True, "valid"
 
 
 def defaults(cls: type[Any]) -> dict[str, Any]:
