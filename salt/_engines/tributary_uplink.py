@@ -15,6 +15,8 @@ forwarded for Tributary:
   replay requests and commands targeted from the top master (``salt -G site:x ...``) get their
   answers.
 
+With several top masters (``syndic_master`` a list of ``host:port``) each gets its own queue
+and channel: every event goes to each, a job return only to the master its ``master_id`` names.
 Events wait in a bounded in-memory queue while the top master is unreachable (retried with
 capped exponential backoff); past ``max_queue`` the oldest are dropped, counted and logged, and
 the relay's gap repair asks the gateways for what was lost. Do not run it where salt-syndic
@@ -37,7 +39,6 @@ Configuration (syndic master config)::
 
 import logging
 import os
-import time
 
 try:
     import saltext.tributary as tributary_pkg
@@ -69,21 +70,29 @@ def validate(config):
     return uplink_lib.validate(config)
 
 
-def _syndic_opts(cfg):
-    """The opts salt-syndic itself connects to the top master with."""
+def _masters(cfg):
+    """``(entry, opts)`` per top master, as salt-syndic connects to each: its ``id`` and
+    ``pki_dir`` from the syndic's minion config, the master from ``syndic_master`` (one entry
+    or a list of ``host`` / ``host:port``)."""
     import salt.config
     import salt.minion
 
     minion_conf = cfg.minion_config or os.path.join(
         os.path.dirname(__opts__["conf_file"]), "minion"
     )
-    opts = salt.config.syndic_config(__opts__["conf_file"], minion_conf)
-    if cfg.master:
-        opts["master"] = cfg.master
-    if cfg.master_port:
-        opts["master_port"] = cfg.master_port
-    opts.update(salt.minion.resolve_dns(opts))
-    return opts
+    base = salt.config.syndic_config(__opts__["conf_file"], minion_conf)
+    entries = cfg.master or base.get("syndic_master") or base["master"]
+    for entry in [entries] if isinstance(entries, str) else list(entries):
+        opts = dict(base)
+        host, _, port = str(entry).rpartition(":")
+        if host and port.isdigit():
+            opts["master"], opts["master_port"] = host, int(port)
+        else:
+            opts["master"] = str(entry)
+            if cfg.master_port:
+                opts["master_port"] = cfg.master_port
+        opts.update(salt.minion.resolve_dns(opts))
+        yield str(entry), opts
 
 
 def start(**config):
@@ -92,51 +101,23 @@ def start(**config):
     if not ok:
         log.error("%s: not starting", msg)
         raise ValueError(msg)
-    import salt.channel.client
-
     cfg, _ = uplink_lib.parse_uplink(config)
-    opts = _syndic_opts(cfg)
-    up = uplink_lib.Uplink(
-        opts["id"], max_queue=cfg.max_queue, batch=cfg.batch, returns=cfg.returns
-    )
-    backoff = cfg.backoff
-    delay, next_try, channel = 0.0, 0.0, None
-    log.info("tributary_uplink: forwarding to %s as %s", opts.get("master_uri"), opts["id"])
+    masters = list(_masters(cfg))
+    links = [_Link(entry, opts, cfg, len(masters) > 1) for entry, opts in masters]
+    for link in links:
+        log.info(
+            "tributary_uplink: forwarding to %s as %s",
+            link.opts.get("master_uri"),
+            link.up.syndic_id,
+        )
     with salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=True) as bus:
         while True:
-            ev = bus.get_event(
-                wait=0.2 if not up.pending() else 0.01, full=True, auto_reconnect=True
-            )
+            busy = any(link.up.pending() for link in links)
+            ev = bus.get_event(wait=0.01 if busy else 0.2, full=True, auto_reconnect=True)
             while ev:
-                up.take(ev.get("tag", ""), ev.get("data"))
+                for link in links:
+                    link.up.take(ev.get("tag", ""), ev.get("data"))
                 ev = bus.get_event(no_block=True, full=True, auto_reconnect=True)
-            dropped = up.counters.pop("events_dropped", 0) + up.counters.pop("returns_dropped", 0)
-            if dropped:
-                log.error(
-                    "tributary_uplink: queue past max_queue (%s): dropped the %s oldest items;"
-                    " the relay's gap repair asks the gateways for lost batches",
-                    cfg.max_queue,
-                    dropped,
-                )
-            while up.pending() and time.monotonic() >= next_try:
-                kind, load, size = up.next_request()
-                try:
-                    if channel is None:
-                        channel = salt.channel.client.ReqChannel.factory(opts, crypt="aes")
-                    channel.send(load, timeout=cfg.timeout_s, tries=1)
-                except Exception as exc:  # pylint: disable=broad-except
-                    delay = min(max(delay * 2, backoff.min_s), backoff.max_s)
-                    next_try = time.monotonic() + delay
-                    log.warning(
-                        "tributary_uplink: %s to %s failed (%s); retrying in %.1f s",
-                        kind,
-                        opts.get("master_uri"),
-                        exc,
-                        delay,
-                    )
-                    if channel is not None:
-                        channel.close()
-                        channel = None
-                    break
-                up.sent(kind, size)
-                delay = 0.0
+            for link in links:
+                link.report_drops()
+                link.flush()

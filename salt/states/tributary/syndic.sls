@@ -32,7 +32,7 @@ tributary-syndic-file-tree-{{ f }}:
 {#- The syndic master's engines: tributary_keys publishes its accepted gateway keys upward;
     tributary_uplink carries Tributary's events and job returns to the top master where
     salt-syndic cannot (Salt 3008: uplink 'auto' turns it on from this host's Salt version). #}
-{%- set engines = [{'tributary_keys': s.keys}] %}
+{%- set engines = [{'tributary_keys': s['keys']}] %}
 {%- set uplink = s.uplink.enabled %}
 {%- if uplink == 'auto' %}
 {%-   set uplink = (grains.get('saltversioninfo', [0])[0] | int) >= 3008 %}

@@ -152,7 +152,9 @@ def test_example_fleet_pillar_renders_for_a_gateway(states_minion, pillar, pilla
         shutil.copy(src, dst)
     try:
         cli = states_minion.salt_call_cli(timeout=120)
-        data = cli.run("pillar.items").data
+        # Salt 3008 masks pillar values in pillar.items unless asked (states see them unmasked)
+        unmask = ["unmask=True"] if salt.version.__saltstack_version__.info[0] >= 3008 else []
+        data = cli.run("pillar.items", *unmask).data
         bridge = data["mosquitto"]["bridges"]["upstream"]
         assert bridge["addresses"][0] == "mqtt-a.brisbane.example.internal:8883"
         assert bridge["remote_clientid"] == "states-gw-1"

@@ -118,3 +118,60 @@ def test_parse_fills_in_the_defaults():
     cfg, errors = parse_uplink({"backoff": {"max_s": 5}})
     assert errors == [] and cfg.backoff.max_s == 5 and cfg.backoff.min_s == 0.5
     assert cfg.batch == 200 and cfg.returns and cfg == UplinkConfig(backoff=cfg.backoff)
+
+
+class ScriptedChannel:
+    """Answers requests, or raises while ``down`` (the top master unreachable)."""
+
+    def __init__(self, sent: list, down: list) -> None:
+        self.sent, self.down = sent, down
+
+    def send(self, load, timeout, tries):
+        if self.down and self.down[0]:
+            raise TimeoutError("no answer")
+        self.sent.append(load)
+
+    def close(self):
+        pass
+
+
+def test_each_top_master_gets_every_event_and_only_its_own_job_returns():
+    from saltext.tributary.syndic.uplink import Link
+
+    cfg, _ = parse_uplink({})
+    sent: dict[str, list] = {"a:1": [], "b:2": []}
+    links = [
+        Link(e, {"id": "syn-1"}, cfg, lambda o, e=e: ScriptedChannel(sent[e], []), several=True)
+        for e in sent
+    ]
+    tag, data = ret("1", "gw-1")
+    for link in links:
+        link.up.take(BATCH, {"v": 1})
+        link.up.take(tag, {**data, "master_id": "b:2"})
+        link.up.take(*ret("2", "gw-1"))  # no master_id: everyone
+        link.flush()
+    cmds = {e: [load["cmd"] for load in loads] for e, loads in sent.items()}
+    assert cmds == {
+        "a:1": ["_syndic_return", "_minion_event"],
+        "b:2": ["_syndic_return", "_minion_event"],
+    }
+    jids = {e: [r["jid"] for r in loads[0]["load"]] for e, loads in sent.items()}
+    assert jids == {"a:1": ["2"], "b:2": ["1", "2"]}
+
+
+def test_a_master_that_does_not_answer_keeps_its_queue_and_backs_off():
+    from saltext.tributary.syndic.uplink import Link
+
+    cfg, _ = parse_uplink({"backoff": {"min_s": 60, "max_s": 120}})
+    sent: list = []
+    down = [True]
+    link = Link("a:1", {"id": "syn-1"}, cfg, lambda o: ScriptedChannel(sent, down))
+    link.up.take(BATCH, {"v": 1})
+    link.flush()
+    assert sent == [] and len(link.up.events) == 1 and link.delay == 60
+    down[0] = False
+    link.flush()  # still backing off: nothing sent before next_try
+    assert sent == []
+    link.next_try = 0
+    link.flush()
+    assert len(sent) == 1 and not link.up.pending() and link.delay == 0

@@ -19,9 +19,11 @@ they are grouped into requests. The engine does the I/O.
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ from saltext.tributary.util import schema
 from saltext.tributary.util.schema import Backoff, option
 
 EVENT_RE = re.compile(r"^(salt/beacon/[^/]+/tributary_[A-Za-z0-9_]+/[^/]+|tributary/keys/[^/]+)$")
+log = logging.getLogger(__name__)
 RETURN_RE = re.compile(r"^salt/job/(?P<jid>\d+)/ret/(?P<minion>[^/]+)$")
 #: what a job return carries up, as salt-syndic's own forwarding keeps it
 RETURN_KEYS = ("return", "retcode", "success", "fun_args", "out")
@@ -44,7 +47,7 @@ class UplinkConfig:
     timeout_s: float = option(30.0, range=(0.1, 3600), doc="per request")
     backoff: Backoff = option(Backoff)
     minion_config: str | None = option(None, doc="the syndic's minion config (id, pki_dir)")
-    master: str | None = option(None, doc="default: syndic_master")
+    master: str | list[str] | None = option(None, doc="default: syndic_master (one or a list)")
     master_port: int | None = option(None, range=(1, 65535), doc="default: syndic_master_port")
 
 
@@ -67,6 +70,9 @@ class Uplink:
     max_queue: int = 20_000
     batch: int = 200
     returns: bool = True
+    #: with several top masters, one Uplink each: a job return whose ``master_id`` names
+    #: another master is left to that master's Uplink (a return without one goes to all)
+    master_id: str | None = None
     events: deque = field(default_factory=deque)
     rets: OrderedDict = field(default_factory=OrderedDict)
     counters: dict[str, int] = field(default_factory=dict)
@@ -87,6 +93,9 @@ class Uplink:
             return True
         m = RETURN_RE.match(tag)
         if m is None or not self.returns or "return" not in data or "jid" not in data:
+            return False
+        owner = data.get("master_id")
+        if owner is not None and self.master_id is not None and owner != self.master_id:
             return False
         jid, minion = m.group("jid"), m.group("minion")
         load = self.rets.get(jid)
@@ -132,3 +141,70 @@ class Uplink:
             for _ in range(min(size, len(self.events))):
                 self.events.popleft()
             self._count("events_sent", size)
+
+
+class Link:
+    """One top master: its queue, its request channel, its backoff."""
+
+    def __init__(
+        self,
+        entry: str,
+        opts: Mapping[str, Any],
+        cfg: UplinkConfig,
+        channel_factory: Callable[[Mapping[str, Any]], Any],
+        several: bool = False,
+    ) -> None:
+        self.entry, self.opts, self.cfg = entry, opts, cfg
+        self.channel_factory = channel_factory
+        self.uri = opts.get("master_uri", entry)
+        self.up = Uplink(
+            opts["id"],
+            max_queue=cfg.max_queue,
+            batch=cfg.batch,
+            returns=cfg.returns,
+            master_id=entry if several else None,
+        )
+        self.channel: Any = None
+        self.delay = 0.0
+        self.next_try = 0.0
+
+    def flush(self) -> None:
+        """Send what is queued until the master fails to answer (then back off)."""
+        while time.monotonic() >= self.next_try:
+            request = self.up.next_request()
+            if request is None:
+                return
+            kind, load, size = request
+            try:
+                if self.channel is None:
+                    self.channel = self.channel_factory(self.opts)
+                self.channel.send(load, timeout=self.cfg.timeout_s, tries=1)
+            except Exception as exc:  # a failed request is retried with backoff
+                backoff = self.cfg.backoff
+                self.delay = min(max(self.delay * 2, backoff.min_s), backoff.max_s)
+                self.next_try = time.monotonic() + self.delay
+                log.warning(
+                    "tributary_uplink: %s to %s failed (%s); retrying in %.1f s",
+                    kind,
+                    self.uri,
+                    exc,
+                    self.delay,
+                )
+                if self.channel is not None:
+                    self.channel.close()
+                    self.channel = None
+                return
+            self.up.sent(kind, size)
+            self.delay = 0.0
+
+    def report_drops(self) -> None:
+        c = self.up.counters
+        dropped = c.pop("events_dropped", 0) + c.pop("returns_dropped", 0)
+        if dropped:
+            log.error(
+                "tributary_uplink: queue for %s past max_queue (%s): dropped the %s oldest"
+                " items; the relay's gap repair asks the gateways for lost batches",
+                self.entry,
+                self.cfg.max_queue,
+                dropped,
+            )

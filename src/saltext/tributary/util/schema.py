@@ -34,10 +34,26 @@ def _check(value: Any, kind: Any, name: str, meta: Mapping[str, Any]) -> tuple[A
     """``(converted value, None)`` or ``(None, error)`` for one scalar option."""
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
         if value is None:
             return None, None
-        kind = args[0]
+        errors = []
+        for arg in (a for a in typing.get_args(kind) if a is not type(None)):
+            got, err = _check(value, arg, name, meta)
+            if err is None:
+                return got, None
+            errors.append(err.split(": ", 1)[1].removeprefix("must be "))
+        return None, f"{name}: must be " + " or ".join(dict.fromkeys(errors))
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, list) or not value:
+            return None, f"{name}: must be a non-empty list"
+        out = []
+        for i, v in enumerate(value):
+            got, err = _check(v, item, f"{name}[{i}]", meta)
+            if err:
+                return None, err
+            out.append(got)
+        return out, None
     if kind is bool:
         if not isinstance(value, bool):
             return None, f"{name}: must be true or false"
