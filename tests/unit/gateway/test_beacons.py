@@ -97,8 +97,7 @@ def test_closing_one_beacon_leaves_the_others_running(tmp_path):
     gw_beacons.sysfs_source(a, opts)
     shared = gw_beacons.emitting_spool(a, opts)
     gw_beacons.close_beacon([{k: v} for k, v in a.items()], opts, "tributary_sysfs")
-    keys = set(gw_beacons._sources)
-    assert f"{spool['path']}|sysfs_b" in keys and f"{spool['path']}|sysfs_a" not in keys
+    assert gw_beacons.REGISTRY.get("source", f"{spool['path']}|sysfs_a") is None
     assert gw_beacons.sysfs_source(b, opts) is source_b  # not restarted
     assert gw_beacons.emitting_spool(b, opts) is shared  # the shared spool stays open
     shared.status()

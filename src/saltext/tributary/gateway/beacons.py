@@ -8,11 +8,8 @@ this module's registry, a normal Python import: it survives Salt reloading the b
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +22,7 @@ from saltext.tributary.gateway.config import (
     spool_path,
 )
 from saltext.tributary.gateway.filters import Filters, compile_filters
+from saltext.tributary.gateway.registry import Registry
 from saltext.tributary.gateway.sources import health as health_mod
 from saltext.tributary.gateway.sources.payload import Mapper, compile_rules
 from saltext.tributary.gateway.sources.sysfs import SysfsSource, compile_sources
@@ -35,17 +33,10 @@ from saltext.tributary.util import clock
 log = logging.getLogger(__name__)
 
 
-_registry_lock = threading.Lock()
-_sources: dict[str, tuple[str, Any]] = {}
-_spools: dict[str, GatewaySpool] = {}
-_filters: dict[str, tuple[str, Filters]] = {}
+REGISTRY = Registry()
 _last_trim: dict[str, float] = {}
 #: How often a beacon run applies the retention budget (seconds).
 TRIM_EVERY_S = 60.0
-
-
-def _fingerprint(cfg: Mapping[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def ensure_mqtt_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
@@ -54,15 +45,10 @@ def ensure_mqtt_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
 
     path = spool_path(cfg, opts)
     name = str(cfg.get("_beacon_name", "tributary_mqtt"))
-    key = f"{path}|{name}"
-    fp = _fingerprint({k: v for k, v in cfg.items() if k != "interval"})
-    with _registry_lock:
-        current = _sources.get(key)
-        if current and current[0] == fp:
-            return current[1]
-        if current:
-            log.info("tributary mqtt: configuration changed, restarting the subscriber")
-            current[1].stop()
+
+    def build(previous: Any) -> Any:
+        if previous is not None:
+            log.info("tributary mqtt: configuration changed, restarted the subscriber")
         broker_cfg = dict(cfg.get("broker") or {})
         broker_cfg.setdefault("client_id", f"tributary-{opts.get('id', 'gateway')}-{name}")
         source = MqttSource(
@@ -73,8 +59,10 @@ def ensure_mqtt_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
             **spool_options(cfg),
         )
         source.start()
-        _sources[key] = (fp, source)
         return source
+
+    config = {k: v for k, v in cfg.items() if k != "interval"}
+    return REGISTRY.ensure("source", f"{path}|{name}", config, build)
 
 
 def close_beacon(config: Any, opts: Mapping[str, Any], module: str) -> None:
@@ -83,45 +71,25 @@ def close_beacon(config: Any, opts: Mapping[str, Any], module: str) -> None:
     when that beacon alone is removed or disabled)."""
     cfg = config_to_dict(config)
     key = f"{spool_path(cfg, opts)}|{cfg.get('_beacon_name') or module}"
-    with _registry_lock:
-        current = _sources.pop(key, None)
-        _filters.pop(key, None)
-    if current is not None and hasattr(current[1], "stop"):
-        current[1].stop()
+    REGISTRY.drop("source", key)
+    REGISTRY.drop("filters", key)
 
 
 def stop_sources() -> None:
-    """Stop every subscriber (beacon ``close``, tests)."""
-    with _registry_lock:
-        for _, source in _sources.values():
-            if hasattr(source, "stop"):
-                source.stop()
-        _sources.clear()
-        _filters.clear()
-        _budgets.clear()
-        _last_trim.clear()
-        for spool in _spools.values():
-            spool.close()
-        _spools.clear()
+    """Stop every subscriber and close every spool (tests, shutdown)."""
+    REGISTRY.clear()
+    _last_trim.clear()
 
 
 def emitting_spool(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> GatewaySpool:
     path = spool_path(cfg, opts)
-    with _registry_lock:
-        spool = _spools.get(path)
-        if spool is None:
-            spool = _spools[path] = GatewaySpool(path, **spool_options(cfg))
-        return spool
+    return REGISTRY.ensure("spool", path, None, lambda _: GatewaySpool(path, **spool_options(cfg)))
 
 
 def _filters_for(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Filters:
     key = f"{spool_path(cfg, opts)}|{cfg.get('_beacon_name', '')}"
-    fp = _fingerprint({"filters": cfg.get("filters") or []})
-    with _registry_lock:
-        cur = _filters.get(key)
-        if cur is None or cur[0] != fp:
-            cur = _filters[key] = (fp, Filters(compile_filters(cfg.get("filters"))))
-        return cur[1]
+    rules = cfg.get("filters") or []
+    return REGISTRY.ensure("filters", key, rules, lambda _: Filters(compile_filters(rules)))
 
 
 def spool_readings(
@@ -175,9 +143,6 @@ def finalize_batch(batch: dict[str, Any], opts: Mapping[str, Any]) -> dict[str, 
     return signing.sign_batch(batch, opts)
 
 
-_budgets: dict[str, Any] = {}
-
-
 def _budget_for(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
     """The gateway's bandwidth budget: one per spool, whichever beacon configures it.
 
@@ -189,18 +154,16 @@ def _budget_for(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
 
     path = spool_path(cfg, opts)
     bw = cfg.get("bandwidth")
-    with _registry_lock:
-        cur = _budgets.get(path)
-        if not bw:
-            return cur[1] if cur else None
-        fp = _fingerprint(bw)
-        if cur is None:
-            cur = _budgets[path] = (fp, Budget.from_config(bw))
-        elif cur[0] != fp:
-            new = Budget.from_config(bw)
-            new.tokens, new.last = min(cur[1].tokens, new.tokens), cur[1].last
-            cur = _budgets[path] = (fp, new)
-        return cur[1]
+    if not bw:
+        return REGISTRY.get("budget", path)
+
+    def build(previous: Any) -> Any:
+        new = Budget.from_config(bw)
+        if previous is not None:
+            new.tokens, new.last = min(previous.tokens, new.tokens), previous.last
+        return new
+
+    return REGISTRY.ensure("budget", path, bw, build)
 
 
 def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, Any]) -> list[dict]:
@@ -236,16 +199,14 @@ def run_mqtt_beacon(config: Any, opts: Mapping[str, Any], grains: Mapping[str, A
 
 def sysfs_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> SysfsSource:
     """The (registry-held) sysfs poller for this beacon config."""
-    path = spool_path(cfg, opts)
-    key = f"{path}|{cfg.get('_beacon_name', 'tributary_sysfs')}"
-    fp = _fingerprint({"root": cfg.get("root", "/"), "sources": cfg.get("sources")})
-    with _registry_lock:
-        current = _sources.get(key)
-        if current and current[0] == fp:
-            return current[1]
-        source = SysfsSource(str(cfg.get("root", "/")), compile_sources(cfg.get("sources")))
-        _sources[key] = (fp, source)
-        return source
+    key = f"{spool_path(cfg, opts)}|{cfg.get('_beacon_name', 'tributary_sysfs')}"
+    config = {"root": cfg.get("root", "/"), "sources": cfg.get("sources")}
+    return REGISTRY.ensure(
+        "source",
+        key,
+        config,
+        lambda _: SysfsSource(str(config["root"]), compile_sources(config["sources"])),
+    )
 
 
 def run_sysfs_beacon(config: Any, opts: Mapping[str, Any], grains: Mapping[str, Any]) -> list[dict]:
