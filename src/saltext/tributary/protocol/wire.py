@@ -1,6 +1,6 @@
 """The batch wire format: one Salt event carries many readings, compactly.
 
-Version 1 (DESIGN.md, with two size refinements documented in README's architecture)::
+Version 1 (the two size refinements over the original design are in README's "Wire format")::
 
     {"v": 1, "epoch": "<id>", "first": <seq>, "last": <seq>,
      "sensors": ["t1/temperature", ...],   # dictionary for this batch
