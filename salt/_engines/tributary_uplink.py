@@ -101,15 +101,17 @@ def start(**config):
     if not ok:
         log.error("%s: not starting", msg)
         raise ValueError(msg)
+    import salt.channel.client
+
+    def channel(opts):
+        return salt.channel.client.ReqChannel.factory(opts, crypt="aes")
+
     cfg, _ = uplink_lib.parse_uplink(config)
     masters = list(_masters(cfg))
-    links = [_Link(entry, opts, cfg, len(masters) > 1) for entry, opts in masters]
+    several = len(masters) > 1
+    links = [uplink_lib.Link(entry, opts, cfg, channel, several) for entry, opts in masters]
     for link in links:
-        log.info(
-            "tributary_uplink: forwarding to %s as %s",
-            link.opts.get("master_uri"),
-            link.up.syndic_id,
-        )
+        log.info("tributary_uplink: forwarding to %s as %s", link.uri, link.up.syndic_id)
     with salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=True) as bus:
         while True:
             busy = any(link.up.pending() for link in links)
