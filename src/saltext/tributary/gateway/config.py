@@ -11,6 +11,7 @@ from typing import Any
 from saltext.tributary.gateway.filters import FilterConfigError, compile_filters
 from saltext.tributary.gateway.sources.payload import ConfigError, compile_rules
 from saltext.tributary.gateway.sources.sysfs import SysfsConfigError, compile_sources
+from saltext.tributary.util.schema import number_error
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,7 @@ def spool_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def _check_int(cfg: Mapping[str, Any], key: str, lo: int, hi: int) -> str | None:
     if key not in cfg:
         return None
-    val = cfg[key]
-    if isinstance(val, bool) or not isinstance(val, int) or not lo <= val <= hi:
-        return f"{key}: must be an integer in {lo}..{hi}, got {val!r}"
-    return None
+    return number_error(cfg[key], key, integer=True, lo=lo, hi=hi)
 
 
 def validate_common(cfg: Mapping[str, Any]) -> list[str]:
@@ -68,8 +66,9 @@ def validate_common(cfg: Mapping[str, Any]) -> list[str]:
     else:
         for key in ("max_bytes", "max_age_s"):
             val = spool.get(key)
-            if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float))):
-                errors.append(f"spool.{key}: must be a number, got {val!r}")
+            err = None if val is None else number_error(val, f"spool.{key}")
+            if err:
+                errors.append(err)
         if spool.get("path") is not None and not isinstance(spool.get("path"), str):
             errors.append("spool.path: must be a string")
     batch = cfg.get("batch", {})
@@ -100,10 +99,9 @@ def validate_bandwidth(bw: Any) -> list[str]:
         errors.append("bandwidth.bytes_per_s: required")
     for key in ("bytes_per_s", "window_s", "burst_s", "max_window_s"):
         val = bw.get(key)
-        if val is not None and (
-            isinstance(val, bool) or not isinstance(val, (int, float)) or val <= 0
-        ):
-            errors.append(f"bandwidth.{key}: must be a positive number, got {val!r}")
+        err = None if val is None else number_error(val, f"bandwidth.{key}", positive=True)
+        if err:
+            errors.append(err)
     unknown = sorted(set(bw) - {"bytes_per_s", "window_s", "burst_s", "max_window_s"})
     if unknown:
         errors.append(f"bandwidth.{unknown[0]}: unknown key")

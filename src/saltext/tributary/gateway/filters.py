@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from saltext.tributary.protocol.reading import Reading
+from saltext.tributary.util.schema import number_error
 
 KEYS = ("match", "deadband", "min_interval_s", "max_interval_s", "min", "max")
 
@@ -47,10 +48,10 @@ def _num(rule: Mapping[str, Any], key: str, where: str) -> float | None:
     val = rule.get(key)
     if val is None:
         return None
-    if isinstance(val, bool) or not isinstance(val, (int, float)):
-        raise FilterConfigError(f"{where}.{key}: must be a number, got {val!r}")
-    if key in ("deadband", "min_interval_s", "max_interval_s") and val < 0:
-        raise FilterConfigError(f"{where}.{key}: must not be negative, got {val!r}")
+    lo = 0 if key in ("deadband", "min_interval_s", "max_interval_s") else None
+    err = number_error(val, f"{where}.{key}", lo=lo)
+    if err:
+        raise FilterConfigError(err)
     return float(val)
 
 

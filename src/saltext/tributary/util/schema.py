@@ -30,6 +30,31 @@ def option(default: Any, *, doc: str = "", **checks: Any) -> Any:
     return dataclasses.field(default=default, metadata=meta)
 
 
+def number_error(
+    value: Any,
+    name: str,
+    *,
+    integer: bool = False,
+    lo: float | None = None,
+    hi: float | None = None,
+    positive: bool = False,
+) -> str | None:
+    """The one number check of every config: None when ``value`` is a number (an integer when
+    ``integer``; never a bool) within ``lo..hi`` (above 0 when ``positive``), else the error
+    naming ``name``."""
+    kinds = (int,) if integer else (int, float)
+    what = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        return f"{name}: must be {what}, got {value!r}"
+    if positive and value <= 0:
+        return f"{name}: must be a positive number, got {value!r}"
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        lo_s = "" if lo is None else f"{lo:g}"
+        hi_s = "" if hi is None else f"{hi:g}"
+        return f"{name}: must be {what} in {lo_s}..{hi_s}, got {value!r}"
+    return None
+
+
 def _check(value: Any, kind: Any, name: str, meta: Mapping[str, Any]) -> tuple[Any, str | None]:
     """``(converted value, None)`` or ``(None, error)`` for one scalar option."""
     origin = typing.get_origin(kind)
@@ -58,14 +83,10 @@ def _check(value: Any, kind: Any, name: str, meta: Mapping[str, Any]) -> tuple[A
         if not isinstance(value, bool):
             return None, f"{name}: must be true or false"
     elif kind in (int, float):
-        ok = not isinstance(value, bool) and isinstance(
-            value, (int, float) if kind is float else int
-        )
         lo, hi = meta.get("range", (None, None))
-        if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
-            what = "an integer" if kind is int else "a number"
-            where = f" in {lo:g}..{hi:g}" if lo is not None else ""
-            return None, f"{name}: must be {what}{where}, got {value!r}"
+        err = number_error(value, name, integer=kind is int, lo=lo, hi=hi)
+        if err:
+            return None, err
         value = kind(value)
     elif kind is str:
         if not isinstance(value, str):

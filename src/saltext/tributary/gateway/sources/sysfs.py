@@ -31,6 +31,7 @@ from functools import partial
 from typing import Any
 
 from saltext.tributary.protocol.reading import Reading, RejectedReading, make_reading
+from saltext.tributary.util.schema import number_error
 
 KINDS = ("hwmon", "thermal", "iio", "w1")
 _SAFE = re.compile(r"[^A-Za-z0-9_.:@-]+")
@@ -122,8 +123,9 @@ def compile_sources(raw: Any, where: str = "sources") -> list[SourceSpec]:
         if kind not in KINDS:
             raise SysfsConfigError(f"{w}.kind: {kind!r} is not one of {', '.join(KINDS)}")
         interval = item.get("interval_s", 10)
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
-            raise SysfsConfigError(f"{w}.interval_s: must be a positive number, got {interval!r}")
+        err = number_error(interval, f"{w}.interval_s", positive=True)
+        if err:
+            raise SysfsConfigError(err)
         match = item.get("match", "*")
         if not isinstance(match, str):
             raise SysfsConfigError(f"{w}.match: must be a string pattern")
