@@ -89,10 +89,7 @@ def __virtual__():
             False,
             f"tributary_mqtt: saltext.tributary[gateway] (paho-mqtt) is not installed: {MISSING}",
         )
-    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
-    if mismatch:
-        return False, mismatch
-    return __virtualname__
+    return tributary_pkg.loadable(__virtualname__, __tributary_version__)
 
 
 def validate(config):

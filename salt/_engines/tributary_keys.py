@@ -45,10 +45,7 @@ RETRY_S = 2.0
 def __virtual__():
     if not HAS_LIBS:
         return False, f"tributary_keys: saltext.tributary is not installed: {MISSING}"
-    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
-    if mismatch:
-        return False, mismatch
-    return __virtualname__
+    return tributary_pkg.loadable(__virtualname__, __tributary_version__)
 
 
 def validate(config):

@@ -84,10 +84,7 @@ def __virtual__():
             "tributary_relay: saltext.tributary[master] (elasticsearch) is not installed: "
             + MISSING,
         )
-    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
-    if mismatch:
-        return False, mismatch
-    return __virtualname__
+    return tributary_pkg.loadable(__virtualname__, __tributary_version__)
 
 
 def validate(config):

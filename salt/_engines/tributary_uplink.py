@@ -59,10 +59,7 @@ __tributary_version__ = "0.1.0"
 def __virtual__():
     if not HAS_LIBS:
         return False, f"tributary_uplink: saltext.tributary is not installed: {MISSING}"
-    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
-    if mismatch:
-        return False, mismatch
-    return __virtualname__
+    return tributary_pkg.loadable(__virtualname__, __tributary_version__)
 
 
 def validate(config):

@@ -27,10 +27,7 @@ __tributary_version__ = "0.1.0"
 def __virtual__():
     if not HAS_LIBS:
         return False, "tributary grains: the saltext.tributary package is not installed"
-    mismatch = tributary_pkg.version_mismatch(__virtualname__, __tributary_version__)
-    if mismatch:
-        return False, mismatch
-    return __virtualname__
+    return tributary_pkg.loadable(__virtualname__, __tributary_version__)
 
 
 def tributary():

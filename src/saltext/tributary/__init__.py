@@ -18,3 +18,10 @@ def version_mismatch(module: str, expected: str) -> str | None:
         f"{module}: this module is for saltext.tributary {expected} but {__version__} is"
         " installed; sync the Salt modules and install the package from the same release"
     )
+
+
+def loadable(virtualname: str, expected: str) -> str | tuple[bool, str]:
+    """What a loader module's ``__virtual__`` returns once its imports worked: its name, or
+    ``(False, reason)`` when it was written for another library version."""
+    mismatch = version_mismatch(virtualname, expected)
+    return (False, mismatch) if mismatch else virtualname
