@@ -12,6 +12,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from saltext.tributary.protocol.errors import ReasonError
+
 #: Timestamps outside this window (2000-01-01 .. 2100-01-01 UTC, in ms) are rejected: they are
 #: almost always a seconds/milliseconds mix-up or an unset RTC on the sensor.
 TS_MIN_MS = 946_684_800_000
@@ -20,13 +22,8 @@ TS_MAX_MS = 4_102_444_800_000
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
 
-class RejectedReading(ValueError):
-    """A reading that cannot be accepted; ``reason`` is a short, countable slug."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+class RejectedReading(ReasonError):
+    """A reading that cannot be accepted."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from saltext.tributary.protocol.errors import ReasonError
+
 #: Fields that are not part of the signed content (added by transport or by the signature).
 UNSIGNED_FIELDS = frozenset({"sig", "tag", "id", "_stamp"})
 
@@ -38,13 +40,8 @@ _private_keys: dict[str, tuple[float, Any]] = {}
 _public_keys: dict[str, Any] = {}
 
 
-class SignatureError(ValueError):
-    """A batch or heartbeat that fails origin authentication; ``reason`` is a countable slug."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+class SignatureError(ReasonError):
+    """A batch or heartbeat that fails origin authentication."""
 
 
 def canonical(gateway: str, data: Mapping[str, Any]) -> bytes:

@@ -39,6 +39,7 @@ from typing import Any
 
 import msgpack
 
+from saltext.tributary.protocol.errors import ReasonError
 from saltext.tributary.protocol.reading import TS_MAX_MS, TS_MIN_MS
 
 VERSION = 1
@@ -48,13 +49,8 @@ MAX_SENSORS = 4_096
 MAX_DECIMALS = 6
 
 
-class WireError(ValueError):
-    """A batch whose structure is unusable; ``reason`` is a countable slug."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+class WireError(ReasonError):
+    """A batch whose structure is unusable."""
 
 
 @dataclass(frozen=True, slots=True)
