@@ -20,7 +20,14 @@ from saltext.tributary.protocol import signing
 from saltext.tributary.protocol.wire import MAX_SENSORS, SpooledReading, encode_batch
 from tests.integration.faults.conftest import FGATEWAYS
 from tests.integration.faults.helpers import Stream, assert_exactly, sleep_outage
-from tests.support.topology import dumps, es_count, es_readings, gateway_subscribed, wait_for
+from tests.support.topology import (
+    SALT_VERSION,
+    dumps,
+    es_count,
+    es_readings,
+    gateway_subscribed,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("faults")
 
@@ -243,7 +250,11 @@ def test_syndic_master_down_one_minute_gaps_replayed(faults):
     last_lost = spool_cursor(gw_b)
     sleep_outage(60, down)
     syndic.master.start()
-    if not syndic.is_running():
+    if not syndic.is_running() or SALT_VERSION < (3007,):
+        # Salt 3006's salt-syndic keeps its restarted master's old root key and cannot
+        # publish jobs down any more ("Unable to forward pub data: Authentication error
+        # occurred", measured): it needs a restart with its master (README, Versions tested).
+        syndic.terminate()
         syndic.start()
     gw_b.start()
     wait_for(lambda: gateway_subscribed(gw_b), timeout=120, what=f"{GW_B} back and subscribed")
