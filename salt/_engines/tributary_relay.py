@@ -33,12 +33,16 @@ Configuration (master config)::
             max_docs: 5000
             max_wait_s: 0.2
             concurrency: 2          # bulks in flight while the next one is built
+            max_bytes: 10485760     # body bytes per bulk; a 413 splits it
+            max_attempts: 30        # tries of a document answered 429/5xx, then dead-lettered
           backoff: {min_s: 0.5, max_s: 30}
           # spool_path: /var/cache/salt/master/tributary/relay.db
           spool_max_bytes: 2147483648   # past it: oldest batches dropped, counted, logged
           allow_unsigned: false
           key_wait_s: 120            # how long a batch waits for its gateway's key set
           metrics_interval_s: 30     # pipeline self-metrics into <prefix>-metrics-*
+          max_future_s: 86400        # readings stamped further ahead: dead-lettered
+          max_age_s: 3024000         # readings older than this: dead-lettered, no index made
           gaps:
             enabled: true
             grace_s: 60              # a gap open this long is requested
@@ -128,8 +132,7 @@ def start(**config):
             relay_status.describe_error(exc),
         )
     repairer = None
-    gaps = config.get("gaps") or {}
-    if gaps.get("enabled", True):
+    if rcfg.gaps.enabled:
         repairer = repair_lib.GapRepairer(
             lambda: relay_spool.RelaySpool(rcfg.spool_path).ledger,
             repair_lib.local_client_replay(__opts__, rcfg.gaps.timeout_s),
@@ -140,7 +143,7 @@ def start(**config):
             per_minute=rcfg.gaps.per_minute,
             max_attempts=rcfg.gaps.max_attempts,
             max_readings=rcfg.gaps.max_readings,
-            count=relay._inc,  # pylint: disable=protected-access
+            count=relay.count,
         )
         repairer.start()
     try:

@@ -86,18 +86,21 @@ def test_signed_heartbeat_is_indexed_and_feeds_the_ledger(tmp_path, master_pki, 
     del wire["tag"]
     assert relay.accept(HTAG.format("gw-a"), wire)
     docs, ops, bodies = health_ops(relay)
-    (hb_row,) = docs.heartbeats
-    assert docs.heartbeats[hb_row] == ("gw-a", "ep1", 9)
-    assert docs.facts[hb_row][0] == "gw-a" and "sig" not in docs.facts[hb_row][1]
-    assert set(docs.ids) == {hb_row, *docs.ranges} and not docs.held
+    heartbeats = {i: rp.heartbeat for i, rp in docs.rows.items() if rp.heartbeat}
+    ranges = {i: rp.range for i, rp in docs.rows.items() if rp.range}
+    (hb_row,) = heartbeats
+    assert heartbeats[hb_row] == ("gw-a", "ep1", 9)
+    facts = docs.rows[hb_row].facts
+    assert facts[0] == "gw-a" and "sig" not in facts[1]
+    assert set(docs.rows) == {hb_row, *ranges} and not docs.held
     (doc,) = [b for o, b in zip(ops, bodies, strict=True) if "-health-" in o["_index"]]
     assert doc["gateway"] == "gw-a" and doc["last_seq"] == 9 and doc["site"] == "x"
     assert "sig" not in doc and "reason" not in doc
     assert not any(k.startswith("rejected") for k in relay.counters)
     # what the shipper does with the rows once they are done: the tail 4..9 is now known
     ledger = relay.spool.ledger
-    ledger.add_range(*docs.ranges[next(iter(docs.ranges))])
-    ledger.heartbeat(*docs.heartbeats[hb_row])
+    ledger.add_range(*next(iter(ranges.values())))
+    ledger.heartbeat(*heartbeats[hb_row])
     assert ledger.holes("gw-a", "ep1") == [(4, 9)]
 
 
@@ -121,8 +124,9 @@ def test_unsigned_tampered_and_forged_heartbeats_are_dead_lettered(tmp_path, mas
     ]
     assert all("-deadletter-" in o["_index"] for o in ops)
     assert all(b["stage"] == "origin" and b["original"]["epoch"] == "ep1" for b in bodies)
-    assert not docs.heartbeats and not docs.facts  # neither the ledger nor the facts move
-    assert len(docs.ids) == 4 and not docs.held  # done once the dead letters are written
+    # neither the ledger nor the facts move
+    assert not any(rp.heartbeat or rp.facts for rp in docs.rows.values())
+    assert len(docs.rows) == 4 and not docs.held  # done once the dead letters are written
     c = relay.counters
     assert c["rejected:bad_signature"] == 2 and c["rejected:unsigned"] == 1
     assert c["rejected:unknown_key"] == 1 and c["dead_lettered"] == 4
@@ -133,12 +137,12 @@ def test_heartbeat_with_unknown_key_waits_for_the_key_set(tmp_path, master_pki, 
     relay = make_relay(tmp_path, master_pki, key_wait_s=60)
     relay.accept(HTAG.format("gw-a"), heartbeat("gw-a", keys, signer="gw-a"))
     docs = relay.build_docs(relay.spool.take(10))
-    assert docs.held and not docs.lines and not docs.heartbeats and not docs.ids
+    assert docs.held and not docs.lines and not docs.rows
     relay.spool.hold(docs.held, 2**62)
     assert relay.spool.take(10) == []
     publish_keys(relay, keys)  # releases the hold
     docs, ops, _ = health_ops(relay)
-    assert list(docs.heartbeats.values()) == [("gw-a", "ep1", 9)]
+    assert [rp.heartbeat for rp in docs.rows.values()] == [("gw-a", "ep1", 9)]
     assert len(ops) == 1 and "-health-" in ops[0]["_index"]
 
 
@@ -149,7 +153,7 @@ def test_allow_unsigned_accepts_an_unsigned_heartbeat(tmp_path, master_pki, keys
     # mis-signed is still refused during a migration
     relay.accept(HTAG.format("gw-b"), heartbeat("gw-b", keys, signer="gw-a", stamp=1))
     docs, ops, bodies = health_ops(relay)
-    assert list(docs.heartbeats.values()) == [("gw-a", "ep1", 7)]
+    assert [rp.heartbeat for rp in docs.rows.values() if rp.heartbeat] == [("gw-a", "ep1", 7)]
     assert sorted(o["_index"].split("-")[1] for o in ops) == ["deadletter", "health"]
     assert [b["reason"] for b in bodies if "reason" in b] == ["bad_signature"]
     assert relay.counters["unsigned_accepted"] == 1

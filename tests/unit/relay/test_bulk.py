@@ -5,14 +5,17 @@ from __future__ import annotations
 import pytest
 
 from saltext.tributary.relay.bulk import classify_bulk_response
-from saltext.tributary.relay.documents import Docs
+from saltext.tributary.relay.documents import BulkPlan, RowPlan
 
 READING = ("gw-a", "brisbane", "ep", 0, {"seq": 1})
 
 
-def plan(owners: list[int], originals: list | None = None) -> Docs:
+def plan(owners: list[int], originals: list | None = None) -> BulkPlan:
     originals = originals or [READING] * len(owners)
-    return Docs(lines=[], owners=owners, originals=originals, ids=sorted(set(owners)))
+    p = BulkPlan(rows={o: RowPlan() for o in owners})
+    for row, original in zip(owners, originals, strict=True):
+        p.add(row, "{}", "{}", original)
+    return p
 
 
 def item(status: int, index: str = "tributary-readings-2026.11.30", error=None) -> dict:

@@ -21,6 +21,8 @@ TAG = "salt/beacon/{}/tributary_mqtt/batch"
 
 
 def make_relay(tmp_path, master_pki, **kw) -> Relay:
+    """A relay whose time window takes the fixed 2023 timestamps of these tests."""
+    kw.setdefault("max_age_s", 86_400.0 * 3650)
     cfg = RelayConfig(spool_path=str(tmp_path / "relay.db"), pki_dir=master_pki, **kw)
     return Relay(None, cfg)
 
@@ -72,7 +74,7 @@ def test_fire_master_load_is_unwrapped(tmp_path, master_pki, keys):
     publish_keys(relay, keys)
     docs, ops, _ = bulk_ops(relay)
     assert [o["create"]["_id"] for o in ops] == [f"gw-a:ep1:{i}" for i in (1, 2, 3)]
-    assert docs.ranges[docs.ids[0]] == ("gw-a", "ep1", 1, 3)
+    assert next(iter(docs.rows.values())).range == ("gw-a", "ep1", 1, 3)
 
 
 def test_signed_batches_from_published_keys(tmp_path, master_pki, keys):
@@ -102,7 +104,7 @@ def test_forged_unsigned_and_unknown_are_dead_lettered(tmp_path, master_pki, key
         b["stage"] == "origin" and "deadletter" in o["create"]["_index"]
         for o, b in zip(ops, bodies, strict=True)
     )
-    assert not docs.ranges  # nothing accounted for in the ledger
+    assert not any(rp.range for rp in docs.rows.values())  # the ledger does not move
     assert relay.counters["rejected:bad_signature"] == 2
     assert relay.counters[("rejected", "gw-b")] == 2
 
@@ -252,7 +254,7 @@ def test_reading_lines_are_the_documents(tmp_path, master_pki, keys):
     # one daily index per UTC day of the reading's timestamp
     assert ops[0]["create"]["_index"].endswith("2023.11.14")
     assert ops[1]["create"]["_index"].endswith("2023.11.15")
-    for body, orig in zip(bodies, docs.originals, strict=True):
+    for body, orig in zip(bodies, (o for _, o in docs.ops), strict=True):
         assert body == reading_doc(orig)
     assert bodies[0]["sensor"] == 't"1' and bodies[0]["metric"] == "temp\\x"
     assert bodies[0]["unit"] == "°C" and bodies[0]["value"] == 20.25
@@ -276,7 +278,7 @@ def test_aggregated_readings_keep_their_statistics(tmp_path, master_pki, keys):
     agg = bodies[0]["agg"]
     assert agg["count"] == 10 and agg["min"] == 20.0 and agg["max"] == 29.0
     assert bodies[0]["value"] == pytest.approx(24.5)
-    assert docs.ranges[docs.ids[0]] == ("gw-a", "ep1", 1, 10)
+    assert next(iter(docs.rows.values())).range == ("gw-a", "ep1", 1, 10)
 
 
 def test_take_bounds_documents_and_skips_rows_in_flight(tmp_path, master_pki, keys):

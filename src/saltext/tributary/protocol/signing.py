@@ -135,7 +135,11 @@ def verify_event(gateway: str, data: Mapping[str, Any], pem: str | bytes | None)
         pub = load_public_key(pem)
     except (ValueError, TypeError) as exc:
         raise SignatureError("unknown_key", f"accepted key of {gateway} is unusable: {exc}")
-    if not verify_bytes(pub, canonical(gateway, data), sig):
+    try:
+        message = canonical(gateway, data)
+    except (TypeError, ValueError, RecursionError) as exc:  # e.g. mixed-type or non-str keys
+        raise SignatureError("bad_payload", f"event data cannot be canonicalised: {exc}") from None
+    if not verify_bytes(pub, message, sig):
         raise SignatureError("bad_signature", f"signature does not match {gateway}'s accepted key")
 
 

@@ -33,6 +33,7 @@ Raw batches decode exactly as before.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,11 @@ VERSION = 1
 MAX_ROWS = 50_000
 MAX_SENSORS = 4_096
 MAX_DECIMALS = 6
+#: Sequence numbers, time offsets and counts stay exact in a double and in SQLite's INTEGER.
+MAX_INT = 2**53
+#: Longest sensor key (``<sensor>/<metric>``) and unit a batch may carry.
+MAX_KEY_CHARS = 256
+EPOCH_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class WireError(ReasonError):
@@ -262,15 +268,18 @@ def decode_batch(data: dict[str, Any]) -> DecodedBatch:
     if data.get("v") != VERSION:
         raise WireError("bad_version", f"wire version {data.get('v')!r} is not {VERSION}")
     epoch = _req(data, "epoch", str)
-    if not 0 < len(epoch) <= 64:
-        raise WireError("bad_field", "epoch must be 1..64 characters")
+    if not EPOCH_RE.fullmatch(epoch):
+        # no ':' in an epoch: <gateway>:<epoch>:<seq> then names one reading only
+        raise WireError("bad_field", "epoch must be 1..64 of A-Z a-z 0-9 _ -")
     first = _req(data, "first", int)
     last = _req(data, "last", int)
+    if not 0 <= first <= last < MAX_INT:
+        raise WireError("bad_range", f"first={first} last={last} outside 0..2**53")
     sensors = _req(data, "sensors", list)
     rows = _req(data, "r", list)
     t0 = data.get("t0", 0)
-    if isinstance(t0, bool) or not isinstance(t0, int):
-        raise WireError("bad_field", "batch field 't0' is not an integer")
+    if isinstance(t0, bool) or not isinstance(t0, int) or not -MAX_INT < t0 < MAX_INT:
+        raise WireError("bad_field", "batch field 't0' is not an integer in -2**53..2**53")
     if len(rows) > MAX_ROWS or len(sensors) > MAX_SENSORS:
         raise WireError("oversized", f"{len(rows)} rows / {len(sensors)} sensors")
     agg = data.get("agg")
@@ -293,15 +302,23 @@ def decode_batch(data: dict[str, Any]) -> DecodedBatch:
         raise WireError("bad_field", "units/d must be lists")
     if len(units) != len(sensors) or len(decs) != len(sensors):
         raise WireError("bad_field", "units/d do not match the sensor dictionary")
+    for d in decs:
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 15):
+            raise WireError("bad_field", f"decimals {d!r} not an integer in 0..15")
+    for u in units:
+        if u is not None and (not isinstance(u, str) or len(u) > MAX_KEY_CHARS):
+            raise WireError("bad_field", f"unit {str(u)[:40]!r} is not a short string")
     keys: list[tuple[str, str] | None] = []
     for s in sensors:
-        if isinstance(s, str) and s.count("/") >= 1:
+        if isinstance(s, str) and s.count("/") >= 1 and len(s) <= MAX_KEY_CHARS:
             sensor, metric = s.rsplit("/", 1)
             keys.append((sensor, metric))
         else:
             keys.append(None)
     site = data.get("site")
     dropped = data.get("dropped") or 0
+    if isinstance(dropped, bool) or not isinstance(dropped, int) or not 0 <= dropped < MAX_INT:
+        dropped = 0
     out: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     if is_agg:
@@ -319,17 +336,14 @@ def decode_batch(data: dict[str, Any]) -> DecodedBatch:
             key = keys[idx]
             if key is None:
                 raise WireError("bad_sensor", f"sensor entry {sensors[idx]!r} is not sensor/metric")
-            if isinstance(dt, bool) or not isinstance(dt, int):
+            if isinstance(dt, bool) or not isinstance(dt, int) or not -MAX_INT < dt < MAX_INT:
                 raise WireError("bad_timestamp", f"time offset {dt!r} is not an integer")
             ts = t0 + dt
             if not TS_MIN_MS <= ts < TS_MAX_MS:
                 raise WireError("bad_timestamp", f"timestamp {ts} ms is outside 2000..2100")
             if isinstance(val, bool) or not isinstance(val, (int, float)):
                 raise WireError("not_numeric", f"value {val!r} is not a number")
-            d = decs[idx]
-            value = float(val) / 10**d if isinstance(d, int) and d > 0 else float(val)
-            if not math.isfinite(value):
-                raise WireError("not_finite", f"value {val!r} is not finite")
+            value = _scaled(val, decs[idx])
             unit = units[idx] if isinstance(units[idx], str) else ""
             out.append(
                 {
@@ -387,8 +401,10 @@ def _decode_agg(
             key = keys[idx]
             if key is None:
                 raise WireError("bad_sensor", f"sensor entry {sensors[idx]!r} is not sensor/metric")
+            if isinstance(count, bool) or not isinstance(count, int) or not 0 < count < MAX_INT:
+                raise WireError("bad_row", f"aggregate count {count!r} is not a positive integer")
             for t in (dt, dt_last):
-                if isinstance(t, bool) or not isinstance(t, int):
+                if isinstance(t, bool) or not isinstance(t, int) or not -MAX_INT < t < MAX_INT:
                     raise WireError("bad_timestamp", f"time offset {t!r} is not an integer")
             ts, ts_last = t0 + dt, t0 + dt_last
             for t in (ts, ts_last):
@@ -399,10 +415,7 @@ def _decode_agg(
             for v in (mean, lo, hi):
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise WireError("not_numeric", f"value {v!r} is not a number")
-                f = float(v) / 10**d if isinstance(d, int) and d > 0 else float(v)
-                if not math.isfinite(f):
-                    raise WireError("not_finite", f"value {v!r} is not finite")
-                vals.append(f)
+                vals.append(_scaled(v, d))
             unit = units[idx] if isinstance(units[idx], str) else ""
             out.append(
                 {
@@ -427,6 +440,18 @@ def _decode_agg(
             rejected.append(
                 {"seq": seq, "reason": reason, "detail": getattr(exc, "detail", ""), "row": row}
             )
+
+
+def _scaled(val: int | float, decimals: int | None) -> float:
+    """A row's number as a float (scaled down by its sensor's decimals); WireError when it is
+    not finite or too large for a float."""
+    try:
+        value = float(val) / 10**decimals if decimals else float(val)
+    except OverflowError:
+        raise WireError("not_finite", f"value {val!r} does not fit a float") from None
+    if not math.isfinite(value):
+        raise WireError("not_finite", f"value {val!r} is not finite")
+    return value
 
 
 def bytes_per_reading(batches: Iterable[dict[str, Any]]) -> float:

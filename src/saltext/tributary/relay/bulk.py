@@ -1,6 +1,6 @@
 """What an Elasticsearch bulk answer means for the spooled batches it carried (pure).
 
-The relay sends one bulk per plan (:class:`~saltext.tributary.relay.documents.Docs`: the
+The relay sends one bulk per plan (:class:`~saltext.tributary.relay.documents.BulkPlan`: the
 operations and, per operation, the spool row it came from). Its answer is read here, apart from
 the I/O, as elasticsearch-py separates ``_process_bulk_chunk`` from interpreting its result:
 
@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from saltext.tributary.relay.documents import Docs
+from saltext.tributary.relay.documents import BulkPlan
 
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 
@@ -36,6 +36,8 @@ class Rejected:
 class BulkOutcome:
     #: spool rows with at least one document to retry (429/5xx)
     retry_rows: set[int] = field(default_factory=set)
+    #: the operations to retry (indexes into ``plan.ops``)
+    retry_ops: list[int] = field(default_factory=list)
     #: documents to dead-letter
     rejected: list[Rejected] = field(default_factory=list)
     #: fleet counters by name, per-gateway ones by ``(name, gateway)``
@@ -49,30 +51,38 @@ def _gateway(original: Any) -> str:
 
 
 def classify_bulk_response(
-    items: Sequence[Mapping[str, Any]], plan: Docs, prefix: str
+    items: Sequence[Mapping[str, Any]],
+    plan: BulkPlan,
+    prefix: str,
+    start: int = 0,
+    stop: int | None = None,
 ) -> BulkOutcome:
-    """Interpret a bulk answer's ``items`` for ``plan`` (raises ValueError when the answer
-    does not have one item per operation: nothing of it can be trusted then)."""
-    if len(items) != len(plan.owners):
-        raise ValueError(f"bulk answered {len(items)} items for {len(plan.owners)} ops")
+    """Interpret a bulk answer's ``items`` for the operations ``start..stop`` of ``plan``
+    (raises ValueError when the answer does not have one item per operation: nothing of it can
+    be trusted then). :attr:`Rejected.op` indexes ``plan.ops``."""
+    sent = (len(plan.ops) if stop is None else stop) - start
+    if len(items) != sent:
+        raise ValueError(f"bulk answered {len(items)} items for {sent} ops")
     out = BulkOutcome()
     readings_idx = f"{prefix}-readings"
     deadletter_idx = f"{prefix}-deadletter"
-    for n, item in enumerate(items):
+    for n, item in enumerate(items, start):
         ((_op, res),) = item.items()
+        row, original = plan.ops[n]
         status = res.get("status", 0)
         index = str(res.get("_index", ""))
         if status in (200, 201):
             if readings_idx in index:
                 out.counts["indexed"] += 1
-                out.counts[("indexed", _gateway(plan.originals[n]))] += 1
+                out.counts[("indexed", _gateway(original))] += 1
             elif "-health" in index:
                 out.counts["health_indexed"] += 1
         elif status == 409:
             out.counts["already_present"] += 1
         elif status in RETRYABLE:
             out.counts["retried_docs"] += 1
-            out.retry_rows.add(plan.owners[n])
+            out.retry_rows.add(row)
+            out.retry_ops.append(n)
         elif deadletter_idx in index:
             out.counts["deadletter_failed"] += 1
         else:
@@ -86,3 +96,13 @@ def classify_bulk_response(
                 reason, detail = str(err), ""
             out.rejected.append(Rejected(n, reason, detail))
     return out
+
+
+def merge(a: BulkOutcome, b: BulkOutcome) -> BulkOutcome:
+    """The outcome of a bulk sent in two parts."""
+    return BulkOutcome(
+        a.retry_rows | b.retry_rows,
+        a.retry_ops + b.retry_ops,
+        a.rejected + b.rejected,
+        a.counts + b.counts,
+    )

@@ -19,6 +19,12 @@ class BulkConfig:
     max_docs: int = option(5_000, range=(1, 100_000), doc="documents per bulk request")
     max_wait_s: float = option(0.2, range=(0, 3600), doc="how long a bulk waits to fill up")
     concurrency: int = option(2, range=(1, 8), doc="bulks in flight while the next is built")
+    max_bytes: int = option(
+        10 * 1024**2, range=(64 * 1024, 512 * 1024**2), doc="bytes per bulk request body"
+    )
+    max_attempts: int = option(
+        30, range=(1, 100_000), doc="tries of a document Elasticsearch answers 429/5xx for"
+    )
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,14 @@ class RelayConfig:
     allow_unsigned: bool = option(False, doc="accept unsigned batches (migrations only)")
     key_wait_s: float = option(120.0, range=(0, 86400), doc="a batch waits this for its key")
     metrics_interval_s: float = option(30.0, range=(0, 86400), doc="self-metrics; 0 = off")
+    max_future_s: float = option(
+        86_400.0, range=(60, 86400 * 365), doc="readings stamped further ahead are dead-lettered"
+    )
+    max_age_s: float = option(
+        86_400.0 * 35,
+        range=(3600, 86400 * 3650),
+        doc="readings older than this are dead-lettered (no index is created for them)",
+    )
     bulk: BulkConfig = option(BulkConfig)
     backoff: Backoff = option(Backoff)
     gaps: GapsConfig = option(GapsConfig)

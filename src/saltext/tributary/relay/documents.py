@@ -11,8 +11,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 
 def jstr(value: str | None) -> str:
     """JSON for a string (or null)."""
@@ -48,22 +46,55 @@ def reading_doc(original: Any) -> dict[str, Any]:
     return doc
 
 
-@dataclass
-class Docs:
-    """Bulk operations for some spooled batches, and which batch each op belongs to."""
+#: One bulk operation: the spool row it came from, and its original (the document as a dict,
+#: or for a reading the tuple ``(gateway, site, epoch, relayed_at, reading)``; see
+#: :func:`reading_doc`).
+Op = tuple[int, Any]
 
-    lines: list[str]
-    owners: list[int]  # spool row id per operation
-    #: per op: the document (dict) or, for readings, (gateway, site, epoch, now, reading)
-    originals: list[Any]
-    ids: list[int]
-    #: per spool row: (gateway, epoch, first, last) accounted for once the row is done
-    ranges: dict[int, tuple[str, str, int, int]] = field(default_factory=dict)
-    #: per spool row: (gateway, epoch, last_seq) from a health heartbeat
-    heartbeats: dict[int, tuple[str, str, int]] = field(default_factory=dict)
-    facts: dict[int, tuple[str, Any]] = field(default_factory=dict)
-    #: rows waiting for their gateway's key (not shipped now)
+
+@dataclass
+class RowPlan:
+    """What one spool row moves once all its documents are confirmed."""
+
+    attempts: int = 0
+    #: (gateway, epoch, first, last): the sequence range the ledger records
+    range: tuple[str, str, int, int] | None = None
+    #: (gateway, epoch, last_seq) from a health heartbeat
+    heartbeat: tuple[str, str, int] | None = None
+    #: (gateway, heartbeat) kept as the gateway's last known facts
+    facts: tuple[str, Mapping[str, Any]] | None = None
+
+
+@dataclass
+class BulkPlan:
+    """One bulk request: its operations (two NDJSON lines each: action, source) and, per
+    operation, the spool row it belongs to. A row leaves the spool once every operation it
+    owns is confirmed (``rows``); ``held`` rows wait for their gateway's key."""
+
+    lines: list[str] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)
+    rows: dict[int, RowPlan] = field(default_factory=dict)
     held: list[int] = field(default_factory=list)
+
+    def add(self, row: int, action: str, source: str, original: Any) -> None:
+        self.lines.append(action)
+        self.lines.append(source)
+        self.ops.append((row, original))
+
+    def truncate(self, n_ops: int) -> None:
+        """Forget every operation after the first ``n_ops``."""
+        del self.ops[n_ops:]
+        del self.lines[2 * n_ops :]
+
+    def body(self, start: int = 0, stop: int | None = None) -> str:
+        """The NDJSON bulk body of operations ``start..stop``."""
+        end = None if stop is None else 2 * stop
+        return "\n".join(self.lines[2 * start : end]) + "\n"
+
+    def size(self, start: int = 0) -> int:
+        """Bytes of the body from operation ``start`` on (newlines included)."""
+        lines = self.lines[2 * start :]
+        return sum(map(len, lines)) + len(lines)
 
 
 def batch_key(gateway: str, data: Mapping[str, Any]) -> str:

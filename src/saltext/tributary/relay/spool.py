@@ -13,15 +13,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
 from saltext.tributary.relay.ledger import Ledger
 from saltext.tributary.util import sqlite
 from saltext.tributary.util.clock import now_ms
-
-log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +41,17 @@ EXTRA_COLUMNS = {
     "hold_until": "INTEGER NOT NULL DEFAULT 0",
     "n": "INTEGER NOT NULL DEFAULT 0",
 }
+
+
+class SpoolRow(NamedTuple):
+    """One spooled event as :meth:`RelaySpool.take` returns it."""
+
+    id: int
+    gateway: str
+    kind: str  # "batch" or "health"
+    received: int  # ms
+    data: Any  # the event data; {"_undecodable": reason} when the stored body is unreadable
+    attempts: int = 0
 
 
 _LOCKS_GUARD = threading.Lock()
@@ -154,33 +163,43 @@ class RelaySpool:
 
     def take(
         self, limit: int, max_docs: int | None = None, skip: Collection[int] = ()
-    ) -> list[tuple[int, str, str, int, Any]]:
+    ) -> list[SpoolRow]:
         """The oldest shippable batches: at most ``limit`` rows and, past the first row, at most
         ``max_docs`` readings, skipping rows in ``skip`` (in flight). Only taken rows are
-        unpacked."""
+        unpacked; a row whose body cannot be unpacked comes back as ``{"_undecodable": ...}``
+        (to be set aside, never to stop the rows behind it)."""
         cur = self.db.execute(
-            "SELECT id, gateway, kind, received, n, body FROM batches WHERE hold_until<=?"
-            " ORDER BY id LIMIT ?",
+            "SELECT id, gateway, kind, received, n, attempts, body FROM batches"
+            " WHERE hold_until<=? ORDER BY id LIMIT ?",
             (now_ms(), limit + len(skip)),
         )
-        out: list[tuple[int, str, str, int, Any]] = []
+        out: list[SpoolRow] = []
         docs = 0
         try:
-            for i, gw, kind, rec, n, body in cur:
+            for i, gw, kind, rec, n, attempts, body in cur:
                 if i in skip:
                     continue
                 k = max(n or 0, 1)
                 if max_docs is not None and out and docs + k > max_docs:
                     break
-                out.append(
-                    (i, gw, kind, rec, msgpack.unpackb(body, raw=False, strict_map_key=False))
-                )
+                try:
+                    data = msgpack.unpackb(body, raw=False, strict_map_key=False)
+                except Exception as exc:  # any unpack failure sets the row aside
+                    data = {"_undecodable": f"{type(exc).__name__}: {exc}"[:512]}
+                out.append(SpoolRow(i, gw, kind, rec, data, attempts))
                 docs += k
                 if len(out) >= limit:
                     break
         finally:
             cur.close()
         return out
+
+    def attempted(self, ids: Collection[int]) -> None:
+        """One more failed shipping attempt for each row in ``ids``."""
+        with self.write_lock:
+            self.db.executemany(
+                "UPDATE batches SET attempts = attempts + 1 WHERE id=?", [(i,) for i in ids]
+            )
 
     def done(self, ids: list[int]) -> None:
         self.db.executemany("DELETE FROM batches WHERE id=?", [(i,) for i in ids])

@@ -16,8 +16,6 @@ from saltext.tributary.util.clock import now_ms
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 
 def check_elasticsearch(es_cfg: Any) -> dict[str, Any]:
     """Can the relay reach and authenticate to Elasticsearch with this config? Never raises."""

@@ -1,0 +1,129 @@
+"""Relay intake: what the relay takes from the top master's event bus (bus reader thread).
+
+Tributary batches (``salt/beacon/<gateway>/<beacon>/batch``, also when they arrive a second
+time as ``syndic/<syndic>/salt/beacon/...``) and heartbeats are appended to the relay spool and
+intake returns at once; syndic key sets (``tributary/keys/<syndic>``) are verified and stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from saltext.tributary.protocol import signing
+from saltext.tributary.relay.config import RelayConfig
+from saltext.tributary.relay.counters import Counters
+from saltext.tributary.relay.documents import batch_key
+from saltext.tributary.relay.origin import OriginVerifier
+from saltext.tributary.relay.spool import RelaySpool
+
+log = logging.getLogger(__name__)
+
+TAG_RE = re.compile(
+    r"^(?:syndic/[^/]+/)*salt/beacon/(?P<gw>[^/]+)/(?P<beacon>[^/]+)/(?P<kind>batch|health)$"
+)
+KEYS_RE = re.compile(r"^(?:syndic/[^/]+/)*tributary/keys/(?P<syndic>[^/]+)$")
+#: Past this many puts the spool's disk budget is checked again.
+BUDGET_EVERY = 64
+
+
+def unwrap(data: Any, marker: str) -> Any:
+    """A single event sent with ``event.fire_master`` arrives as the whole request load
+    (``masterapi._minion_event`` fires the load itself): the payload is its ``data``."""
+    if isinstance(data, Mapping) and marker not in data and isinstance(data.get("data"), Mapping):
+        return data["data"]
+    return data
+
+
+class Intake:
+    """Spools Tributary events; everything else on the bus is ignored."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        spool: RelaySpool,
+        counters: Counters,
+        origin: OriginVerifier,
+        wake: threading.Event,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.counters = counters
+        self.origin = origin
+        self._wake = wake
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._puts = 0
+
+    def _seen(self, key: str) -> bool:
+        """True if ``key`` was seen within the de-duplication window (and remember it)."""
+        if key in self._recent:
+            return True
+        self._recent[key] = None
+        if len(self._recent) > self.config.dedup_window:
+            self._recent.popitem(last=False)
+        return False
+
+    def accept(self, tag: str, data: Any) -> bool:
+        """Spool one bus event if it is a Tributary batch; True if it was taken."""
+        m = TAG_RE.match(tag)
+        if m is None:
+            k = KEYS_RE.match(tag)
+            if k is not None:
+                return self.accept_keys(k.group("syndic"), data)
+            return False
+        gateway, kind = m.group("gw"), m.group("kind")
+        self.counters.inc("events_in")
+        data = unwrap(data, "v")
+        if not isinstance(data, Mapping):
+            data = {"_raw": repr(data)[:4096]}
+        ukey = f"{kind}:{batch_key(gateway, data)}"
+        if kind == "health":
+            ukey += f":{data.get('_stamp')}"
+        if self._seen(ukey):
+            self.counters.inc("duplicate_events")
+            return False
+        payload = {k: v for k, v in data.items() if k != "_stamp"}
+        if self.spool.put(gateway, kind, ukey, payload):
+            self.counters.inc("batches_in")
+            self._puts += 1
+            if self._puts % BUDGET_EVERY == 0:
+                self.check_budget()
+            self._wake.set()
+            return True
+        self.counters.inc("duplicate_events")
+        return False
+
+    def check_budget(self) -> None:
+        """Past the disk budget, drop the oldest spooled batches: counted, logged loudly."""
+        batches, readings = self.spool.enforce_budget(self.config.spool_max_bytes)
+        if batches:
+            self.counters.inc("spool_dropped_batches", batches)
+            self.counters.inc("spool_dropped_readings", readings)
+            log.error(
+                "tributary relay: spool past its budget of %d bytes: dropped the %d oldest"
+                " batches (%d readings); the ledger will ask gateways to replay them",
+                self.config.spool_max_bytes,
+                batches,
+                readings,
+            )
+
+    def accept_keys(self, syndic_id: str, data: Any) -> bool:
+        """A syndic master's accepted gateway keys, signed by that syndic's own key."""
+        data = unwrap(data, "keys")
+        if self._seen(repr(data.get("sig") if isinstance(data, Mapping) else data)):
+            return False
+        try:
+            keys = self.origin.keyset(syndic_id, data)
+        except signing.SignatureError as exc:
+            self.counters.inc(f"keyset_rejected:{exc.reason}")
+            log.error("tributary relay: key set claiming syndic %s refused: %s", syndic_id, exc)
+            return False
+        self.spool.set_keys(syndic_id, keys)
+        self.spool.release_holds()
+        self.counters.inc("keysets_in")
+        self._wake.set()
+        return True

@@ -1,0 +1,287 @@
+"""Bulk planning: spooled rows -> one :class:`~saltext.tributary.relay.documents.BulkPlan`.
+
+Each row is verified (origin), decoded and turned into bulk operations on its own: whatever
+goes wrong with one row (a refused signature, a malformed batch, an exception nobody foresaw)
+sets that row aside in the dead-letter index with its reason, and the rest of the bulk goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from saltext.tributary.protocol import signing
+from saltext.tributary.protocol.reading import doc_id
+from saltext.tributary.protocol.wire import DecodedBatch, WireError, decode_batch
+from saltext.tributary.relay.config import RelayConfig
+from saltext.tributary.relay.counters import Counters
+from saltext.tributary.relay.documents import BulkPlan, RowPlan, jnum, jstr, reading_doc
+from saltext.tributary.relay.elasticsearch import index_name
+from saltext.tributary.relay.origin import OriginVerifier
+from saltext.tributary.relay.spool import RelaySpool, SpoolRow
+from saltext.tributary.util.clock import now_ms
+
+log = logging.getLogger(__name__)
+
+#: A dead letter keeps at most this much of its original (JSON bytes), so that a huge junk
+#: event cannot make its own dead letter too large to index.
+ORIGINAL_MAX_BYTES = 16_384
+#: ... and at most this many rows of a whole batch.
+ORIGINAL_MAX_ROWS = 20
+
+
+class Planner:
+    """Builds bulk plans; counts what it refuses."""
+
+    def __init__(self, config: RelayConfig, counters: Counters, origin: OriginVerifier) -> None:
+        self.config = config
+        self.counters = counters
+        self.origin = origin
+        self._index_names: dict[int, str] = {}
+        self._fragments: dict[tuple[Any, Any, Any], str] = {}
+
+    def build(self, rows: list[SpoolRow], spool: RelaySpool) -> BulkPlan:
+        """The plan for ``rows``, oldest first, stopping (never inside a row) once the body
+        reaches ``bulk.max_bytes``; rows not planned stay in the spool for the next bulk."""
+        plan = BulkPlan()
+        now = now_ms()
+        budget = self.config.bulk.max_bytes
+        size = 0
+        for row in rows:
+            first_op = len(plan.ops)
+            try:
+                self._plan_row(plan, spool, row, now)
+            except Exception as exc:  # one row never stops the others
+                log.exception("tributary relay: spool row %d of %s set aside", row.id, row.gateway)
+                plan.truncate(first_op)
+                plan.rows.pop(row.id, None)
+                self._set_aside(plan, row, "relay_error", f"{type(exc).__name__}: {exc}", "relay")
+            added = plan.size(first_op)
+            if size + added > budget and first_op:
+                plan.truncate(first_op)  # the next bulk starts with this row
+                plan.rows.pop(row.id, None)
+                if row.id in plan.held:
+                    plan.held.remove(row.id)
+                break
+            if added > budget:
+                self._split_oversized(plan, row, first_op)
+                added = plan.size(first_op)
+            size += added
+        return plan
+
+    def _plan_row(self, plan: BulkPlan, spool: RelaySpool, row: SpoolRow, now: int) -> None:
+        data = row.data
+        if not isinstance(data, Mapping) or "_undecodable" in data:
+            detail = data.get("_undecodable") if isinstance(data, Mapping) else repr(data)
+            self._set_aside(plan, row, "undecodable", str(detail), "spool")
+            return
+        # A heartbeat's epoch/last_seq move the ledger (lost-tail detection): its origin is
+        # proven like a batch's before it is believed, indexed or kept as facts.
+        if not self._origin_ok(plan, spool, row, now):
+            return
+        if row.kind == "health":
+            self._plan_heartbeat(plan, row, now)
+            return
+        try:
+            batch = decode_batch(data)  # type: ignore[arg-type]
+        except WireError as exc:
+            self._refuse(plan, row, exc.reason, exc.detail, "wire")
+            return
+        rp = plan.rows[row.id] = RowPlan(row.attempts)
+        rp.range = (row.gateway, batch.epoch, batch.first, batch.last)
+        for bad in batch.rejected:
+            self.counters.inc(f"rejected:{bad['reason']}")
+            did = doc_id(row.gateway, batch.epoch, bad["seq"])
+            self._deadletter(
+                plan, row.id, row.gateway, bad["reason"], bad["detail"], "wire", did, bad
+            )
+        self.counters.inc("readings_in", len(batch.readings))
+        self._reading_ops(plan, row.id, row.gateway, batch, now)
+
+    def _origin_ok(self, plan: BulkPlan, spool: RelaySpool, row: SpoolRow, now: int) -> bool:
+        """The one origin path: True when the row may be used; otherwise it waits for its
+        gateway's key (``plan.held``, for ``key_wait_s``) or is refused (dead-lettered)."""
+        try:
+            self.origin.verify(spool, row.gateway, row.data)
+        except signing.SignatureError as exc:
+            if exc.reason == "unknown_key" and now - row.received < self.config.key_wait_s * 1000:
+                plan.held.append(row.id)  # the syndic's key set may not have arrived yet
+                return False
+            what = "heartbeat" if row.kind == "health" else "batch"
+            log.warning("tributary relay: %s under %s set aside: %s", what, row.gateway, exc)
+            self._refuse(plan, row, exc.reason, exc.detail, "origin")
+            return False
+        return True
+
+    def _refuse(self, plan: BulkPlan, row: SpoolRow, reason: str, detail: str, stage: str) -> None:
+        """A whole row refused for ``reason``: counted for the fleet and its gateway."""
+        self.counters.inc(f"rejected:{reason}")
+        self.counters.inc("rejected", 1, gateway=row.gateway)
+        self._set_aside(plan, row, reason, detail, stage)
+
+    def _set_aside(
+        self, plan: BulkPlan, row: SpoolRow, reason: str, detail: str, stage: str
+    ) -> None:
+        plan.rows[row.id] = RowPlan(row.attempts)
+        self._deadletter(plan, row.id, row.gateway, reason, detail, stage, None, row.data)
+
+    def _plan_heartbeat(self, plan: BulkPlan, row: SpoolRow, now: int) -> None:
+        data = {k: v for k, v in row.data.items() if k != "sig"}
+        rp = plan.rows[row.id] = RowPlan(row.attempts)
+        epoch, last_seq = data.get("epoch"), data.get("last_seq")
+        if isinstance(epoch, str) and isinstance(last_seq, int) and not isinstance(last_seq, bool):
+            rp.heartbeat = (row.gateway, epoch, last_seq)
+        rp.facts = (row.gateway, data)
+        doc = {
+            "@timestamp": now,
+            "gateway": row.gateway,
+            **{k: v for k, v in data.items() if k not in ("tag", "id")},
+        }
+        idx = index_name(self.config.index_prefix, "health", now, self.config.daily)
+        plan.add(row.id, json.dumps({"create": {"_index": idx}}), json.dumps(doc, default=str), doc)
+
+    def _reading_ops(
+        self, plan: BulkPlan, row_id: int, gateway: str, batch: DecodedBatch, now: int
+    ) -> None:
+        """One create op + document per reading (the hot loop: JSON built from cached
+        fragments; the document dict is only materialised for a dead letter)."""
+        cfg = self.config
+        head = (
+            f'"gateway":{jstr(gateway)},"site":{jstr(batch.site)},'
+            f'"epoch":{jstr(batch.epoch)},"relayed_at":{now}}}'
+        )
+        id_head = json.dumps(f"{gateway}:{batch.epoch}:")[:-1]
+        lines, ops = plan.lines, plan.ops
+        names = self._index_names
+        frags = self._fragments
+        lo = now - int(cfg.max_age_s * 1000)
+        hi = now + int(cfg.max_future_s * 1000)
+        for r in batch.readings:
+            ts = r["ts_ms"]
+            if not lo <= ts <= hi:  # a broken clock must not create an index per day it claims
+                self.counters.inc("rejected:out_of_window")
+                self._deadletter(
+                    plan,
+                    row_id,
+                    gateway,
+                    "out_of_window",
+                    f"timestamp {ts} ms is outside now-max_age_s..now+max_future_s",
+                    "relay",
+                    doc_id(gateway, batch.epoch, r["seq"]),
+                    reading_doc((gateway, batch.site, batch.epoch, now, r)),
+                )
+                continue
+            day = ts // 86_400_000
+            idx = names.get(day)
+            if idx is None:
+                if len(names) > 64:
+                    names.clear()
+                idx = names[day] = json.dumps(
+                    index_name(cfg.index_prefix, "readings", ts, cfg.daily)
+                )
+            key = (r["sensor"], r["metric"], r["unit"])
+            frag = frags.get(key)
+            if frag is None:
+                if len(frags) > 65_536:
+                    frags.clear()
+                frag = frags[key] = (
+                    f'"sensor":{jstr(key[0])},"metric":{jstr(key[1])},"unit":{jstr(key[2])}'
+                )
+            seq = r["seq"]
+            agg = r.get("agg")
+            lines.append(f'{{"create":{{"_index":{idx},"_id":{id_head}{seq}"}}}}')
+            lines.append(
+                f'{{"@timestamp":{ts},{frag},"value":{jnum(r["value"])},"seq":{seq},'
+                + (f'"agg":{json.dumps(agg)},' if agg else "")
+                + head
+            )
+            ops.append((row_id, (gateway, batch.site, batch.epoch, now, r)))
+
+    def _split_oversized(self, plan: BulkPlan, row: SpoolRow, first_op: int) -> None:
+        """A lone row whose operations exceed ``bulk.max_bytes``: dead-letter each document
+        that alone exceeds it (it could never be indexed), keep the others."""
+        budget = self.config.bulk.max_bytes
+        kept = BulkPlan()
+        for n in range(first_op, len(plan.ops)):
+            action, source = plan.lines[2 * n], plan.lines[2 * n + 1]
+            if len(action) + len(source) + 2 > budget:
+                self.counters.inc("rejected:oversized_document")
+                self._deadletter(
+                    kept,
+                    row.id,
+                    row.gateway,
+                    "oversized_document",
+                    f"{len(source)} bytes, over bulk.max_bytes={budget}",
+                    "relay",
+                    None,
+                    plan.ops[n][1],
+                )
+            else:
+                kept.add(row.id, action, source, plan.ops[n][1])
+        plan.truncate(first_op)
+        plan.lines.extend(kept.lines)
+        plan.ops.extend(kept.ops)
+
+    def deadletter(
+        self,
+        gateway: str,
+        reason: str,
+        detail: str,
+        stage: str,
+        did: str | None,
+        original: Any,
+    ) -> tuple[str, str, dict[str, Any]]:
+        """A dead-letter operation: (action line, source line, document). The original is
+        kept whole up to :data:`ORIGINAL_MAX_BYTES`, else as a trimmed JSON text."""
+        now = now_ms()
+        idx = index_name(self.config.index_prefix, "deadletter", now, self.config.daily)
+        meta: dict[str, Any] = {"_index": idx}
+        if did:
+            meta["_id"] = f"{did}:{stage}"
+        doc = {
+            "@timestamp": now,
+            "gateway": gateway,
+            "reason": reason,
+            "detail": str(detail)[:2048],
+            "stage": stage,
+            "doc_id": did,
+            "original": bounded(original),
+        }
+        self.counters.inc("dead_lettered")
+        self.counters.inc("dead_lettered", 1, gateway=gateway)
+        return json.dumps({"create": meta}), json.dumps(doc, default=str), doc
+
+    def _deadletter(
+        self,
+        plan: BulkPlan,
+        row_id: int,
+        gateway: str,
+        reason: str,
+        detail: str,
+        stage: str,
+        did: str | None,
+        original: Any,
+    ) -> None:
+        action, source, doc = self.deadletter(gateway, reason, detail, stage, did, original)
+        plan.add(row_id, action, source, doc)
+
+
+def bounded(original: Any) -> dict[str, Any]:
+    """A dead letter's copy of an original: a mapping of bounded size (a whole batch keeps at
+    most :data:`ORIGINAL_MAX_ROWS` rows; anything still over :data:`ORIGINAL_MAX_BYTES` of JSON
+    is kept as the start of its JSON text)."""
+    if not isinstance(original, Mapping):
+        original = {"value": repr(original)[:ORIGINAL_MAX_BYTES]}
+    rows = original.get("r")
+    if isinstance(rows, list) and len(rows) > ORIGINAL_MAX_ROWS:
+        original = {**original, "r": rows[:ORIGINAL_MAX_ROWS], "r_total": len(rows)}
+    try:
+        text = json.dumps(original, default=str)
+    except (TypeError, ValueError) as exc:  # e.g. keys json cannot write
+        text = repr(original)
+        original = {"unserialisable": str(exc)}
+    if len(text) > ORIGINAL_MAX_BYTES:
+        return {"truncated": text[:ORIGINAL_MAX_BYTES], "bytes": len(text)}
+    return dict(original)

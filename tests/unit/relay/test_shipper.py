@@ -1,0 +1,118 @@
+"""How the shipper treats a bulk Elasticsearch refuses as a whole or in part.
+
+The client here answers as Elasticsearch does for the cases a live cluster cannot be made to
+produce on demand (413 for a body over ``http.max_content_length``, per-document 429); it raises
+the real ``elasticsearch.ApiError`` the client library raises. Shipping to a real cluster is
+covered by the integration tests.
+"""
+
+from __future__ import annotations
+
+import json
+
+import elasticsearch
+import pytest
+from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
+
+from saltext.tributary.relay.config import BulkConfig
+from saltext.tributary.relay.shipper import http_status
+from tests.unit.relay.test_planner import signed
+from tests.unit.relay.test_relay import TAG, make_relay, publish_keys
+
+
+def api_error(status: int) -> elasticsearch.ApiError:
+    meta = ApiResponseMeta(status, "1.1", HttpHeaders(), 0.01, NodeConfig("http", "h", 9200))
+    return elasticsearch.ApiError(f"status {status}", meta, {})
+
+
+class Cluster:
+    """Answers bulks: a request over ``max_body`` bytes gets 413; a document whose ``seq`` is in
+    ``busy`` gets 429 (every time); every other document is created."""
+
+    def __init__(self, max_body: int = 10**9, busy: frozenset[int] = frozenset()) -> None:
+        self.max_body = max_body
+        self.busy = busy
+        self.requests: list[int] = []
+        self.created: list[dict] = []
+
+    def bulk(self, operations: str, **_kw):
+        self.requests.append(len(operations))
+        if len(operations) > self.max_body:
+            raise api_error(413)
+        lines = operations.splitlines()
+        items = []
+        for action, source in zip(lines[0::2], lines[1::2], strict=True):
+            meta, doc = json.loads(action)["create"], json.loads(source)
+            if doc.get("seq") in self.busy:
+                items.append({"create": {"_index": meta["_index"], "status": 429}})
+                continue
+            self.created.append(doc)
+            items.append({"create": {"_index": meta["_index"], "status": 201}})
+        return {"errors": any(i["create"]["status"] != 201 for i in items), "items": items}
+
+
+def relay_with(tmp_path, master_pki, keys, client, **kw):
+    relay = make_relay(tmp_path, master_pki, **kw)
+    relay.shipper.client = client
+    publish_keys(relay, keys)
+    return relay
+
+
+def ship_all(relay, rounds: int = 10) -> None:
+    for _ in range(rounds):
+        plan = relay.prepare(relay.spool)
+        if plan is None:
+            return
+        try:
+            relay.finish(relay.spool, plan, relay.shipper.send(plan))
+        except RuntimeError:
+            continue  # rows to retry stay spooled
+
+
+def test_status_of_client_errors():
+    assert http_status(api_error(413)) == 413
+    assert http_status(ConnectionError("refused")) is None
+
+
+def test_a_413_splits_the_bulk_until_it_fits(tmp_path, master_pki, keys):
+    es = Cluster(max_body=40_000)
+    relay = relay_with(tmp_path, master_pki, keys, es, bulk=BulkConfig(max_bytes=1024**2))
+    for i in range(4):
+        relay.accept(TAG.format("gw-a"), signed("gw-a", keys, first=1 + 100 * i, n=100))
+    ship_all(relay)
+    assert sorted(d["seq"] for d in es.created) == list(range(1, 401))
+    assert relay.spool.depth()[0] == 0
+    assert relay.spool.counters()["bulks_split"] >= 3
+
+
+def test_a_document_refused_alone_is_dead_lettered(tmp_path, master_pki, keys):
+    es = Cluster(max_body=2_000)
+    relay = relay_with(tmp_path, master_pki, keys, es)
+    rows = signed("gw-a", keys, n=3)
+    relay.accept(TAG.format("gw-a"), rows)
+    big = signed("gw-a", keys, first=4, n=1, site="y" * 3_000)
+    relay.accept(TAG.format("gw-a"), big)
+    ship_all(relay)
+    assert sorted(d["seq"] for d in es.created if "seq" in d) == [1, 2, 3]
+    assert relay.spool.depth()[0] == 0
+    # its dead letter (trimmed original) is larger than this cluster takes either: counted
+    assert relay.spool.counters()["deadletter_failed"] == 1
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+def test_documents_answered_429_are_retried_then_dead_lettered(
+    tmp_path, master_pki, keys, attempts
+):
+    es = Cluster(busy=frozenset({2}))
+    relay = relay_with(tmp_path, master_pki, keys, es, bulk=BulkConfig(max_attempts=attempts))
+    relay.accept(TAG.format("gw-a"), signed("gw-a", keys, n=3))
+    relay.accept(TAG.format("gw-b"), signed("gw-b", keys, n=3))
+    ship_all(relay, rounds=attempts + 2)
+    assert relay.spool.depth()[0] == 0
+    created = {(d.get("gateway"), d.get("seq"), d.get("reason")) for d in es.created}
+    assert ("gw-a", None, "retries_exhausted") in created
+    assert {("gw-a", 1, None), ("gw-a", 3, None), ("gw-b", 1, None), ("gw-b", 3, None)} <= created
+    # gw-a's row was sent `attempts` times
+    assert (
+        sum(1 for d in es.created if d.get("gateway") == "gw-a" and d.get("seq") == 1) == attempts
+    )
