@@ -367,6 +367,7 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
             "index_prefix": "bench",
             "bulk": {"max_docs": 5000, "max_wait_s": 0.05},
             "spool_path": spool,
+            "trusted_syndics": ["bench-syndic"],
             "metrics_interval_s": 30,
             "gaps": {"enabled": False},
         }

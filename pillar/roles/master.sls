@@ -7,3 +7,4 @@ tributary:
         password: CHANGE-ME-es
         ca_certs: /etc/tributary/es-ca.pem
       index_prefix: tributary
+      trusted_syndics: [syndic-brisbane, syndic-sydney]   # key sets from these only

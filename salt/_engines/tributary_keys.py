@@ -6,14 +6,17 @@ public key, but behind a syndic those keys live on the syndic master. This engin
 syndic master's accepted keys (``<pki_dir>/minions``) and fires ``tributary/keys/<syndic id>``
 with all of them, signed with the syndic's own key (the one the top master accepted for the
 syndic), so no gateway can forge a key set. salt-syndic forwards the event to the top master.
-It publishes at start, every ``interval`` seconds, and at once when this master's keys change
-(``salt/key`` events: accept, reject, delete), so a deleted key stops verifying quickly.
+It publishes at start, every ``interval`` seconds, and soon after this master's accepted keys
+change (a ``salt/key`` event, then only if the keys really changed, at most once per
+``min_gap_s``), so a deleted key stops verifying quickly and a minion firing look-alike tags
+cannot make it sign in a loop.
 
 Configuration (syndic master config)::
 
     engines:
       - tributary_keys:
           interval: 60                               # seconds between full publications
+          min_gap_s: 2                               # least time between two publications
           # syndic_id: syndic-1                      (default: the syndic's minion id)
           # signing_key: /etc/salt/pki/minion/minion.pem   (the key salt-syndic authenticates
           #                                                 with; default: <pki_dir>/minion.pem,
@@ -22,11 +25,10 @@ Configuration (syndic master config)::
 
 import logging
 import os
-import time
 
 try:
     import saltext.tributary as tributary_pkg
-    from saltext.tributary.protocol import signing
+    from saltext.tributary.syndic import keys as keys_lib
 
     HAS_LIBS = True
     MISSING = ""
@@ -51,9 +53,10 @@ def __virtual__():
 def validate(config):
     """Validate the engine configuration; returns ``(bool, message)`` and never raises."""
     try:
-        interval = config.get("interval", 60)
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
-            return False, "tributary_keys: interval must be a positive number of seconds"
+        for key, default in (("interval", 60), ("min_gap_s", 2)):
+            val = config.get(key, default)
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or val <= 0:
+                return False, f"tributary_keys: {key} must be a positive number of seconds"
         for key in ("syndic_id", "signing_key"):
             if key in config and not isinstance(config[key], str):
                 return False, f"tributary_keys: {key} must be a string"
@@ -80,24 +83,23 @@ def start(**config):
     if not ok:
         log.error("%s: not starting", msg)
         raise ValueError(msg)
-    interval = float(config.get("interval", 60))
-    syndic_id = config.get("syndic_id") or __opts__.get("id")
-    key_path = _signing_key(config)
-    last = 0.0
+    publisher = keys_lib.KeyPublisher(
+        __opts__["pki_dir"],
+        config.get("syndic_id") or __opts__.get("id"),
+        _signing_key(config),
+        interval=float(config.get("interval", 60)),
+        min_gap_s=float(config.get("min_gap_s", 2)),
+    )
     with salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=True) as bus:
         while True:
             ev = bus.get_event(wait=1, full=True, auto_reconnect=True)
-            changed = bool(ev and str(ev.get("tag", "")).startswith("salt/key"))
-            if not changed and time.monotonic() - last < interval:
-                continue
-            last = time.monotonic()
+            publisher.note(ev.get("tag") if ev else None)
             try:
-                keys = signing.read_accepted_keys(__opts__["pki_dir"])
-                data = signing.sign_keyset(syndic_id, keys, key_path)
+                data = publisher.next_set()
             except Exception as exc:  # pylint: disable=broad-except
-                # At first start the syndic's key may not be written yet (seen on 3008):
-                # try again in RETRY_S rather than a whole interval later.
+                # At first start the syndic's key may not be written yet (seen on 3008).
                 log.warning("tributary_keys: cannot publish accepted keys yet: %s", exc)
-                last = time.monotonic() - interval + min(RETRY_S, interval)
+                publisher.retry_soon(RETRY_S)
                 continue
-            bus.fire_event(data, f"tributary/keys/{syndic_id}")
+            if data is not None:
+                bus.fire_event(data, f"tributary/keys/{publisher.syndic_id}")

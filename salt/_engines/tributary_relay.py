@@ -7,11 +7,13 @@ at once; a shipper thread bulk-creates one document per reading with the id
 ``<gateway>:<epoch>:<seq>`` and removes a batch from the spool only when Elasticsearch has
 confirmed every document (created, already present, or dead-lettered).
 
-Origin: every batch must carry a valid signature by its gateway's own minion key (see
-``saltext.tributary.protocol.signing``); keys come from this master's accepted keys and from the key
-sets that ``tributary_keys`` engines on syndic masters publish. Unsigned, mis-signed or
-unknown-key batches go to the dead-letter index with the reason (``allow_unsigned: true`` lets
-unsigned ones through during a migration).
+Origin: every batch and heartbeat must carry a valid signature by its gateway's own minion key
+(see ``saltext.tributary.protocol.signing``). A gateway attached to this master is verified
+against the key this master accepted for it; a gateway behind a syndic against the key its
+syndic vouched for in a signed key set (``tributary_keys`` engine), taken only from the syndic
+ids in ``trusted_syndics``, one source per gateway (see ``saltext.tributary.relay.keyring``).
+Unsigned, mis-signed or unknown-key batches go to the dead-letter index with the reason
+(``allow_unsigned: true`` lets unsigned ones through during a migration).
 
 A gap-repair thread (``saltext.tributary.relay.repair``) asks gateways to replay what the ledger
 shows missing, through LocalClient (it works through syndics).
@@ -39,6 +41,9 @@ Configuration (master config)::
           # spool_path: /var/cache/salt/master/tributary/relay.db
           spool_max_bytes: 2147483648   # past it: oldest batches dropped, counted, logged
           allow_unsigned: false
+          trusted_syndics: [syndic-1]  # syndic ids whose key sets vouch for their gateways
+          keyset_ttl_s: 600          # a syndic's keys stop verifying new rows this long after
+                                     # its last key set
           key_wait_s: 120            # how long a batch waits for its gateway's key set
           metrics_interval_s: 30     # pipeline self-metrics into <prefix>-metrics-*
           max_future_s: 86400        # readings stamped further ahead: dead-lettered

@@ -51,6 +51,23 @@ def status(check_es=True):
     return relay_status.status_from_opts(__opts__, check_es=bool(check_es))
 
 
+def retire_syndic(syndic_id, undo=False):
+    """
+    Stop trusting a syndic master as a key source: the gateway keys it vouched for stop
+    verifying at once and its later key sets are refused (until ``undo=True``). Use it when a
+    syndic host is decommissioned or compromised; its gateways can then be vouched for by the
+    syndic they move to.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run tributary.retire_syndic syndic-3
+        salt-run tributary.retire_syndic syndic-3 undo=True
+    """
+    return relay_status.retire_syndic(__opts__, str(syndic_id), undo=bool(undo))
+
+
 def gaps(gateway=None, given_up=True):
     """
     Sequence gaps the relay's ledger knows of: gateway, epoch, from, to, how long open, replay

@@ -152,7 +152,8 @@ def _leaves(data, prefix=""):
 
 def test_relay_docstring_example_shows_the_defaults():
     """The engine's documented example states the schema's defaults (one source of truth):
-    every value it shows, but the site-specific Elasticsearch block, is the default."""
+    every value it shows, but the site-specific Elasticsearch block and syndic ids, is the
+    default."""
     from saltext.tributary.relay.config import RelayConfig
     from saltext.tributary.util import schema
 
@@ -160,6 +161,7 @@ def test_relay_docstring_example_shows_the_defaults():
     (example,) = engine_examples("tributary_relay")
     shown = dict(_leaves(example))
     shown.pop("elasticsearch")
+    assert shown.pop("trusted_syndics") == ["syndic-1"] and defaults["trusted_syndics"] is None
     assert shown, "the example shows no option"
     for key, value in shown.items():
         assert key in defaults, f"{key}: documented but not an option"

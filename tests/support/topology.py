@@ -71,6 +71,7 @@ def relay_engine_config(es_node, **extra) -> dict:
         "elasticsearch": es_node.client_config,
         "index_prefix": "tributary",
         "bulk": {"max_docs": 5000, "max_wait_s": 0.1},
+        "trusted_syndics": ["syndic-1"],
     }
     cfg.update(extra)
     return cfg

@@ -33,6 +33,7 @@ def fault_relay_config(es_node) -> dict:
         "bulk": {"max_docs": 5000, "max_wait_s": 0.1},
         "backoff": {"min_s": 0.5, "max_s": 5},
         "key_wait_s": 120,
+        "trusted_syndics": [SYNDIC_ID],
         "metrics_interval_s": 5,
         "gaps": {
             "grace_s": 8,

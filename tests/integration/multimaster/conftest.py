@@ -44,6 +44,7 @@ SYNDIC_RETRY = {"return_retry_timer": 1, "return_retry_timer_max": 2, "return_re
 
 def mm_relay_config(es_node) -> dict:
     cfg = fault_relay_config(es_node)
+    cfg["trusted_syndics"] = [SYNDIC_ID]
     cfg["gaps"] = {
         **cfg["gaps"],
         "grace_s": 6,

@@ -23,6 +23,7 @@ TAG = "salt/beacon/{}/tributary_mqtt/batch"
 def make_relay(tmp_path, master_pki, **kw) -> Relay:
     """A relay whose time window takes the fixed 2023 timestamps of these tests."""
     kw.setdefault("max_age_s", 86_400.0 * 3650)
+    kw.setdefault("trusted_syndics", ["syndic-1"])
     cfg = RelayConfig(spool_path=str(tmp_path / "relay.db"), pki_dir=master_pki, **kw)
     return Relay(None, cfg)
 
@@ -141,7 +142,7 @@ def test_forged_key_set_is_refused(tmp_path, master_pki, keys):
     assert relay.counters["keyset_rejected:bad_signature"] == 1
     # an unknown syndic cannot publish either
     assert not relay.accept("tributary/keys/syndic-9", data)
-    assert relay.spool.keys_for("gw-b") == []
+    assert relay.spool.keyring.keys_for("gw-b", 0, 10**15) == []
 
 
 def test_malformed_batches_are_dead_lettered_with_reasons(tmp_path, master_pki, keys):

@@ -172,7 +172,14 @@ def read_accepted_keys(pki_dir: str) -> dict[str, str]:
 
 def sign_keyset(syndic_id: str, keys: Mapping[str, str], key_path: str) -> dict[str, Any]:
     """The event data a syndic master publishes: its accepted keys, signed by the syndic."""
-    data: dict[str, Any] = {"v": 1, "syndic": syndic_id, "ts": int(time.time()), "keys": dict(keys)}
+    now = time.time()
+    data: dict[str, Any] = {
+        "v": 1,
+        "syndic": syndic_id,
+        "ts": int(now),
+        "ts_ms": int(now * 1000),  # orders the sets of one syndic: an older one never wins
+        "keys": dict(keys),
+    }
     data["sig"] = sign_bytes(load_private_key(key_path), canonical(syndic_id, data))
     return data
 

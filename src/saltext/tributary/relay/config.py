@@ -58,6 +58,12 @@ class RelayConfig:
     )
     pki_dir: str | None = option(None, doc="the top master's pki_dir (its accepted keys)")
     allow_unsigned: bool = option(False, doc="accept unsigned batches (migrations only)")
+    trusted_syndics: list[str] | None = option(
+        None, doc="syndic ids whose key sets vouch for gateways (none when unset)"
+    )
+    keyset_ttl_s: float = option(
+        600.0, range=(10, 86400 * 30), doc="a syndic's keys expire this long after its last set"
+    )
     key_wait_s: float = option(120.0, range=(0, 86400), doc="a batch waits this for its key")
     metrics_interval_s: float = option(30.0, range=(0, 86400), doc="self-metrics; 0 = off")
     max_future_s: float = option(

@@ -112,18 +112,45 @@ class Intake:
             )
 
     def accept_keys(self, syndic_id: str, data: Any) -> bool:
-        """A syndic master's accepted gateway keys, signed by that syndic's own key."""
+        """A syndic master's accepted gateway keys, signed by that syndic's own key: taken
+        only from a trusted syndic, never older than its last set, never for a gateway bound
+        to another source (see :mod:`~saltext.tributary.relay.keyring`)."""
         data = unwrap(data, "keys")
         if self._seen(repr(data.get("sig") if isinstance(data, Mapping) else data)):
             return False
+        if not self.origin.trusts(syndic_id):
+            return self._keyset_refused(syndic_id, "untrusted_syndic", "not in trusted_syndics")
         try:
             keys = self.origin.keyset(syndic_id, data)
         except signing.SignatureError as exc:
-            self.counters.inc(f"keyset_rejected:{exc.reason}")
-            log.error("tributary relay: key set claiming syndic %s refused: %s", syndic_id, exc)
-            return False
-        self.spool.set_keys(syndic_id, keys)
+            return self._keyset_refused(syndic_id, exc.reason, str(exc))
+        ts = data.get("ts_ms")
+        if isinstance(ts, bool) or not isinstance(ts, int):
+            ts = int(data.get("ts") or 0) * 1000  # key sets of an older tributary_keys
+        with self.spool.transaction():
+            result = self.spool.keyring.take(
+                syndic_id,
+                ts,
+                keys,
+                int(self.config.keyset_ttl_s * 1000),
+                is_local=lambda gw: self.origin.local_key(gw) is not None,
+            )
+        if result.refused:
+            return self._keyset_refused(syndic_id, result.refused, f"key set of {ts} ms")
+        if result.conflicts:
+            self.counters.inc("keyset_conflicts", result.conflicts)
+            log.error(
+                "tributary relay: syndic %s vouched for %d gateways bound to another source:"
+                " refused (salt-run tributary.status shows them)",
+                syndic_id,
+                result.conflicts,
+            )
         self.spool.release_holds()
         self.counters.inc("keysets_in")
         self._wake.set()
         return True
+
+    def _keyset_refused(self, syndic_id: str, reason: str, detail: str) -> bool:
+        self.counters.inc(f"keyset_rejected:{reason}")
+        log.error("tributary relay: key set claiming syndic %s refused: %s", syndic_id, detail)
+        return False

@@ -39,12 +39,22 @@ class OriginVerifier:
         """The gateway keys a syndic's signed key set vouches for (raises SignatureError)."""
         return signing.verify_keyset(syndic_id, data, self.local_key(syndic_id))
 
-    def verify(self, spool: RelaySpool, gateway: str, data: Mapping[str, Any]) -> None:
-        """Raise SignatureError unless ``data`` is signed by ``gateway``'s accepted key."""
+    def trusts(self, syndic_id: str) -> bool:
+        """Is ``syndic_id`` one whose key sets may vouch for gateways?"""
+        return syndic_id in (self.config.trusted_syndics or ())
+
+    def verify(
+        self, spool: RelaySpool, gateway: str, data: Mapping[str, Any], received_ms: int
+    ) -> None:
+        """Raise SignatureError unless ``data`` is signed by ``gateway``'s accepted key: the
+        top master's own when it accepted ``gateway`` directly, else the key of the one syndic
+        ``gateway`` is bound to, as vouched for when the row arrived (``received_ms``)."""
         if data.get("sig") is None and self.config.allow_unsigned:
             self.counters.inc("unsigned_accepted")
             return
-        pems = [p for p in [self.local_key(gateway), *spool.keys_for(gateway)] if p]
+        local = self.local_key(gateway)
+        ttl_ms = int(self.config.keyset_ttl_s * 1000)
+        pems = [local] if local else spool.keyring.keys_for(gateway, received_ms, ttl_ms)
         if not pems:
             signing.verify_batch(gateway, data, None)
         last: signing.SignatureError | None = None

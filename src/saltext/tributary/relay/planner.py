@@ -104,7 +104,7 @@ class Planner:
         """The one origin path: True when the row may be used; otherwise it waits for its
         gateway's key (``plan.held``, for ``key_wait_s``) or is refused (dead-lettered)."""
         try:
-            self.origin.verify(spool, row.gateway, row.data)
+            self.origin.verify(spool, row.gateway, row.data, row.received)
         except signing.SignatureError as exc:
             if exc.reason == "unknown_key" and now - row.received < self.config.key_wait_s * 1000:
                 plan.held.append(row.id)  # the syndic's key set may not have arrived yet

@@ -11,12 +11,12 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import msgpack
 
+from saltext.tributary.relay.keyring import Keyring
 from saltext.tributary.relay.ledger import Ledger
 from saltext.tributary.util import sqlite
 from saltext.tributary.util.clock import now_ms
@@ -83,6 +83,7 @@ class RelaySpool:
                 except sqlite3.OperationalError:  # another connection migrated it meanwhile
                     pass
         self.ledger = Ledger(self.db)
+        self.keyring = Keyring(self.db)
         self.write_lock = _write_lock(path)
         self._migrate_counters()
 
@@ -131,27 +132,6 @@ class RelaySpool:
         """One write transaction under the process's writer lock."""
         with self.write_lock, sqlite.transaction(self.db):
             yield
-
-    def set_keys(self, source: str, keys: Mapping[str, str]) -> None:
-        """Replace the accepted keys published by ``source`` (a syndic id)."""
-        now = time.time()
-        with self.transaction():
-            self.db.execute("DELETE FROM gateway_keys WHERE source=?", (source,))
-            self.db.executemany(
-                "INSERT INTO gateway_keys VALUES (?,?,?,?)",
-                [(gw, source, pem, now) for gw, pem in keys.items()],
-            )
-
-    def keys_for(self, gateway: str) -> list[str]:
-        return [
-            r[0]
-            for r in self.db.execute("SELECT pem FROM gateway_keys WHERE gateway=?", (gateway,))
-        ]
-
-    def key_sources(self) -> dict[str, int]:
-        return dict(
-            self.db.execute("SELECT source, COUNT(*) FROM gateway_keys GROUP BY source").fetchall()
-        )
 
     def depth_by_gateway(self) -> dict[str, tuple[int, int]]:
         return {

@@ -118,7 +118,8 @@ def status_from_opts(opts: Mapping[str, Any], check_es: bool = True) -> dict[str
                 "relay_spool_batches": depth,
                 "relay_spool_bytes": spool.used_bytes(),
                 "relay_spool_oldest_age_s": round((now_ms() - oldest) / 1000, 1) if oldest else 0,
-                "key_sets": spool.key_sources(),
+                "key_sources": spool.keyring.sources(int(rcfg.keyset_ttl_s * 1000)),
+                "key_conflicts": spool.keyring.conflicts(),
                 "counters": totals,
             },
         )
@@ -147,3 +148,28 @@ def _has_table(db: sqlite3.Connection, name: str) -> bool:
         db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone()
         is not None
     )
+
+
+def retire_syndic(opts: Mapping[str, Any], syndic_id: str, undo: bool = False) -> dict[str, Any]:
+    """Retire a syndic as a key source (its keys stop verifying at once, its key sets are
+    refused) or, with ``undo``, accept its key sets again."""
+    if not engine_config(opts):
+        return {"result": False, "error": "no tributary_relay engine configured on this master"}
+    rcfg = relay_config(
+        engine_config(opts),
+        str(opts.get("cachedir", "/var/cache/salt/master")),
+        opts.get("pki_dir"),
+    )
+    spool = RelaySpool(rcfg.spool_path or "")
+    try:
+        with spool.transaction():
+            n = spool.keyring.retire(syndic_id, undo=undo)
+        return {
+            "result": True,
+            "syndic": syndic_id,
+            "state": "trusted again" if undo else "retired",
+            "gateway_keys": n,
+            "trusted_in_config": syndic_id in (rcfg.trusted_syndics or ()),
+        }
+    finally:
+        spool.close()
