@@ -12,7 +12,7 @@ import pytest
 from saltext.tributary.protocol import signing
 from saltext.tributary.protocol.wire import SpooledReading, encode_batch
 from saltext.tributary.relay.config import BulkConfig
-from saltext.tributary.relay.planner import ORIGINAL_MAX_BYTES, bounded
+from saltext.tributary.relay.documents import ORIGINAL_MAX_BYTES, bounded
 from tests.unit.relay.test_relay import TAG, make_relay, publish_keys
 
 NOW = int(time.time() * 1000)

@@ -164,7 +164,7 @@ def test_malformed_batches_are_dead_lettered_with_reasons(tmp_path, master_pki, 
 
 
 def test_disk_budget_drops_oldest_and_counts(tmp_path, master_pki, keys):
-    relay = make_relay(tmp_path, master_pki, spool_max_bytes=1024 * 1024)
+    relay = make_relay(tmp_path, master_pki, spool_max_bytes=1024 * 1024, allow_unsigned=True)
     big = [
         SpooledReading(i + 1, f"s{i % 50}/m", "C", 1_700_000_000_000 + i, i * 1.37)
         for i in range(2000)
@@ -183,6 +183,25 @@ def test_disk_budget_drops_oldest_and_counts(tmp_path, master_pki, keys):
     )
     remaining = [r[4]["epoch"] for r in relay.spool.take(100)]
     assert "e0" not in remaining and "e39" in remaining  # oldest first
+
+
+def test_a_flood_evicts_its_own_batches_not_anothers(tmp_path, master_pki, keys):
+    """Past the budget, unverifiable claims go first, then the biggest verified sender's."""
+    relay = make_relay(tmp_path, master_pki, spool_max_bytes=1024 * 1024)
+    publish_keys(relay, keys)
+    for n in range(5):  # gw-b: a little, first (the oldest rows)
+        relay.accept(TAG.format("gw-b"), batch("gw-b", keys, first=1 + 100 * n, n=100))
+    for n in range(20):  # claims under ids nobody vouched for
+        relay.accept(TAG.format(f"ghost-{n}"), batch("gw-a", keys, first=1, n=1000))
+    for n in range(200):  # gw-a floods with genuine, signed batches
+        relay.accept(TAG.format("gw-a"), batch("gw-a", keys, first=1 + 1000 * n, n=1000))
+    relay.check_budget()
+    assert relay.spool.used_bytes() <= 1024 * 1024
+    left = relay.spool.depth_by_gateway()
+    assert left["gw-b"] == (5, 500)  # untouched
+    assert not any(gw.startswith("ghost") for gw in left), left  # dropped first
+    assert 0 < left["gw-a"][0] < 200  # the flood paid for itself
+    assert relay.counters["spool_dropped_batches"] == 20 + 200 - left["gw-a"][0]
 
 
 def test_spool_survives_reopen(tmp_path, master_pki, keys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,7 +42,7 @@ TRIM_EVERY_S = 60.0
 
 def ensure_mqtt_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
     """Start (or restart on a config change) the subscriber for this beacon config."""
-    from saltext.tributary.gateway.sources.mqtt import BrokerConfig, MqttSource
+    from saltext.tributary.gateway.sources.mqtt import MqttSource, parse_broker
 
     path = spool_path(cfg, opts)
     name = str(cfg.get("_beacon_name", "tributary_mqtt"))
@@ -51,8 +52,11 @@ def ensure_mqtt_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
             log.info("tributary mqtt: configuration changed, restarted the subscriber")
         broker_cfg = dict(cfg.get("broker") or {})
         broker_cfg.setdefault("client_id", f"tributary-{opts.get('id', 'gateway')}-{name}")
+        broker, errors = parse_broker(broker_cfg)
+        if broker is None:
+            raise ValueError("tributary_mqtt: " + "; ".join(errors))
         source = MqttSource(
-            BrokerConfig(**broker_cfg),
+            broker,
             Mapper(compile_rules(cfg["topics"])),
             path,
             Filters(compile_filters(cfg.get("filters"))),
@@ -178,7 +182,7 @@ def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, A
     except Exception as exc:  # retention must never stop emitting
         log.warning("tributary: retention trim failed: %s", exc)
     batch_cfg = cfg.get("batch") or {}
-    site = cfg.get("site") or grains.get("site")
+    site = site_of(cfg, grains)
     max_batch = batch_cfg.get("max_bytes", DEFAULT_BATCH_BYTES)
     max_run = min(batch_cfg.get("max_run_bytes", DEFAULT_RUN_BYTES), HARD_RUN_BYTES)
     budget = _budget_for(cfg, opts)
@@ -189,6 +193,19 @@ def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, A
             max_batch_bytes=max_batch, max_run_bytes=max_run, site=str(site) if site else None
         )
     return [{"tag": "batch", **finalize_batch(b, opts)} for b in batches]
+
+
+SITE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def site_of(cfg: Mapping[str, Any], grains: Mapping[str, Any]) -> str | None:
+    """The site batches carry: the beacon's ``site`` or the ``site`` grain, when it is a short
+    name (a grain is whatever the minion sets; an odd one is logged and left out)."""
+    site = cfg.get("site") or grains.get("site")
+    if site is None or (isinstance(site, str) and SITE_RE.fullmatch(site)):
+        return site
+    log.warning("tributary: site %r is not a short name ([A-Za-z0-9_.:-]{1,64}); left out", site)
+    return None
 
 
 def run_mqtt_beacon(config: Any, opts: Mapping[str, Any], grains: Mapping[str, Any]) -> list[dict]:
@@ -247,7 +264,7 @@ def run_health_beacon(
         counters=st["counters"],
     )
     heartbeat = health_mod.event(spool.epoch, st["last_seq"], metrics, now)
-    site = cfg.get("site") or grains.get("site")
+    site = site_of(cfg, grains)
     if site:
         heartbeat["site"] = str(site)
     # Origin authentication: the heartbeat feeds the top master's ledger (lost-tail detection),

@@ -4,11 +4,13 @@ the spool location."""
 from __future__ import annotations
 
 import logging
+import re
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from saltext.tributary.gateway.filters import FilterConfigError, compile_filters
+from saltext.tributary.gateway.sources.mqtt import parse_broker
 from saltext.tributary.gateway.sources.payload import ConfigError, compile_rules
 from saltext.tributary.gateway.sources.sysfs import SysfsConfigError, compile_sources
 from saltext.tributary.util.schema import number_error
@@ -79,8 +81,10 @@ def validate_common(cfg: Mapping[str, Any]) -> list[str]:
             err = _check_int(batch, key, 1024, HARD_RUN_BYTES)
             if err:
                 errors.append(f"batch.{err}")
-    if "site" in cfg and not isinstance(cfg["site"], str):
-        errors.append("site: must be a string")
+    if "site" in cfg and (
+        not isinstance(cfg["site"], str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", cfg["site"])
+    ):
+        errors.append("site: must be a short name ([A-Za-z0-9_.:-]{1,64})")
     try:
         compile_filters(cfg.get("filters"))
     except FilterConfigError as exc:
@@ -148,17 +152,7 @@ def _health_checks(cfg: dict[str, Any]) -> list[str]:
 
 def _mqtt_checks(cfg: dict[str, Any]) -> list[str]:
     errors = []
-    broker = cfg.get("broker", {})
-    if not isinstance(broker, Mapping):
-        errors.append("broker: must be a mapping (host, port, ...)")
-    else:
-        if "host" in broker and not isinstance(broker["host"], str):
-            errors.append("broker.host: must be a string")
-        err = _check_int(broker, "port", 1, 65535)
-        if err:
-            errors.append(f"broker.{err}")
-        if broker.get("password") is not None and not broker.get("username"):
-            errors.append("broker.username: required when broker.password is set")
+    errors += parse_broker(cfg.get("broker"))[1]
     try:
         compile_rules(cfg.get("topics"))
     except ConfigError as exc:

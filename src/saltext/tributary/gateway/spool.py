@@ -294,9 +294,11 @@ class GatewaySpool:
         while n > 0:
             batch = encode_batch(self.epoch, rows[:n], **kw)
             size = packed_size(batch)
-            if size <= max_bytes:
+            if size <= max_bytes or n == 1:
+                # One reading over the cap goes alone (intake bounds a reading's size, so it is
+                # small): waiting for it to fit would stop emission for good.
                 return batch, size
-            n = min(n - 1, int(n * max_bytes / size * 0.95))
+            n = max(1, min(n - 1, int(n * max_bytes / size * 0.95)))
         return None
 
     def peek_unsent(self, max_rows: int = 8_000) -> tuple[list[SpooledReading], int]:

@@ -70,12 +70,25 @@ def check_ts(ts_ms: object) -> int:
     return ts_ms
 
 
+#: Longest unit a reading may carry.
+MAX_UNIT_CHARS = 32
+
+
+def check_unit(unit: object) -> str | None:
+    """A unit is absent or a short string (it is stored and indexed with every reading)."""
+    if unit is None or unit == "":
+        return None
+    if not isinstance(unit, str) or len(unit) > MAX_UNIT_CHARS or not unit.isprintable():
+        raise RejectedReading("bad_unit", f"unit {str(unit)[:40]!r} is not a short text")
+    return unit
+
+
 def make_reading(
     sensor: object,
     metric: object,
     value: object,
     ts_ms: object,
-    unit: str | None = None,
+    unit: object = None,
 ) -> Reading:
     """Build a validated Reading, raising RejectedReading with a reason otherwise."""
     return Reading(
@@ -83,7 +96,7 @@ def make_reading(
         metric=check_name("metric", metric),
         value=check_value(value),
         ts_ms=check_ts(ts_ms),
-        unit=unit,
+        unit=check_unit(unit),
     )
 
 

@@ -12,6 +12,13 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+#: A dead letter keeps at most this much of its original (JSON bytes), so that a huge junk
+#: event cannot make its own dead letter too large to index.
+ORIGINAL_MAX_BYTES = 16_384
+#: ... and at most this many rows of a whole batch.
+ORIGINAL_MAX_ROWS = 20
+
+
 def jstr(value: str | None) -> str:
     """JSON for a string (or null)."""
     return json.dumps(value)
@@ -110,3 +117,22 @@ def batch_key(gateway: str, data: Mapping[str, Any]) -> str:
     if sig is not None:
         key += ":" + hashlib.blake2b(repr(sig).encode(), digest_size=8).hexdigest()
     return key
+
+
+def bounded(original: Any) -> dict[str, Any]:
+    """A dead letter's copy of an original: a mapping of bounded size (a whole batch keeps at
+    most :data:`ORIGINAL_MAX_ROWS` rows; anything still over :data:`ORIGINAL_MAX_BYTES` of JSON
+    is kept as the start of its JSON text)."""
+    if not isinstance(original, Mapping):
+        original = {"value": repr(original)[:ORIGINAL_MAX_BYTES]}
+    rows = original.get("r")
+    if isinstance(rows, list) and len(rows) > ORIGINAL_MAX_ROWS:
+        original = {**original, "r": rows[:ORIGINAL_MAX_ROWS], "r_total": len(rows)}
+    try:
+        text = json.dumps(original, default=str)
+    except (TypeError, ValueError) as exc:  # e.g. keys json cannot write
+        text = repr(original)
+        original = {"unserialisable": str(exc)}
+    if len(text) > ORIGINAL_MAX_BYTES:
+        return {"truncated": text[:ORIGINAL_MAX_BYTES], "bytes": len(text)}
+    return dict(original)

@@ -17,9 +17,10 @@ from typing import Any
 from saltext.tributary.protocol import signing
 from saltext.tributary.relay.config import RelayConfig
 from saltext.tributary.relay.counters import Counters
-from saltext.tributary.relay.documents import batch_key
+from saltext.tributary.relay.documents import batch_key, bounded
 from saltext.tributary.relay.origin import OriginVerifier
 from saltext.tributary.relay.spool import RelaySpool
+from saltext.tributary.util.clock import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ class Intake:
             self.counters.inc("duplicate_events")
             return False
         payload = {k: v for k, v in data.items() if k != "_stamp"}
-        if self.spool.put(gateway, kind, ukey, payload):
+        payload, verified = self._verified(gateway, payload)
+        if self.spool.put(gateway, kind, ukey, payload, verified):
             self.counters.inc("batches_in")
             self._puts += 1
             if self._puts % BUDGET_EVERY == 0:
@@ -96,6 +98,20 @@ class Intake:
             return True
         self.counters.inc("duplicate_events")
         return False
+
+    def _verified(self, gateway: str, data: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """Check origin before the event takes spool space: a refused one is spooled as its
+        reason and a bounded copy (for its dead letter); one whose key is not known yet is
+        spooled whole, to wait for its key, and is the first dropped past the disk budget."""
+        if data.get("sig") is None and self.config.allow_unsigned:
+            return data, 0  # counted once, when planned
+        try:
+            self.origin.verify(self.spool, gateway, data, now_ms())
+        except signing.SignatureError as exc:
+            if exc.reason == "unknown_key":
+                return data, 0
+            return {"_refused": exc.reason, "_detail": exc.detail, "original": bounded(data)}, -1
+        return data, 1
 
     def check_budget(self) -> None:
         """Past the disk budget, drop the oldest spooled batches: counted, logged loudly."""

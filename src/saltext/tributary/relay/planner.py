@@ -17,7 +17,7 @@ from saltext.tributary.protocol.reading import doc_id
 from saltext.tributary.protocol.wire import DecodedBatch, WireError, decode_batch
 from saltext.tributary.relay.config import RelayConfig
 from saltext.tributary.relay.counters import Counters
-from saltext.tributary.relay.documents import BulkPlan, RowPlan, jnum, jstr, reading_doc
+from saltext.tributary.relay.documents import BulkPlan, RowPlan, bounded, jnum, jstr, reading_doc
 from saltext.tributary.relay.elasticsearch import index_name
 from saltext.tributary.relay.origin import OriginVerifier
 from saltext.tributary.relay.spool import RelaySpool, SpoolRow
@@ -25,11 +25,11 @@ from saltext.tributary.util.clock import now_ms
 
 log = logging.getLogger(__name__)
 
-#: A dead letter keeps at most this much of its original (JSON bytes), so that a huge junk
-#: event cannot make its own dead letter too large to index.
-ORIGINAL_MAX_BYTES = 16_384
-#: ... and at most this many rows of a whole batch.
-ORIGINAL_MAX_ROWS = 20
+#: Per-gateway counters of rows whose gateway id is not proven (no key known, unsigned) go
+#: here: anyone can claim any id, and one counter row per claimed id would grow without bound.
+UNVERIFIED = "(unverified)"
+#: Refusals that prove the claimed id has a key (so it names a real gateway).
+KNOWN_ID_REASONS = frozenset({"bad_signature"})
 
 
 class Planner:
@@ -102,7 +102,20 @@ class Planner:
 
     def _origin_ok(self, plan: BulkPlan, spool: RelaySpool, row: SpoolRow, now: int) -> bool:
         """The one origin path: True when the row may be used; otherwise it waits for its
-        gateway's key (``plan.held``, for ``key_wait_s``) or is refused (dead-lettered)."""
+        gateway's key (``plan.held``, for ``key_wait_s``) or is refused (dead-lettered).
+        Intake has checked most rows already (``row.verified``)."""
+        if row.verified == 1:
+            return True
+        if row.verified == -1:
+            data = row.data
+            self._refuse(
+                plan,
+                row._replace(data=data.get("original")),
+                str(data.get("_refused")),
+                str(data.get("_detail")),
+                "origin",
+            )
+            return False
         try:
             self.origin.verify(spool, row.gateway, row.data, row.received)
         except signing.SignatureError as exc:
@@ -118,8 +131,10 @@ class Planner:
     def _refuse(self, plan: BulkPlan, row: SpoolRow, reason: str, detail: str, stage: str) -> None:
         """A whole row refused for ``reason``: counted for the fleet and its gateway."""
         self.counters.inc(f"rejected:{reason}")
-        self.counters.inc("rejected", 1, gateway=row.gateway)
-        self._set_aside(plan, row, reason, detail, stage)
+        who = row.gateway if stage != "origin" or reason in KNOWN_ID_REASONS else UNVERIFIED
+        self.counters.inc("rejected", 1, gateway=who)
+        plan.rows[row.id] = RowPlan(row.attempts)
+        self._deadletter(plan, row.id, row.gateway, reason, detail, stage, None, row.data, who)
 
     def _set_aside(
         self, plan: BulkPlan, row: SpoolRow, reason: str, detail: str, stage: str
@@ -232,9 +247,11 @@ class Planner:
         stage: str,
         did: str | None,
         original: Any,
+        count_as: str | None = None,
     ) -> tuple[str, str, dict[str, Any]]:
         """A dead-letter operation: (action line, source line, document). The original is
-        kept whole up to :data:`ORIGINAL_MAX_BYTES`, else as a trimmed JSON text."""
+        kept whole up to :data:`ORIGINAL_MAX_BYTES`, else as a trimmed JSON text. It is
+        counted for ``count_as`` (default: ``gateway``)."""
         now = now_ms()
         idx = index_name(self.config.index_prefix, "deadletter", now, self.config.daily)
         meta: dict[str, Any] = {"_index": idx}
@@ -250,7 +267,7 @@ class Planner:
             "original": bounded(original),
         }
         self.counters.inc("dead_lettered")
-        self.counters.inc("dead_lettered", 1, gateway=gateway)
+        self.counters.inc("dead_lettered", 1, gateway=count_as or gateway)
         return json.dumps({"create": meta}), json.dumps(doc, default=str), doc
 
     def _deadletter(
@@ -263,25 +280,9 @@ class Planner:
         stage: str,
         did: str | None,
         original: Any,
+        count_as: str | None = None,
     ) -> None:
-        action, source, doc = self.deadletter(gateway, reason, detail, stage, did, original)
+        action, source, doc = self.deadletter(
+            gateway, reason, detail, stage, did, original, count_as
+        )
         plan.add(row_id, action, source, doc)
-
-
-def bounded(original: Any) -> dict[str, Any]:
-    """A dead letter's copy of an original: a mapping of bounded size (a whole batch keeps at
-    most :data:`ORIGINAL_MAX_ROWS` rows; anything still over :data:`ORIGINAL_MAX_BYTES` of JSON
-    is kept as the start of its JSON text)."""
-    if not isinstance(original, Mapping):
-        original = {"value": repr(original)[:ORIGINAL_MAX_BYTES]}
-    rows = original.get("r")
-    if isinstance(rows, list) and len(rows) > ORIGINAL_MAX_ROWS:
-        original = {**original, "r": rows[:ORIGINAL_MAX_ROWS], "r_total": len(rows)}
-    try:
-        text = json.dumps(original, default=str)
-    except (TypeError, ValueError) as exc:  # e.g. keys json cannot write
-        text = repr(original)
-        original = {"unserialisable": str(exc)}
-    if len(text) > ORIGINAL_MAX_BYTES:
-        return {"truncated": text[:ORIGINAL_MAX_BYTES], "bytes": len(text)}
-    return dict(original)

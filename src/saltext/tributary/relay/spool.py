@@ -40,6 +40,8 @@ PER_GATEWAY_COUNTERS = ("indexed", "dead_lettered", "rejected", "replays_request
 EXTRA_COLUMNS = {
     "hold_until": "INTEGER NOT NULL DEFAULT 0",
     "n": "INTEGER NOT NULL DEFAULT 0",
+    # 1: origin verified at intake; 0: not yet (no key known then); -1: refused at intake
+    "verified": "INTEGER NOT NULL DEFAULT 0",
 }
 
 
@@ -52,6 +54,7 @@ class SpoolRow(NamedTuple):
     received: int  # ms
     data: Any  # the event data; {"_undecodable": reason} when the stored body is unreadable
     attempts: int = 0
+    verified: int = 0  # see EXTRA_COLUMNS
 
 
 _LOCKS_GUARD = threading.Lock()
@@ -87,14 +90,22 @@ class RelaySpool:
         self.write_lock = _write_lock(path)
         self._migrate_counters()
 
-    def put(self, gateway: str, kind: str, ukey: str, data: Any) -> bool:
+    def put(self, gateway: str, kind: str, ukey: str, data: Any, verified: int = 0) -> bool:
         body = msgpack.packb(data, use_bin_type=True, default=str)
         rows = data.get("r") if isinstance(data, Mapping) else None
         with self.write_lock:
             cur = self.db.execute(
-                "INSERT OR IGNORE INTO batches (gateway, kind, ukey, received, body, n)"
-                " VALUES (?,?,?,?,?,?)",
-                (gateway, kind, ukey, now_ms(), body, len(rows) if isinstance(rows, list) else 0),
+                "INSERT OR IGNORE INTO batches (gateway, kind, ukey, received, body, n, verified)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (
+                    gateway,
+                    kind,
+                    ukey,
+                    now_ms(),
+                    body,
+                    len(rows) if isinstance(rows, list) else 0,
+                    verified,
+                ),
             )
             return cur.rowcount == 1
 
@@ -102,16 +113,40 @@ class RelaySpool:
         return sqlite.used_bytes(self.db)
 
     def enforce_budget(self, max_bytes: int) -> tuple[int, int]:
-        """Drop the oldest batches until the spool fits ``max_bytes``: (batches, readings)."""
+        """Past ``max_bytes``, drop batches until the spool fits: first those whose origin
+        could not be verified yet (oldest first: anyone can claim any gateway id), then from
+        the verified gateway holding the most bytes (so a gateway sending far more than the
+        others evicts its own batches, never theirs). Returns (batches, readings) dropped."""
         with self.write_lock:
             return self._enforce_budget(max_bytes)
 
     def _enforce_budget(self, max_bytes: int) -> tuple[int, int]:
         batches = readings = 0
+        if self.used_bytes() <= max_bytes:
+            return 0, 0
+        shares: dict[str, int] | None = None
         while self.used_bytes() > max_bytes:
-            rows = self.db.execute("SELECT id, n FROM batches ORDER BY id LIMIT 4").fetchall()
+            rows = self.db.execute(
+                "SELECT id, n FROM batches WHERE verified<=0 ORDER BY id LIMIT 16"
+            ).fetchall()
             if not rows:
-                break
+                if shares is None:
+                    shares = dict(
+                        self.db.execute(
+                            "SELECT gateway, SUM(length(body)) FROM batches GROUP BY gateway"
+                        ).fetchall()
+                    )
+                if not shares:
+                    break
+                top = max(shares, key=lambda g: shares[g])  # type: ignore[index]
+                rows = self.db.execute(
+                    "SELECT id, n, length(body) FROM batches WHERE gateway=? ORDER BY id LIMIT 16",
+                    (top,),
+                ).fetchall()
+                if not rows:
+                    del shares[top]
+                    continue
+                shares[top] -= sum(r[2] for r in rows)
             self.db.executemany("DELETE FROM batches WHERE id=?", [(r[0],) for r in rows])
             batches += len(rows)
             readings += sum(r[1] for r in rows)
@@ -149,14 +184,14 @@ class RelaySpool:
         unpacked; a row whose body cannot be unpacked comes back as ``{"_undecodable": ...}``
         (to be set aside, never to stop the rows behind it)."""
         cur = self.db.execute(
-            "SELECT id, gateway, kind, received, n, attempts, body FROM batches"
+            "SELECT id, gateway, kind, received, n, attempts, verified, body FROM batches"
             " WHERE hold_until<=? ORDER BY id LIMIT ?",
             (now_ms(), limit + len(skip)),
         )
         out: list[SpoolRow] = []
         docs = 0
         try:
-            for i, gw, kind, rec, n, attempts, body in cur:
+            for i, gw, kind, rec, n, attempts, verified, body in cur:
                 if i in skip:
                     continue
                 k = max(n or 0, 1)
@@ -166,7 +201,7 @@ class RelaySpool:
                     data = msgpack.unpackb(body, raw=False, strict_map_key=False)
                 except Exception as exc:  # any unpack failure sets the row aside
                     data = {"_undecodable": f"{type(exc).__name__}: {exc}"[:512]}
-                out.append(SpoolRow(i, gw, kind, rec, data, attempts))
+                out.append(SpoolRow(i, gw, kind, rec, data, attempts, verified))
                 docs += k
                 if len(out) >= limit:
                     break

@@ -14,6 +14,8 @@ from __future__ import annotations
 import atexit
 import hashlib
 import logging
+import math
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -23,23 +25,35 @@ from typing import Any
 from saltext.tributary.gateway.filters import Filters
 from saltext.tributary.gateway.sources.payload import Mapper
 from saltext.tributary.gateway.spool import GatewaySpool, SpoolFull
-from saltext.tributary.protocol.reading import Reading, RejectedReading
+from saltext.tributary.protocol.reading import TS_MAX_MS, TS_MIN_MS, Reading, RejectedReading
+from saltext.tributary.util import schema
+from saltext.tributary.util.schema import option
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BrokerConfig:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    client_id: str = ""
-    username: str | None = None
-    password: str | None = None
-    keepalive: int = 30
-    tls_ca: str | None = None
-    qos: int = 1
-    reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
+    """The ``broker`` block of a ``tributary_mqtt`` beacon (its YAML names)."""
+
+    host: str = option("127.0.0.1", doc="the site broker")
+    port: int = option(1883, range=(1, 65535))
+    client_id: str = option("", doc="default: tributary-<minion id>-<beacon name>")
+    username: str | None = option(None)
+    password: str | None = option(None)
+    keepalive: int = option(30, range=(5, 3600))
+    tls_ca: str | None = option(None, doc="CA file: connect with TLS")
+    qos: int = option(1, choices=(0, 1))
+    reconnect_min: float = option(0.5, range=(0.1, 3600))
+    reconnect_max: float = option(30.0, range=(0.1, 86400))
+
+
+def parse_broker(data: Any) -> tuple[BrokerConfig | None, list[str]]:
+    """The broker block, or every problem with its key path (``broker.port: ...``)."""
+    cfg, errors = schema.parse(BrokerConfig, data, "broker")
+    if cfg is not None and cfg.password is not None and not cfg.username:
+        return None, ["broker.username: required when broker.password is set"]
+    return cfg, errors
 
 
 class MqttSource:
@@ -235,14 +249,7 @@ class MqttSource:
                 self._spool = GatewaySpool(self.spool_path, **self.spool_kw)
             spool = self._spool
             try:
-                src = self.broker.client_id
-                spool.append(
-                    readings,
-                    counts,
-                    aside,
-                    inflight=[(src, mid, dg) for mid, dg in acks],
-                    acked=acked,
-                )
+                self._append(spool, readings, counts, aside, acks, acked)
                 if self._reported_state != self.state:
                     spool.set_state("broker", self.state)
                     self._reported_state = self.state
@@ -269,6 +276,40 @@ class MqttSource:
             del self._ack_sent[:settled]
         for mid, _ in acks:
             self.client.ack(mid, 1)
+
+    def _append(
+        self,
+        spool: GatewaySpool,
+        readings: list[Reading],
+        counts: Counter[str],
+        aside: list[tuple[Reading, str]],
+        acks: list[tuple[int, bytes]],
+        acked: list[tuple[str, int]],
+    ) -> None:
+        """Commit readings with the messages they came from. A failure that is not the disk's
+        or SQLite's (a value the spool cannot store) never blocks the messages behind it:
+        readings that are not storable are rejected and counted, and if the rest still fails
+        the whole flush is rejected and counted, and its messages are acknowledged."""
+        inflight = [(self.broker.client_id, mid, dg) for mid, dg in acks]
+        try:
+            spool.append(readings, counts, aside, inflight=inflight, acked=acked)
+            return
+        except (SpoolFull, sqlite3.OperationalError):
+            raise  # transient or the disk's: nothing acknowledged, retried
+        except Exception as exc:
+            log.error("tributary mqtt: could not store %d readings: %s", len(readings), exc)
+        good = [r for r in readings if storable(r)]
+        good_aside = [(r, why) for r, why in aside if storable(r)]
+        rejected = Counter({"rejected:store_error": len(readings) - len(good)})
+        try:
+            spool.append(good, counts + rejected, good_aside, inflight=inflight, acked=acked)
+            return
+        except (SpoolFull, sqlite3.OperationalError):
+            raise
+        except Exception:
+            log.exception("tributary mqtt: rejecting %d readings that cannot be stored", len(good))
+        rejected = Counter({"rejected:store_error": len(readings)})
+        spool.append([], counts + rejected, [], inflight=inflight, acked=acked)
 
     def _redelivered(self, mid: int, digest: bytes) -> bool:
         """A DUP message we committed before a crash, whose acknowledgement never left."""
@@ -299,3 +340,18 @@ class MqttSource:
             "connected": self.connected,
             "subscriptions": self.mapper.subscriptions,
         }
+
+
+def storable(r: Reading) -> bool:
+    """Can the spool store ``r`` (exact types and sizes, as make_reading checks them)?"""
+    return (
+        type(r.sensor) is str
+        and type(r.metric) is str
+        and len(r.sensor) <= 128
+        and len(r.metric) <= 128
+        and (r.unit is None or (type(r.unit) is str and len(r.unit) <= 32))
+        and type(r.value) is float
+        and math.isfinite(r.value)
+        and type(r.ts_ms) is int
+        and TS_MIN_MS <= r.ts_ms < TS_MAX_MS
+    )

@@ -1,0 +1,178 @@
+"""Fuzz the gateway's MQTT intake through a real Mosquitto broker into a real beacon.
+
+Thousands of generated and mutated payloads (every payload format, random bytes, deep nesting,
+huge fields, odd unicode in topics) are published with the real ``mosquitto_pub`` client,
+each followed by a good reading. Every good reading must be spooled exactly once, every
+message counted as received, and the beacon must keep running and emitting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from saltext.tributary.gateway import beacons as gw_beacons
+from saltext.tributary.gateway import config as gw_config
+from saltext.tributary.protocol.wire import decode_batch
+from tests.support.topology import wait_for
+
+EXAMPLES = 12
+PER_EXAMPLE = 120  # junk messages per example (each followed by a good one)
+
+RULES = [
+    {"topic": "num/{sensor}/{metric}", "format": "number", "unit": "C"},
+    {
+        "topic": "json/{sensor}",
+        "format": "json",
+        "fields": {"t": "temperature", "env.h": {"metric": "humidity", "unit": "%"}},
+        "timestamp": {"field": "ts", "format": "ms"},
+    },
+    {"topic": "senml/{sensor}", "format": "senml"},
+    {"topic": "flat/{sensor}", "format": "flat"},
+    {"topic": "good/{sensor}/{metric}", "format": "number"},
+]
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=40)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner, max_size=6)
+    ),
+    max_leaves=40,
+)
+senml_records = st.lists(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            k: scalars | json_values
+            for k in ("bn", "bt", "bu", "bv", "n", "u", "v", "t", "vs", "vb")
+        },
+    ),
+    max_size=8,
+)
+
+
+def _dump(value) -> bytes:
+    return json.dumps(value, allow_nan=True).encode()
+
+
+payloads = st.one_of(
+    st.binary(max_size=2048),
+    st.text(max_size=200).map(str.encode),
+    json_values.map(_dump),
+    senml_records.map(_dump),
+    st.sampled_from(["1e999", "nan", "-inf", " 12 ", "0x10", "1_000", "", "\x00"]).map(str.encode),
+    st.integers(min_value=1, max_value=200_000).map(lambda n: b"[" * n + b"]" * n),  # deep
+    st.integers(min_value=60_000, max_value=200_000).map(
+        lambda n: _dump({"t": 1, "big": "x" * n})  # a huge field
+    ),
+    json_values.map(_dump).map(lambda b: b[: len(b) // 2]),  # truncated (mutated) JSON
+)
+odd_names = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="+#/\x00"),
+    min_size=1,
+    max_size=40,
+)
+topics = st.tuples(st.sampled_from(["num", "json", "senml", "flat", "other"]), odd_names).map(
+    lambda t: f"{t[0]}/{t[1]}/value" if t[0] == "num" else f"{t[0]}/{t[1]}"
+)
+
+
+def publish(port: int, topic: str, payload: bytes) -> None:
+    """One message with the real mosquitto_pub (-s: the whole of stdin is the payload; -n: an
+    empty one)."""
+    subprocess.run(
+        [
+            *("mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic),
+            "-s" if payload else "-n",
+        ],
+        input=payload,
+        check=True,
+        timeout=30,
+    )
+
+
+@pytest.fixture(scope="module")
+def fuzz_broker():
+    if not shutil.which("mosquitto_pub") or not (
+        shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto")
+    ):
+        pytest.skip("mosquitto is not installed")
+    from tests.support.mosquitto import start_broker
+
+    b = start_broker()
+    yield b
+    b.cleanup()
+
+
+@pytest.fixture(scope="module")
+def fuzz_beacon(fuzz_broker, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "spool.db"
+    cfg = [
+        {"broker": {"host": "127.0.0.1", "port": fuzz_broker.port, "client_id": "fuzz"}},
+        {"topics": RULES},
+        {"spool": {"path": str(path)}},
+        {"site": "fuzz"},
+    ]
+    assert gw_config.validate_mqtt(cfg) == (True, "valid")
+    gw_beacons.run_mqtt_beacon(cfg, {}, {})  # starts the subscriber
+    spool = gw_beacons.emitting_spool(gw_config.config_to_dict(cfg), {})
+    wait_for(lambda: spool.status()["state"].get("broker") == "subscribed", 30, "subscription")
+    state = {"cfg": cfg, "spool": spool, "sent": 0, "good": 0, "events": []}
+    yield state
+    gw_beacons.stop_sources()
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(st.lists(st.tuples(topics, payloads), min_size=PER_EXAMPLE, max_size=PER_EXAMPLE))
+def test_junk_never_blocks_good_readings(fuzz_beacon, fuzz_broker, messages):
+    s = fuzz_beacon
+    for topic, payload in messages:
+        publish(fuzz_broker.port, topic, payload)
+        publish(fuzz_broker.port, "good/fuzzgood/seq", str(s["good"]).encode())
+        s["good"] += 1
+        s["sent"] += 2
+    spool = s["spool"]
+    wait_for(
+        lambda: spool.status()["counters"].get("received", 0) >= s["sent"],
+        60,
+        f"{s['sent']} messages received",
+    )
+    s["events"] += gw_beacons.run_mqtt_beacon(s["cfg"], {}, {})  # the beacon keeps emitting
+
+
+def test_every_good_reading_arrived_exactly_once(fuzz_beacon):
+    s = fuzz_beacon
+    assert s["good"] == EXAMPLES * PER_EXAMPLE
+    spool = s["spool"]
+    assert spool.status()["counters"]["received"] == s["sent"]
+    for _ in range(200):  # drain the rest of the spool through the beacon
+        out = gw_beacons.run_mqtt_beacon(s["cfg"], {}, {})
+        if not out:
+            break
+        s["events"] += out
+    good = [
+        r["value"]
+        for e in s["events"]
+        for r in decode_batch(e).readings
+        if r["sensor"] == "fuzzgood"
+    ]
+    assert sorted(good) == [float(i) for i in range(s["good"])]
+    assert spool.status()["state"]["broker"] == "subscribed"
