@@ -1,9 +1,13 @@
 """Fuzz the gateway's MQTT intake through a real Mosquitto broker into a real beacon.
 
 Thousands of generated and mutated payloads (every payload format, random bytes, deep nesting,
-huge fields, odd unicode in topics) are published with the real ``mosquitto_pub`` client,
-each followed by a good reading. Every good reading must be spooled exactly once, every
-message counted as received, and the beacon must keep running and emitting.
+huge fields, odd unicode in topics) are published, each followed by a good reading. Every good
+reading must be emitted exactly once, every message counted as received, and the beacon must
+keep running and emitting.
+
+The publisher is a paho-mqtt client on one connection (QoS 1, each publish confirmed by the
+broker): ``mosquitto_pub`` starts a process per message, which measured 150 ms per junk/good
+pair here, too slow for thousands of messages in the suite.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,8 +25,8 @@ from saltext.tributary.gateway import config as gw_config
 from saltext.tributary.protocol.wire import decode_batch
 from tests.support.topology import wait_for
 
-EXAMPLES = 12
-PER_EXAMPLE = 120  # junk messages per example (each followed by a good one)
+EXAMPLES = 60
+PER_EXAMPLE = 30  # junk messages per example (each followed by a good one)
 
 RULES = [
     {"topic": "num/{sensor}/{metric}", "format": "number", "unit": "C"},
@@ -81,7 +84,7 @@ payloads = st.one_of(
     json_values.map(_dump).map(lambda b: b[: len(b) // 2]),  # truncated (mutated) JSON
 )
 odd_names = st.text(
-    st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="+#/\x00"),
+    st.characters(blacklist_categories=("Cs", "Cc", "Cn"), blacklist_characters="+#/\x00"),
     min_size=1,
     max_size=40,
 )
@@ -90,18 +93,24 @@ topics = st.tuples(st.sampled_from(["num", "json", "senml", "flat", "other"]), o
 )
 
 
-def publish(port: int, topic: str, payload: bytes) -> None:
-    """One message with the real mosquitto_pub (-s: the whole of stdin is the payload; -n: an
-    empty one)."""
-    subprocess.run(
-        [
-            *("mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic),
-            "-s" if payload else "-n",
-        ],
-        input=payload,
-        check=True,
-        timeout=30,
-    )
+class Publisher:
+    """One MQTT connection to the broker; ``send`` returns once the broker has the message."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fuzz-pub")
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def send(self, topic: str, payload: bytes) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout=30)
+        assert info.is_published(), f"broker did not take {topic!r}"
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +122,19 @@ def fuzz_broker():
     from tests.support.mosquitto import start_broker
 
     b = start_broker()
+    b.publisher = Publisher(b.port)
     yield b
+    b.publisher.close()
     b.cleanup()
 
 
 @pytest.fixture(scope="module")
 def fuzz_beacon(fuzz_broker, tmp_path_factory):
+    from tests.unit.protocol.test_signing import _keypair
+
     path = tmp_path_factory.mktemp("fuzz") / "spool.db"
+    pki, _ = _keypair(tmp_path_factory.mktemp("pki"), "fuzz-gw")
+    opts = {"id": "fuzz-gw", "pki_dir": pki}
     cfg = [
         {"broker": {"host": "127.0.0.1", "port": fuzz_broker.port, "client_id": "fuzz"}},
         {"topics": RULES},
@@ -127,10 +142,10 @@ def fuzz_beacon(fuzz_broker, tmp_path_factory):
         {"site": "fuzz"},
     ]
     assert gw_config.validate_mqtt(cfg) == (True, "valid")
-    gw_beacons.run_mqtt_beacon(cfg, {}, {})  # starts the subscriber
-    spool = gw_beacons.emitting_spool(gw_config.config_to_dict(cfg), {})
+    gw_beacons.run_mqtt_beacon(cfg, opts, {})  # starts the subscriber
+    spool = gw_beacons.emitting_spool(gw_config.config_to_dict(cfg), opts)
     wait_for(lambda: spool.status()["state"].get("broker") == "subscribed", 30, "subscription")
-    state = {"cfg": cfg, "spool": spool, "sent": 0, "good": 0, "events": []}
+    state = {"cfg": cfg, "opts": opts, "spool": spool, "sent": 0, "good": 0, "events": []}
     yield state
     gw_beacons.stop_sources()
 
@@ -145,26 +160,28 @@ def fuzz_beacon(fuzz_broker, tmp_path_factory):
 def test_junk_never_blocks_good_readings(fuzz_beacon, fuzz_broker, messages):
     s = fuzz_beacon
     for topic, payload in messages:
-        publish(fuzz_broker.port, topic, payload)
-        publish(fuzz_broker.port, "good/fuzzgood/seq", str(s["good"]).encode())
+        fuzz_broker.publisher.send(topic, payload)
+        fuzz_broker.publisher.send("good/fuzzgood/seq", str(s["good"]).encode())
         s["good"] += 1
-        s["sent"] += 2
+        # "other/..." matches no rule, so the beacon never subscribed to it
+        s["sent"] += 1 if topic.startswith("other/") else 2
     spool = s["spool"]
     wait_for(
         lambda: spool.status()["counters"].get("received", 0) >= s["sent"],
         60,
         f"{s['sent']} messages received",
     )
-    s["events"] += gw_beacons.run_mqtt_beacon(s["cfg"], {}, {})  # the beacon keeps emitting
+    s["events"] += gw_beacons.run_mqtt_beacon(s["cfg"], s["opts"], {})  # the beacon keeps emitting
 
 
 def test_every_good_reading_arrived_exactly_once(fuzz_beacon):
     s = fuzz_beacon
-    assert s["good"] == EXAMPLES * PER_EXAMPLE
+    assert s["good"] >= 1000, s["good"]  # hypothesis may discard examples; thousands remain
+    print(f"fuzz: {s['good']} junk messages, {s['sent']} received")
     spool = s["spool"]
     assert spool.status()["counters"]["received"] == s["sent"]
     for _ in range(200):  # drain the rest of the spool through the beacon
-        out = gw_beacons.run_mqtt_beacon(s["cfg"], {}, {})
+        out = gw_beacons.run_mqtt_beacon(s["cfg"], s["opts"], {})
         if not out:
             break
         s["events"] += out

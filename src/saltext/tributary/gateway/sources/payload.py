@@ -380,6 +380,8 @@ class Mapper:
             if isinstance(t, bool) or not isinstance(t, (int, float)):
                 raise RejectedReading("bad_timestamp", f"SenML t {t!r}")
             when = bt + t
+            if not math.isfinite(when) or abs(when) > 2**42:
+                raise RejectedReading("bad_timestamp", f"SenML time {when!r}")
             # RFC 8428 section 4.5.3: values below 2**28 are relative to now.
             ts = now_ms + round(when * 1000) if when < 2**28 else round(when * 1000)
             v = rec["v"]
