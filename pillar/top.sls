@@ -1,20 +1,20 @@
 # Example fleet: two sites (brisbane, sydney) behind one top master and one syndic each.
-# Minions carry the grains `role` (gateway | syndic | master) and `site`.
+#
+# Secrets are targeted by minion id, never by grain: grains are whatever a minion sets on
+# itself, so a gateway running `grains.setval role master` must not receive the relay's
+# Elasticsearch credentials, nor one site's bridge passwords by claiming another site. Minion
+# ids are authenticated by their keys; name hosts <role>-<site>-<n> (or use master-side
+# nodegroups of explicit ids: `match: nodegroup`).
 base:
   '*':
     - fleet
-  'role:master':
-    - match: grain
+  'top.example.internal':     # the top master's own minion id
     - roles.master
-  'role:syndic':
-    - match: grain
+  'syndic-*':
     - roles.syndic
-  'role:gateway':
-    - match: grain
+  'gw-*':
     - roles.gateway
-  'site:brisbane':
-    - match: grain
+  'gw-brisbane-*':
     - sites.brisbane
-  'site:sydney':
-    - match: grain
+  'gw-sydney-*':
     - sites.sydney

@@ -107,7 +107,8 @@ tributary-mosquitto-config-file:
     - template: jinja
     - user: root
     - group: {{ m.group }}
-    - mode: '0640'
+    - mode: '0640'    # bridge passwords: root writes, the broker's group reads, nobody else
+    - show_changes: False
 {%- if m.validate.enabled %}
     # a broker is started with the candidate file on scratch ports; the file is replaced
     # (and the service restarted) only when it came up

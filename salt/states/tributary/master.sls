@@ -14,6 +14,7 @@ tributary-master-config:
     - serializer: yaml
     - makedirs: True
     - mode: '0600'    # holds the Elasticsearch credentials
+    - show_changes: False
     - dataset:
         order_masters: {{ m.order_masters | json }}
         syndic_wait: {{ m.syndic_wait | json }}

@@ -95,7 +95,7 @@ def states_master(salt_factories, pillar_root):
 @pytest.fixture(scope="package")
 def states_minion(states_master):
     factory = states_master.salt_minion_daemon(
-        "states-gw-1",
+        "gw-brisbane-states",
         overrides={
             **QUIET,
             "grains": {"site": "brisbane", "role": "gateway"},

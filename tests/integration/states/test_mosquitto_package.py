@@ -27,7 +27,7 @@ CONF = pathlib.Path("/etc/mosquitto/mosquitto.conf")
 PIDFILE = pathlib.Path("/run/mosquitto/mosquitto.pid")
 OPS = {"user": "ops", "password": "ops-secret"}
 SENSOR = {"user": "sensor", "password": "sensor-secret"}
-CLIENT_ID = "states-gw-1-upstream"
+CLIENT_ID = "gw-brisbane-states-upstream"
 
 
 def digest(path: pathlib.Path) -> str | None:

@@ -8,6 +8,7 @@ salt-master is out of reach of a test minion) and the syndic mirrors the file tr
 from __future__ import annotations
 
 import filecmp
+import json
 import pathlib
 import shutil
 import tempfile
@@ -27,13 +28,21 @@ def tmp_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def test_gateway_state_installs_syncs_and_configures_beacons(states_minion, pillar):
+def test_gateway_state_installs_syncs_and_configures_beacons(states_minion, pillar, tmp_dir):
     broker = start_broker()
     pillar.set(
         {
             "tributary": {
+                "secrets_dir": str(tmp_dir / "secrets"),
                 "beacons": {
-                    "tributary_mqtt": {"broker": {"host": "127.0.0.1", "port": broker.port}}
+                    "tributary_mqtt": {
+                        "broker": {
+                            "host": "127.0.0.1",
+                            "port": broker.port,
+                            "username": "tributary",
+                            "password": "mqtt-secret",
+                        }
+                    }
                 },
                 # per site: the topics; per gateway: the interval
                 "sites": {
@@ -51,7 +60,9 @@ def test_gateway_state_installs_syncs_and_configures_beacons(states_minion, pill
                         }
                     }
                 },
-                "gateways": {"states-gw-1": {"beacons": {"tributary_mqtt": {"interval": 1}}}},
+                "gateways": {
+                    "gw-brisbane-states": {"beacons": {"tributary_mqtt": {"interval": 1}}}
+                },
             }
         }
     )
@@ -63,6 +74,11 @@ def test_gateway_state_installs_syncs_and_configures_beacons(states_minion, pill
         beacons = cli.run("beacons.list", "return_yaml=False").data
         conf = {k: v for item in beacons["tributary_mqtt"] for k, v in item.items()}
         assert conf["broker"]["port"] == broker.port
+        # the password is in a 0600 file, not in the beacon config nor in the state output
+        pw_file = tmp_dir / "secrets" / "tributary_mqtt.broker-password"
+        assert conf["broker"]["password_file"] == str(pw_file) and "password" not in conf["broker"]
+        assert pw_file.read_text().strip() == "mqtt-secret" and pw_file.stat().st_mode & 0o077 == 0
+        assert "mqtt-secret" not in json.dumps(res)
         assert conf["topics"][0]["topic"] == "sensors/{sensor}/{metric}"
         assert conf["interval"] == 1
 
@@ -96,14 +112,27 @@ def test_master_state_writes_engine_config_and_credentials(states_minion, pillar
             }
         }
     )
-    assert_all_ok(apply(states_minion, "tributary.master"))
+    first = assert_all_ok(apply(states_minion, "tributary.master"))
     path = tmp_dir / "tributary.conf"
     assert path.stat().st_mode & 0o077 == 0  # credentials: owner only
+    assert "es-secret" not in json.dumps(first)  # never in the state output
     conf = yaml.safe_load(path.read_text())
     assert conf["order_masters"] is True
     assert conf["engines"] == [{"tributary_relay": relay}]
     assert conf["file_roots"]["base"][0].endswith("/salt/states")
     assert changed(assert_all_ok(apply(states_minion, "tributary.master"))) == {}
+    relay["elasticsearch"]["password"] = "es-secret-2"  # a rotated password: changed, not shown
+    pillar.set(
+        {
+            "tributary": {
+                "master": {"config_dir": str(tmp_dir), "manage_service": False, "relay": relay}
+            }
+        }
+    )
+    res = assert_all_ok(apply(states_minion, "tributary.master"))
+    assert "tributary-master-config" in changed(res)
+    assert "es-secret" not in json.dumps(res)
+    assert "es-secret-2" in path.read_text()
 
 
 def test_syndic_state_mirrors_the_top_file_tree(states_minion, pillar, tmp_dir):
@@ -157,7 +186,7 @@ def test_example_fleet_pillar_renders_for_a_gateway(states_minion, pillar, pilla
         data = cli.run("pillar.items", *unmask).data
         bridge = data["mosquitto"]["bridges"]["upstream"]
         assert bridge["addresses"][0] == "mqtt-a.brisbane.example.internal:8883"
-        assert bridge["remote_clientid"] == "states-gw-1"
+        assert bridge["remote_clientid"] == "gw-brisbane-states"
         assert data["mosquitto"]["users"]["sensor"]["password"]
         assert "brisbane" in data["tributary"]["sites"]
         assert "sydney" not in data["tributary"]["sites"]

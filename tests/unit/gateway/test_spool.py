@@ -261,3 +261,34 @@ def test_full_disk_refuses_append_keeps_committed(tiny_fs):
     s2 = GatewaySpool(path)
     assert s2.status()["last_seq"] == last_ok + 1
     s2.close()
+
+
+def test_a_spool_restored_from_a_backup_starts_a_new_epoch(tmp_path):
+    """Sequences never go backwards within an epoch: new readings of a restored spool would
+    reuse ids already indexed for other readings."""
+    import shutil
+
+    path = str(tmp_path / "s.db")
+    a = GatewaySpool(path)
+    a.append(readings(10))
+    a.next_batches()
+    epoch = a.epoch
+    a.close()
+    shutil.copy(path, tmp_path / "backup.db")  # a nightly backup of the spool file
+    a = GatewaySpool(path)
+    a.append(readings(10, 10))
+    a.next_batches()  # sequences 11..20 emitted
+    a.close()
+    shutil.copy(tmp_path / "backup.db", path)  # restored: the spool says 10
+    b = GatewaySpool(path)
+    try:
+        assert b.epoch != epoch
+        assert b.append(readings(1, 20)) == (1, 1)
+        assert any(p.name.startswith("s.db.rewound-") for p in tmp_path.iterdir())
+    finally:
+        b.close()
+    c = GatewaySpool(path)  # and reopening the new epoch is not taken for another rewind
+    try:
+        assert c.epoch == b.epoch
+    finally:
+        c.close()

@@ -16,7 +16,7 @@ from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
 
 from saltext.tributary.relay.config import BulkConfig
 from saltext.tributary.relay.shipper import http_status
-from tests.unit.relay.test_planner import signed
+from tests.unit.relay.test_planner import NOW, signed
 from tests.unit.relay.test_relay import TAG, make_relay, publish_keys
 
 
@@ -27,13 +27,25 @@ def api_error(status: int) -> elasticsearch.ApiError:
 
 class Cluster:
     """Answers bulks: a request over ``max_body`` bytes gets 413; a document whose ``seq`` is in
-    ``busy`` gets 429 (every time); every other document is created."""
+    ``busy`` gets 429 (every time); a create of an id already stored gets 409; every other
+    document is created (and can be read back with ``mget``)."""
 
     def __init__(self, max_body: int = 10**9, busy: frozenset[int] = frozenset()) -> None:
         self.max_body = max_body
         self.busy = busy
         self.requests: list[int] = []
         self.created: list[dict] = []
+        self.stored: dict[str, dict] = {}
+
+    def mget(self, docs, source_includes=(), **_kw):
+        out = []
+        for d in docs:
+            src = self.stored.get(d["_id"])
+            found = {"_id": d["_id"], "found": src is not None}
+            if src is not None:
+                found["_source"] = {k: src[k] for k in source_includes if k in src}
+            out.append(found)
+        return {"docs": out}
 
     def bulk(self, operations: str, **_kw):
         self.requests.append(len(operations))
@@ -46,6 +58,11 @@ class Cluster:
             if doc.get("seq") in self.busy:
                 items.append({"create": {"_index": meta["_index"], "status": 429}})
                 continue
+            if meta.get("_id") in self.stored:
+                items.append({"create": {"_index": meta["_index"], "status": 409}})
+                continue
+            if meta.get("_id"):
+                self.stored[meta["_id"]] = doc
             self.created.append(doc)
             items.append({"create": {"_index": meta["_index"], "status": 201}})
         return {"errors": any(i["create"]["status"] != 201 for i in items), "items": items}
@@ -112,7 +129,23 @@ def test_documents_answered_429_are_retried_then_dead_lettered(
     created = {(d.get("gateway"), d.get("seq"), d.get("reason")) for d in es.created}
     assert ("gw-a", None, "retries_exhausted") in created
     assert {("gw-a", 1, None), ("gw-a", 3, None), ("gw-b", 1, None), ("gw-b", 3, None)} <= created
-    # gw-a's row was sent `attempts` times
-    assert (
-        sum(1 for d in es.created if d.get("gateway") == "gw-a" and d.get("seq") == 1) == attempts
-    )
+    # both rows were sent `attempts` times: seqs 1 and 3 answered 409 on every retry
+    assert relay.spool.counters().get("already_present", 0) == 4 * (attempts - 1)
+
+
+def test_a_409_for_another_reading_is_a_collision_not_a_duplicate(tmp_path, master_pki, keys):
+    es = Cluster()
+    relay = relay_with(tmp_path, master_pki, keys, es)
+    relay.accept(TAG.format("gw-a"), signed("gw-a", keys, n=3))
+    ship_all(relay)
+    # the same readings again (a replay): already present, nothing else
+    relay.accept(TAG.format("gw-a"), signed("gw-a", keys, n=3, replay=1))
+    # other readings under the same ids (a spool restored from a backup, say)
+    relay.accept(TAG.format("gw-a"), signed("gw-a", keys, n=3, ts=NOW + 5_000))
+    ship_all(relay)
+    counters = relay.spool.counters()
+    assert counters["already_present"] == 6
+    assert counters["id_collisions"] == 3
+    letters = [d for d in es.created if d.get("reason") == "id_collision"]
+    assert sorted(d["original"]["seq"] for d in letters) == [1, 2, 3]
+    assert relay.spool.gateway_counters()["gw-a"]["id_collisions"] == 3

@@ -263,7 +263,10 @@ def run_health_beacon(
         dropped=st["dropped"],
         counters=st["counters"],
     )
-    heartbeat = health_mod.event(spool.epoch, st["last_seq"], metrics, now)
+    # last_seq: the last sequence *emitted* (the cursor), not the last numbered: a backlog
+    # the bandwidth budget holds back is not lost, and must not look like a lost tail.
+    metrics["numbered_seq"] = st["last_seq"]
+    heartbeat = health_mod.event(spool.epoch, st["cursor"], metrics, now)
     site = site_of(cfg, grains)
     if site:
         heartbeat["site"] = str(site)

@@ -4,8 +4,8 @@ the spool location."""
 from __future__ import annotations
 
 import logging
-import re
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 

@@ -83,6 +83,11 @@ class GatewaySpool:
         self._sensor_keys: dict[int, tuple[str, str]] = {}
         self.db = self._open()
         self.epoch: str = self._meta("epoch") or ""
+        if self._rewound():
+            self.db.close()
+            self._move_aside("rewound")
+            self.db = self._connect()
+            self.epoch = self._meta("epoch") or ""
 
     # -- opening, corruption ---------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -110,17 +115,59 @@ class GatewaySpool:
                 raise sqlite3.DatabaseError(f"quick_check: {row}")
             return db
         except sqlite3.DatabaseError as exc:
-            aside = f"{self.path}.corrupt-{int(time.time())}"
+            aside = self._move_aside("corrupt")
             log.error(
                 "tributary spool %s is corrupt (%s): moved aside to %s, starting a new epoch",
                 self.path,
                 exc,
                 aside,
             )
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(self.path + suffix):
-                    os.replace(self.path + suffix, aside + suffix)
             return self._connect()
+
+    def _move_aside(self, why: str) -> str:
+        aside = f"{self.path}.{why}-{int(time.time())}"
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, aside + suffix)
+        return aside
+
+    # -- the high-water mark: sequences never go backwards within an epoch --------------------
+    @property
+    def _hwm_path(self) -> str:
+        return self.path + ".hwm"
+
+    def _rewound(self) -> bool:
+        """Has this spool gone back in time (restored from a backup or a snapshot)? The mark
+        file beside it holds the last sequence emitted in this epoch; a spool whose numbering
+        is behind it would give new readings ids that were already used for other readings,
+        so it starts a new epoch instead (the old file is kept, moved aside)."""
+        try:
+            with open(self._hwm_path, encoding="ascii") as fh:
+                epoch, seq = fh.read().split()
+            emitted = int(seq)
+        except (OSError, ValueError):
+            return False
+        last = int(self._meta("last_seq") or 0)
+        if epoch != self.epoch or emitted <= last:
+            return False
+        log.error(
+            "tributary spool %s: epoch %s had emitted up to sequence %d but the spool is at %d"
+            " (restored from a backup?): starting a new epoch",
+            self.path,
+            epoch,
+            emitted,
+            last,
+        )
+        return True
+
+    def _mark_high_water(self, seq: int) -> None:
+        tmp = f"{self._hwm_path}.tmp"
+        try:
+            with open(tmp, "w", encoding="ascii") as fh:
+                fh.write(f"{self.epoch} {seq}\n")
+            os.replace(tmp, self._hwm_path)
+        except OSError as exc:  # a read-only or full disk: the spool itself reports that
+            log.warning("tributary spool %s: high-water mark not written: %s", self.path, exc)
 
     def close(self) -> None:
         self.db.close()
@@ -326,6 +373,7 @@ class GatewaySpool:
             if batch.get("agg"):
                 counts.update(aggregated=readings, agg_batches=1, agg_rows=len(batch["r"]))
             self._bump(counts)
+        self._mark_high_water(int(batch["last"]))
 
     def next_batches(
         self,

@@ -40,6 +40,8 @@ class BulkOutcome:
     retry_ops: list[int] = field(default_factory=list)
     #: documents to dead-letter
     rejected: list[Rejected] = field(default_factory=list)
+    #: readings answered 409 (already present): checked against what is stored
+    present_ops: list[int] = field(default_factory=list)
     #: fleet counters by name, per-gateway ones by ``(name, gateway)``
     counts: Counter = field(default_factory=Counter)
 
@@ -79,6 +81,8 @@ def classify_bulk_response(
                 out.counts["health_indexed"] += 1
         elif status == 409:
             out.counts["already_present"] += 1
+            if isinstance(original, tuple):
+                out.present_ops.append(n)
         elif status in RETRYABLE:
             out.counts["retried_docs"] += 1
             out.retry_rows.add(row)
@@ -104,5 +108,6 @@ def merge(a: BulkOutcome, b: BulkOutcome) -> BulkOutcome:
         a.retry_rows | b.retry_rows,
         a.retry_ops + b.retry_ops,
         a.rejected + b.rejected,
+        a.present_ops + b.present_ops,
         a.counts + b.counts,
     )

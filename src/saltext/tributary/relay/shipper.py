@@ -49,6 +49,8 @@ SWITCH_INTERVAL_S = 0.0005
 BULK_FILTER = "items.*._index,items.*.status,items.*.error"
 #: Rows taken per bulk at most (each is one spooled batch).
 ROWS_PER_BULK = 256
+#: What makes a reading the same reading (a 409 with other values is an id collision).
+IDENTITY = ("@timestamp", "sensor", "metric", "value")
 
 
 def http_status(exc: BaseException) -> int | None:
@@ -219,6 +221,8 @@ class Shipper:
                     Rejected(n, "retries_exhausted", f"{self.config.bulk.max_attempts} attempts")
                 )
         outcome.retry_rows -= exhausted
+        if outcome.present_ops:
+            outcome.rejected += self._collisions(plan, outcome.present_ops)
         second: list[str] = []
         for rej in outcome.rejected:
             original = plan.ops[rej.op][1]
@@ -239,6 +243,35 @@ class Shipper:
         if second:
             self._write_deadletters(second)
         return outcome.retry_rows
+
+    def _collisions(self, plan: BulkPlan, ops: list[int]) -> list[Rejected]:
+        """Readings answered 409 whose stored document is not the one sent: two different
+        readings claim one id (a gateway spool restored from a backup, say). Each is counted
+        and dead-lettered with what is stored, never taken for a duplicate."""
+        out: list[Rejected] = []
+        for lo in range(0, len(ops), 1000):
+            chunk = ops[lo : lo + 1000]
+            docs = [json.loads(plan.lines[2 * n])["create"] for n in chunk]
+            resp = self.client.mget(
+                docs=[{"_index": d["_index"], "_id": d["_id"]} for d in docs],
+                source_includes=list(IDENTITY),
+            )
+            for n, found in zip(chunk, resp.get("docs") or [], strict=False):
+                stored = found.get("_source") if found.get("found") else None
+                sent = reading_doc(plan.ops[n][1])
+                if stored is None or all(stored.get(k) == sent.get(k) for k in IDENTITY):
+                    continue
+                gateway = str(sent.get("gateway"))
+                self.counters.inc("id_collisions")
+                self.counters.inc("id_collisions", 1, gateway=gateway)
+                log.error(
+                    "tributary relay: id %s is taken by another reading (stored %s, sent %s)",
+                    found.get("_id"),
+                    {k: stored.get(k) for k in IDENTITY},
+                    {k: sent.get(k) for k in IDENTITY},
+                )
+                out.append(Rejected(n, "id_collision", json.dumps(stored, default=str)[:1024]))
+        return out
 
     def _send(self, plan: BulkPlan, start: int, stop: int) -> BulkOutcome:
         """One bulk request for operations ``start..stop``, split in halves while Elasticsearch

@@ -35,7 +35,13 @@ CREATE TABLE IF NOT EXISTS gateway_keys (gateway TEXT NOT NULL, source TEXT NOT 
     pem TEXT NOT NULL, updated REAL NOT NULL, PRIMARY KEY (gateway, source));
 """
 #: The counters kept per gateway (``gateway_counters``), shown by ``tributary.status``.
-PER_GATEWAY_COUNTERS = ("indexed", "dead_lettered", "rejected", "replays_requested")
+PER_GATEWAY_COUNTERS = (
+    "indexed",
+    "dead_lettered",
+    "rejected",
+    "replays_requested",
+    "id_collisions",
+)
 #: Columns added after the first release of the spool schema (migrated in place).
 EXTRA_COLUMNS = {
     "hold_until": "INTEGER NOT NULL DEFAULT 0",

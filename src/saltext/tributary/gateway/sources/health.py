@@ -13,7 +13,10 @@ replayable like any other, then returns one event tagged ``health`` whose data i
      "broker_connected": true, "spool_unsent": ..., "spool_held": ..., "spool_bytes": ...,
      "spool_oldest_age_s": ..., "dropped": ..., "counters": {...}}
 
-``last_seq`` is read after the health readings are appended, so it covers them too. The
+``last_seq`` is the last sequence the gateway has *emitted* (its spool cursor), read after
+this run's batches were built, so it covers them too; ``numbered_seq`` is the last one it has
+numbered. Readings numbered but held back (by the bandwidth budget, say) are a backlog, not a
+gap: the top master only looks for what was emitted and never arrived. The
 beacon then adds ``site`` (when configured) and, last of all, ``sig``: the heartbeat is signed
 with the gateway's own minion key exactly like a batch
 (:func:`~saltext.tributary.protocol.signing.sign_event`), and the relay dead-letters a heartbeat

@@ -41,6 +41,7 @@ class BrokerConfig:
     client_id: str = option("", doc="default: tributary-<minion id>-<beacon name>")
     username: str | None = option(None)
     password: str | None = option(None)
+    password_file: str | None = option(None, doc="a file holding the password (mode 0600)")
     keepalive: int = option(30, range=(5, 3600))
     tls_ca: str | None = option(None, doc="CA file: connect with TLS")
     qos: int = option(1, choices=(0, 1))
@@ -51,9 +52,19 @@ class BrokerConfig:
 def parse_broker(data: Any) -> tuple[BrokerConfig | None, list[str]]:
     """The broker block, or every problem with its key path (``broker.port: ...``)."""
     cfg, errors = schema.parse(BrokerConfig, data, "broker")
-    if cfg is not None and cfg.password is not None and not cfg.username:
+    if cfg is not None and cfg.password is not None and cfg.password_file is not None:
+        return None, ["broker.password_file: use either password or password_file"]
+    if cfg is not None and (cfg.password or cfg.password_file) and not cfg.username:
         return None, ["broker.username: required when broker.password is set"]
     return cfg, errors
+
+
+def broker_password(broker: BrokerConfig) -> str | None:
+    """The broker password: ``password``, or the first line of ``password_file``."""
+    if broker.password_file:
+        with open(broker.password_file, encoding="utf-8") as fh:
+            return fh.readline().rstrip("\r\n")
+    return broker.password
 
 
 class MqttSource:
@@ -101,7 +112,7 @@ class MqttSource:
             manual_ack=True,
         )
         if broker.username:
-            self.client.username_pw_set(broker.username, broker.password)
+            self.client.username_pw_set(broker.username, broker_password(broker))
         if broker.tls_ca:
             self.client.tls_set(ca_certs=broker.tls_ca)
         self.client.reconnect_delay_set(
