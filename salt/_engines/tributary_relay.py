@@ -55,7 +55,10 @@ Configuration (master config)::
             backoff_s: 30            # per gap, doubled per request, capped by backoff_max_s
             backoff_max_s: 600
             per_minute: 6            # replay requests, fleet-wide
-            max_attempts: 8
+            max_attempts: 8          # answered replays before a gap still open is given up
+            give_up_after_s: 604800  # an unanswered gap is retried this long (gateway retention)
+            concurrency: 8           # replay requests in flight, one per gateway
+            keep_s: 2592000          # settled epochs and given-up gaps are pruned after this
             max_readings: 20000      # per request
             timeout_s: 60
 """
@@ -148,6 +151,9 @@ def start(**config):
             per_minute=rcfg.gaps.per_minute,
             max_attempts=rcfg.gaps.max_attempts,
             max_readings=rcfg.gaps.max_readings,
+            concurrency=rcfg.gaps.concurrency,
+            give_up_after_s=rcfg.gaps.give_up_after_s,
+            keep_s=rcfg.gaps.keep_s,
             count=relay.count,
         )
         repairer.start()

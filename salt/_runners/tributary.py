@@ -94,18 +94,20 @@ def gaps(gateway=None, given_up=True):
         spool.close()
 
 
-def replay(gateway, epoch=None, from_seq=None, to_seq=None, timeout=60):
+def replay(gateway, epoch=None, from_seq=None, to_seq=None, timeout=60, retry_given_up=False):
     """
     Ask a gateway (through its syndic) to re-emit readings. With ``epoch``, ``from_seq`` and
     ``to_seq``: that range. Without: every open gap the ledger holds for that gateway, now,
     regardless of grace period and backoff (a gap the gateway no longer holds is given up with
-    the gateway's reason). Document ids are deterministic, so nothing is indexed twice.
+    the gateway's reason); with ``retry_given_up=True`` its given-up gaps are reopened and
+    asked for too. Document ids are deterministic, so nothing is indexed twice.
 
     CLI Example:
 
     .. code-block:: bash
 
         salt-run tributary.replay gw-brisbane-1
+        salt-run tributary.replay gw-brisbane-1 retry_given_up=True
         salt-run tributary.replay gw-brisbane-1 3f9c2a1b7d10 1200 1300
     """
     call = repair_lib.local_client_replay(__opts__, timeout)
@@ -127,6 +129,8 @@ def replay(gateway, epoch=None, from_seq=None, to_seq=None, timeout=60):
             max_readings=rcfg.gaps.max_readings,
             count=spool.count,
         )
+        if retry_given_up:
+            spool.ledger.reopen(gateway)
         spool.ledger.refresh()
         requested = [
             rep.request(spool.ledger, gap)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 
@@ -129,6 +130,7 @@ def test_repairer_requests_retries_and_gives_up(ledger):
         per_minute=100,
         max_attempts=2,
         max_readings=2,
+        give_up_after_s=40,
         count=lambda n, k, gateway=None: counts.__setitem__(
             (n, gateway) if gateway else n, counts.get((n, gateway) if gateway else n, 0) + k
         ),
@@ -142,13 +144,79 @@ def test_repairer_requests_retries_and_gives_up(ledger):
     assert rep.run_once(ledger, now=12) == []  # backoff
     rep.run_once(ledger, now=17)
     done = {d["gateway"]: d for d in rep.run_once(ledger, now=23)}
-    assert done["gw-off"]["outcome"] == "given_up"
+    # answered twice, but the replayed readings never closed the gap: given up, with the reason
+    assert done["gw-ok"]["outcome"] == "given_up"
+    # unanswered: retried, not given up, while the gateway may still hold the range
+    assert done["gw-off"]["outcome"] == "retry"
     states = {g.gateway: (g.state, g.reason) for g in ledger.gaps()}
     assert states["gw-gone"][0] == "given_up" and "not held" in states["gw-gone"][1]
-    assert states["gw-off"][0] == "given_up" and "2 replay requests" in states["gw-off"][1]
-    # answered, but the replayed readings never closed the gap: given up too, with the reason
-    assert states["gw-ok"][0] == "given_up" and "2 replay requests" in states["gw-ok"][1]
+    assert states["gw-ok"][0] == "given_up" and "2 replays" in states["gw-ok"][1]
+    assert states["gw-off"][0] == "open"
+    # the gateway is heard from again: its unanswered gap is asked for at once (no backoff)
+    ledger.heartbeat("gw-off", "e", 5)
+    assert [d["gateway"] for d in rep.run_once(ledger, now=24)] == ["gw-off"]
+    # past give_up_after_s without an answer: given up
+    done = {d["gateway"]: d for d in rep.run_once(ledger, now=45)}
+    assert done["gw-off"]["outcome"] == "given_up" and "give_up_after_s" in done["gw-off"]["detail"]
     assert counts["gaps_given_up"] == 3 and counts["replays_requested", "gw-ok"] >= 2
+    # the operator asks again: given-up gaps reopen with a fresh count
+    assert ledger.reopen("gw-gone") == 1
+    assert {g.gateway: g.state for g in ledger.gaps()}["gw-gone"] == "open"
+
+
+def test_repair_of_one_silent_gateway_does_not_stall_the_others(ledger):
+    """Requests to different gateways run concurrently: a gateway whose request hangs for its
+    whole timeout does not hold up the others' repair."""
+    import threading
+
+    release = threading.Event()
+    calls = []
+
+    def replay(gw, epoch, lo, hi):
+        calls.append(gw)
+        if gw == "gw-silent":
+            release.wait(30)
+            return None
+        return {"result": True}
+
+    for n in range(5):
+        ledger.add_range(f"gw-{n}", "e", 2, 2)
+    ledger.add_range("gw-silent", "e", 2, 2)
+    rep = GapRepairer(lambda: ledger, replay, grace_s=0, per_minute=100, concurrency=4)
+    try:
+        rep.run_once(ledger, now=1, wait=False)
+        deadline = time.monotonic() + 10
+        while len(calls) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the calls made by the pool (no fixed wait)
+        done = rep.run_once(ledger, now=2, wait=False)
+        assert {d["gateway"] for d in done} >= {f"gw-{n}" for n in range(5)} - {"gw-silent"}
+        assert "gw-silent" in rep._inflight
+    finally:
+        release.set()
+
+
+def test_refresh_stays_linear_with_thousands_of_gaps(ledger):
+    for n in range(2000):
+        ledger.add_range(f"gw-{n}", "e", 1, 1)
+        ledger.add_range(f"gw-{n}", "e", 3, 3)
+        ledger.add_range(f"gw-{n}", "e", 5, 5)
+    gaps = ledger.refresh(now=0)
+    assert len(gaps) == 4000
+    assert {(g.lo, g.hi) for g in gaps} == {(2, 2), (4, 4)}
+
+
+def test_prune_forgets_settled_old_epochs(ledger):
+    ledger.add_range("gw-a", "old", 1, 10, now=0)
+    ledger.add_range("gw-a", "new", 1, 10, now=100 * 86400)
+    ledger.add_range("gw-b", "only", 1, 10, now=0)  # its latest epoch: kept
+    ledger.add_range("gw-c", "holey", 1, 1, now=0)
+    ledger.add_range("gw-c", "holey", 3, 3, now=0)
+    ledger.add_range("gw-c", "newer", 1, 1, now=100 * 86400)
+    ledger.refresh(now=100 * 86400)
+    assert ledger.prune(30 * 86400, now=100 * 86400) == 1
+    assert not ledger.ranges("gw-a", "old") and ledger.ranges("gw-a", "new")
+    assert ledger.ranges("gw-b", "only")
+    assert ledger.ranges("gw-c", "holey")  # an open gap keeps its epoch
 
 
 def test_repairer_rate_limit(ledger):

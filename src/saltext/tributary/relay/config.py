@@ -35,7 +35,16 @@ class GapsConfig:
     backoff_s: float = option(30.0, range=(0, 86400), doc="per gap, doubled per request")
     backoff_max_s: float = option(600.0, range=(0, 86400 * 7), doc="cap of the per-gap backoff")
     per_minute: int = option(6, range=(1, 10_000), doc="replay requests, fleet-wide")
-    max_attempts: int = option(8, range=(1, 1000), doc="requests before a gap is given up")
+    max_attempts: int = option(
+        8, range=(1, 1000), doc="answered replays after which a gap still open is given up"
+    )
+    give_up_after_s: float = option(
+        7 * 86400.0, range=(60, 86400 * 365), doc="unanswered this long: given up (retention)"
+    )
+    concurrency: int = option(8, range=(1, 256), doc="replay requests in flight (per gateway 1)")
+    keep_s: float = option(
+        30 * 86400.0, range=(3600, 86400 * 3650), doc="settled epochs and given-up gaps kept"
+    )
     max_readings: int = option(20_000, range=(1, 10_000_000), doc="readings per request")
     timeout_s: float = option(60.0, range=(1, 3600), doc="how long a request waits for answers")
 

@@ -34,6 +34,13 @@ CREATE TABLE IF NOT EXISTS ledger_gaps (gateway TEXT NOT NULL, epoch TEXT NOT NU
     attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'open', reason TEXT, PRIMARY KEY (gateway, epoch, lo));
 """
+#: Columns added to ``ledger_gaps`` after its first release (migrated in place): how many
+#: requests the gateway answered (re-emitted), and the outcome of the last one.
+GAP_COLUMNS = {
+    "answered": "INTEGER NOT NULL DEFAULT 0",
+    "last": "TEXT",
+}
+GAP_FIELDS = "gateway, epoch, lo, hi, opened, attempts, next_try, state, reason, answered, last"
 
 
 @dataclass
@@ -47,6 +54,10 @@ class Gap:
     next_try: float = 0.0
     state: str = "open"  # open | given_up
     reason: str | None = None
+    #: requests the gateway answered by re-emitting (a gap still open after several of those
+    #: is given up); the others went unanswered (retried while the gateway may hold the range)
+    answered: int = 0
+    last: str | None = None  # outcome of the last request: ok | retry
 
     @property
     def size(self) -> int:
@@ -62,6 +73,7 @@ class Gap:
             "readings": self.size,
             "open_s": round(now - self.opened, 1),
             "attempts": self.attempts,
+            "answered": self.answered,
             "state": self.state,
             "reason": self.reason,
         }
@@ -73,6 +85,13 @@ class Ledger:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self.db.executescript(SCHEMA)
+        have = {r[1] for r in db.execute("PRAGMA table_info(ledger_gaps)")}
+        for col, decl in GAP_COLUMNS.items():
+            if col not in have:
+                try:
+                    db.execute(f"ALTER TABLE ledger_gaps ADD COLUMN {col} {decl}")
+                except sqlite3.OperationalError:  # another connection migrated it meanwhile
+                    pass
 
     # -- facts ------------------------------------------------------------------------------
     def add_range(
@@ -100,9 +119,18 @@ class Ledger:
                 " ON CONFLICT(gateway, epoch) DO UPDATE SET indexed_at=excluded.indexed_at",
                 (gateway, epoch, now),
             )
+            self._alive(gateway)
+
+    def _alive(self, gateway: str) -> None:
+        """The gateway is reachable again (its batch or heartbeat arrived): a gap whose last
+        request went unanswered is asked for again at once, not after its backoff."""
+        self.db.execute(
+            "UPDATE ledger_gaps SET next_try=0 WHERE gateway=? AND state='open' AND last='retry'",
+            (gateway,),
+        )
 
     def heartbeat(self, gateway: str, epoch: str, last_seq: int, now: float | None = None) -> None:
-        """The gateway reports it has numbered readings up to ``last_seq`` in ``epoch``."""
+        """The gateway reports it has emitted readings up to ``last_seq`` in ``epoch``."""
         now = time.time() if now is None else now
         self.db.execute(
             "INSERT INTO ledger_heads (gateway, epoch, hb_last, hb_at) VALUES (?,?,?,?)"
@@ -110,6 +138,7 @@ class Ledger:
             " hb_last=max(hb_last, excluded.hb_last), hb_at=excluded.hb_at",
             (gateway, epoch, int(last_seq), now),
         )
+        self._alive(gateway)
 
     def ranges(self, gateway: str, epoch: str) -> list[tuple[int, int]]:
         return [
@@ -123,41 +152,51 @@ class Ledger:
     # -- gaps -------------------------------------------------------------------------------
     def holes(self, gateway: str, epoch: str) -> list[tuple[int, int]]:
         """Missing ranges of (gateway, epoch) given the ranges and the heartbeat."""
-        out: list[tuple[int, int]] = []
-        nxt = 1
-        for lo, hi in self.ranges(gateway, epoch):
-            if lo > nxt:
-                out.append((nxt, lo - 1))
-            nxt = max(nxt, hi + 1)
         row = self.db.execute(
             "SELECT hb_last FROM ledger_heads WHERE gateway=? AND epoch=?", (gateway, epoch)
         ).fetchone()
-        if row and row[0] >= nxt:
-            out.append((nxt, row[0]))
-        return out
+        return _holes(self.ranges(gateway, epoch), row[0] if row else 0)
 
     def refresh(self, now: float | None = None) -> list[Gap]:
-        """Recompute the gaps from the ranges; keep the repair state of overlapping old gaps."""
+        """Recompute the gaps from the ranges; keep the repair state of overlapping old gaps.
+
+        One ordered pass over the ranges, old gaps looked up by (gateway, epoch): linear in the
+        size of the ledger, so a fleet with thousands of gaps keeps the write transaction
+        short."""
         now = time.time() if now is None else now
         db = self.db
         with sqlite.transaction(db):
-            old = [Gap(*r) for r in db.execute("SELECT * FROM ledger_gaps").fetchall()]
-            pairs = db.execute("SELECT gateway, epoch FROM ledger_heads").fetchall()
+            old: dict[tuple[str, str], list[Gap]] = {}
+            for r in db.execute(f"SELECT {GAP_FIELDS} FROM ledger_gaps"):
+                g = Gap(*r)
+                old.setdefault((g.gateway, g.epoch), []).append(g)
+            heads = {
+                (gw, ep): hb
+                for gw, ep, hb in db.execute("SELECT gateway, epoch, hb_last FROM ledger_heads")
+            }
+            ranges: dict[tuple[str, str], list[tuple[int, int]]] = {}
+            for gw, ep, lo, hi in db.execute(
+                "SELECT gateway, epoch, lo, hi FROM ledger_ranges ORDER BY gateway, epoch, lo"
+            ):
+                ranges.setdefault((gw, ep), []).append((lo, hi))
             new: list[Gap] = []
-            for gateway, epoch in pairs:
-                for lo, hi in self.holes(gateway, epoch):
-                    gap = Gap(gateway, epoch, lo, hi, opened=now)
-                    for o in old:
-                        if o.gateway == gateway and o.epoch == epoch and o.lo <= hi and o.hi >= lo:
+            for key, hb_last in heads.items():
+                before = old.get(key, ())
+                for lo, hi in _holes(ranges.get(key, []), hb_last):
+                    gap = Gap(key[0], key[1], lo, hi, opened=now)
+                    for o in before:
+                        if o.lo <= hi and o.hi >= lo:
                             gap.opened = min(gap.opened, o.opened)
                             gap.attempts = max(gap.attempts, o.attempts)
+                            gap.answered = max(gap.answered, o.answered)
                             gap.next_try = max(gap.next_try, o.next_try)
+                            gap.last = o.last or gap.last
                             if o.state == "given_up" and o.lo <= lo and o.hi >= hi:
                                 gap.state, gap.reason = o.state, o.reason
                     new.append(gap)
             db.execute("DELETE FROM ledger_gaps")
             db.executemany(
-                "INSERT INTO ledger_gaps VALUES (?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO ledger_gaps ({GAP_FIELDS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         g.gateway,
@@ -169,14 +208,48 @@ class Ledger:
                         g.next_try,
                         g.state,
                         g.reason,
+                        g.answered,
+                        g.last,
                     )
                     for g in new
                 ],
             )
         return new
 
+    def prune(self, keep_s: float, now: float | None = None) -> int:
+        """Forget epochs with no open gap and no activity for ``keep_s`` (a gateway's
+        retired spools), except each gateway's latest epoch, and given-up gaps as old; returns
+        how many epochs went."""
+        now = time.time() if now is None else now
+        cut = now - keep_s
+        db = self.db
+        with sqlite.transaction(db):
+            latest = {
+                gw: ep
+                for gw, ep, _ in db.execute(
+                    "SELECT gateway, epoch, MAX(max(indexed_at, hb_at)) FROM ledger_heads"
+                    " GROUP BY gateway"
+                )
+            }
+            stale = [
+                (gw, ep)
+                for gw, ep in db.execute(
+                    "SELECT gateway, epoch FROM ledger_heads WHERE max(indexed_at, hb_at) < ?",
+                    (cut,),
+                )
+                if latest.get(gw) != ep
+            ]
+            open_pairs = set(
+                db.execute("SELECT DISTINCT gateway, epoch FROM ledger_gaps WHERE state='open'")
+            )
+            stale = [p for p in stale if p not in open_pairs]
+            for table in ("ledger_ranges", "ledger_heads", "ledger_gaps"):
+                db.executemany(f"DELETE FROM {table} WHERE gateway=? AND epoch=?", stale)
+            db.execute("DELETE FROM ledger_gaps WHERE state='given_up' AND opened < ?", (cut,))
+        return len(stale)
+
     def gaps(self, gateway: str | None = None, include_given_up: bool = True) -> list[Gap]:
-        sql = "SELECT * FROM ledger_gaps"
+        sql = f"SELECT {GAP_FIELDS} FROM ledger_gaps"
         args: tuple[Any, ...] = ()
         conds = []
         if gateway:
@@ -194,24 +267,50 @@ class Ledger:
         return [
             Gap(*r)
             for r in self.db.execute(
-                "SELECT * FROM ledger_gaps WHERE state='open' AND opened<=? AND next_try<=?"
+                f"SELECT {GAP_FIELDS} FROM ledger_gaps"
+                " WHERE state='open' AND opened<=? AND next_try<=?"
                 " ORDER BY opened, gateway, lo",
                 (now - grace_s, now),
             )
         ]
 
     def requested(
-        self, gap: Gap, backoff_s: float, backoff_max_s: float, now: float | None = None
+        self,
+        gap: Gap,
+        backoff_s: float,
+        backoff_max_s: float,
+        now: float | None = None,
+        outcome: str = "ok",
     ) -> None:
-        """A replay was requested for ``gap``: count it and schedule the next try."""
+        """A replay was requested for ``gap`` (``outcome``: ``ok`` re-emitted, ``retry`` no
+        usable answer): count it and schedule the next try."""
         now = time.time() if now is None else now
         attempts = gap.attempts + 1
+        answered = gap.answered + (outcome == "ok")
         delay = min(backoff_s * (2 ** (attempts - 1)), backoff_max_s)
         self.db.execute(
-            "UPDATE ledger_gaps SET attempts=?, next_try=? WHERE gateway=? AND epoch=? AND lo=?",
-            (attempts, now + delay, gap.gateway, gap.epoch, gap.lo),
+            "UPDATE ledger_gaps SET attempts=?, answered=?, last=?, next_try=?"
+            " WHERE gateway=? AND epoch=? AND lo=?",
+            (attempts, answered, outcome, now + delay, gap.gateway, gap.epoch, gap.lo),
         )
-        gap.attempts, gap.next_try = attempts, now + delay
+        gap.attempts, gap.answered, gap.last, gap.next_try = (
+            attempts,
+            answered,
+            outcome,
+            now + delay,
+        )
+
+    def reopen(self, gateway: str | None = None) -> int:
+        """Given-up gaps (of ``gateway``, or all) become open again, with a fresh count."""
+        sql = (
+            "UPDATE ledger_gaps SET state='open', reason=NULL, attempts=0, answered=0,"
+            " last=NULL, next_try=0 WHERE state='given_up'"
+        )
+        args: tuple[Any, ...] = ()
+        if gateway:
+            sql += " AND gateway=?"
+            args = (gateway,)
+        return self.db.execute(sql, args).rowcount
 
     def give_up(self, gap: Gap, reason: str) -> None:
         self.db.execute(
@@ -259,3 +358,17 @@ class Ledger:
             entry.setdefault("given_up_gaps", 0)
             entry.setdefault("missing", 0)
         return out
+
+
+def _holes(ranges: list[tuple[int, int]], hb_last: int) -> list[tuple[int, int]]:
+    """The holes before, between and after sorted ``ranges`` (up to the heartbeat's
+    ``hb_last``)."""
+    out: list[tuple[int, int]] = []
+    nxt = 1
+    for lo, hi in ranges:
+        if lo > nxt:
+            out.append((nxt, lo - 1))
+        nxt = max(nxt, hi + 1)
+    if hb_last and hb_last >= nxt:
+        out.append((nxt, hb_last))
+    return out

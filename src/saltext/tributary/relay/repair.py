@@ -10,13 +10,20 @@ and must not delay draining the bus.
 
 The replay request itself is a function ``replay(gateway, epoch, lo, hi) -> answer`` (on the
 master: ``salt.client.LocalClient().cmd(gateway, "tributary.replay", [epoch, lo, hi])``, which
-works through the syndic). Its answer decides the gap's fate:
+works through the syndic). Requests to different gateways run concurrently (at most
+``concurrency`` at once, one per gateway), so a silent site does not stall repair for the
+fleet; the ledger is written only from the repair thread. An answer decides the gap's fate:
 
 * ``{"result": True, ...}``: the gateway re-emitted the range; the gap closes when the batches
-  are indexed. Until then the next request waits ``backoff_s * 2**attempts`` (capped).
+  are indexed. Until then the next request waits ``backoff_s * 2**attempts`` (capped). A gap
+  still open after ``max_attempts`` such answers is given up.
 * ``{"result": False, "error": "... not held ..."}`` or an unknown epoch: the gateway no longer
-  holds the range; the gap is given up with that reason (kept, reported, never retried).
-* no answer (``None``, gateway offline): retried with backoff, given up after ``max_attempts``.
+  holds the range; the gap is given up with that reason (kept, reported; ``salt-run
+  tributary.replay <gateway> retry_given_up=True`` asks again).
+* no answer (``None``, gateway offline): retried with backoff for as long as the gateway could
+  still hold the range (``give_up_after_s``, the gateways' retention), and at once when the
+  gateway is heard from again (a batch or heartbeat arrives), so recovery after an outage
+  takes about the grace period plus one request, not several backoff doublings.
 
 Requests are rate-limited fleet-wide (``per_minute``) and sized at most ``max_readings``.
 """
@@ -28,6 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from saltext.tributary.relay.ledger import Gap, Ledger
@@ -41,12 +49,16 @@ GONE_MARKERS = ("not held", "unknown epoch", "empty range")
 
 def local_client_replay(opts: Mapping[str, Any], timeout: float) -> ReplayFn:
     """``replay(gateway, epoch, lo, hi)`` through this master's LocalClient (it reaches
-    gateways behind syndics): the answer of the gateway's ``tributary.replay``, or None."""
+    gateways behind syndics): the answer of the gateway's ``tributary.replay``, or None. Each
+    thread gets a LocalClient of its own (requests run concurrently)."""
     import salt.client
 
-    client = salt.client.get_local_client(mopts=dict(opts))
+    local = threading.local()
 
     def replay(gateway: str, epoch: str, lo: int, hi: int) -> Any:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = salt.client.get_local_client(mopts=dict(opts))
         args = [str(epoch), int(lo), int(hi)]
         ret = client.cmd(gateway, "tributary.replay", args, timeout=int(timeout))
         return (ret or {}).get(gateway)
@@ -102,6 +114,9 @@ class GapRepairer:
         per_minute: int = 6,
         max_attempts: int = 8,
         max_readings: int = 20_000,
+        concurrency: int = 8,
+        give_up_after_s: float = 7 * 86400.0,
+        keep_s: float = 30 * 86400.0,
         count: Callable[..., None] | None = None,
     ) -> None:
         self.ledger_factory = ledger_factory
@@ -113,47 +128,87 @@ class GapRepairer:
         self.limiter = RateLimiter(per_minute)
         self.max_attempts = max_attempts
         self.max_readings = max_readings
+        self.give_up_after_s = give_up_after_s
+        self.keep_s = keep_s
         #: ``count(name, n, gateway=None)``: the relay's counters
         self.count = count or (lambda name, n, gateway=None: None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, concurrency), thread_name_prefix="tributary-replay"
+        )
+        #: requests in flight: gateway -> (gap, last sequence asked, future answer)
+        self._inflight: dict[str, tuple[Gap, int, Future[Any]]] = {}
+        self._last_prune = 0.0
         self.last: list[dict[str, Any]] = []
 
-    def run_once(self, ledger: Ledger, now: float | None = None) -> list[dict[str, Any]]:
-        """Refresh the gaps and request the due ones; returns what was done."""
+    def run_once(
+        self, ledger: Ledger, now: float | None = None, wait: bool = True
+    ) -> list[dict[str, Any]]:
+        """Refresh the gaps, record the answers that came back and request the due gaps (one
+        request per gateway at a time); with ``wait``, wait for this pass's answers."""
         now = time.time() if now is None else now
         ledger.refresh(now)
-        done: list[dict[str, Any]] = []
-        busy: set[str] = set()
+        done = self._collect(ledger, now)
         for gap in ledger.due(self.grace_s, now):
-            if gap.gateway in busy:
-                continue  # one request per gateway per pass
-            if gap.attempts >= self.max_attempts:
-                reason = f"still missing after {gap.attempts} replay requests"
-                ledger.give_up(gap, reason)
+            if gap.gateway in self._inflight:
+                continue
+            if gap.answered >= self.max_attempts or now - gap.opened > self.give_up_after_s:
+                why = (
+                    f"still missing after {gap.answered} replays the gateway answered"
+                    if gap.answered >= self.max_attempts
+                    else f"unanswered for {now - gap.opened:.0f} s, past give_up_after_s"
+                )
+                ledger.give_up(gap, why)
                 self.count("gaps_given_up", 1)
-                done.append({**gap.as_dict(now), "outcome": "given_up"})
+                done.append({**gap.as_dict(now), "outcome": "given_up", "detail": why})
                 continue
             if not self.limiter.allow():
                 break
-            busy.add(gap.gateway)
-            done.append(self.request(ledger, gap, now))
+            self._submit(gap)
+        if wait:
+            for _, _, fut in list(self._inflight.values()):
+                fut.exception()
+            done += self._collect(ledger, now)
+        if now - self._last_prune > 3600:
+            self._last_prune = now
+            ledger.prune(self.keep_s, now)
         self.last = done
         return done
 
-    def request(self, ledger: Ledger, gap: Gap, now: float | None = None) -> dict[str, Any]:
-        """Ask for (the first ``max_readings`` of) one gap and record the outcome."""
-        now = time.time() if now is None else now
+    def _submit(self, gap: Gap) -> None:
         hi = min(gap.hi, gap.lo + self.max_readings - 1)
         # Counted before the request: through a syndic the answer takes syndic_wait (5 s),
         # and the replayed readings can be indexed, and the counters persisted with them,
         # before it is back.
         self.count("replays_requested", 1)
         self.count("replays_requested", 1, gateway=gap.gateway)
-        try:
-            answer = self.replay(gap.gateway, gap.epoch, gap.lo, hi)
-        except Exception as exc:  # a failed request is retried
-            answer = f"{type(exc).__name__}: {exc}"
+        fut = self._pool.submit(self.replay, gap.gateway, gap.epoch, gap.lo, hi)
+        self._inflight[gap.gateway] = (gap, hi, fut)
+
+    def _collect(self, ledger: Ledger, now: float) -> list[dict[str, Any]]:
+        out = []
+        for gateway, (gap, hi, fut) in list(self._inflight.items()):
+            if not fut.done():
+                continue
+            del self._inflight[gateway]
+            try:
+                answer = fut.result()
+            except Exception as exc:  # a failed request is retried
+                answer = f"{type(exc).__name__}: {exc}"
+            out.append(self._record(ledger, gap, hi, answer, now))
+        return out
+
+    def request(self, ledger: Ledger, gap: Gap, now: float | None = None) -> dict[str, Any]:
+        """Ask for (the first ``max_readings`` of) one gap now, wait, record the outcome."""
+        now = time.time() if now is None else now
+        self._submit(gap)
+        fut = self._inflight[gap.gateway][2]
+        fut.exception()
+        done = self._collect(ledger, now)
+        return done[0] if done else {**gap.as_dict(now), "outcome": "retry"}
+
+    def _record(self, ledger: Ledger, gap: Gap, hi: int, answer: Any, now: float) -> dict[str, Any]:
         outcome, detail = classify(answer)
         if outcome == "gone":
             ledger.give_up(gap, f"gateway no longer holds the range: {detail}")
@@ -167,7 +222,7 @@ class GapRepairer:
                 detail,
             )
         else:
-            ledger.requested(gap, self.backoff_s, self.backoff_max_s, now)
+            ledger.requested(gap, self.backoff_s, self.backoff_max_s, now, outcome)
             log.info(
                 "tributary relay: replay %s %s..%s from %s (attempt %s): %s, %s",
                 gap.epoch,
@@ -198,11 +253,12 @@ class GapRepairer:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=30)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
         ledger = self.ledger_factory()
         while not self._stop.wait(self.check_s):
             try:
-                self.run_once(ledger)
+                self.run_once(ledger, wait=False)
             except Exception:  # keep repairing after a transient fault
                 log.exception("tributary relay: gap repair pass failed")
