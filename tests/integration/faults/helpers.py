@@ -64,8 +64,16 @@ def _ranges(values: list[float]) -> str:
     return ", ".join(out)
 
 
-def assert_exactly(es, stream: Stream, timeout: float = 240) -> None:
-    """Elasticsearch holds every reading of the stream exactly once, for every gateway."""
+#: Time to recovery of each fault test: seconds from the end of its fault (the failed part
+#: back) until Elasticsearch held every reading exactly once. Printed at the end of the run.
+RECOVERY: dict[str, float] = {}
+
+
+def assert_exactly(
+    es, stream: Stream, timeout: float = 240, recovered_from: float | None = None
+) -> None:
+    """Elasticsearch holds every reading of the stream exactly once, for every gateway; with
+    ``recovered_from`` (the monotonic time the fault ended), the time to recovery is kept."""
     for gw, values in stream.sent.items():
         expected = sorted(float(v) for v in values)
         deadline = time.monotonic() + timeout
@@ -85,6 +93,8 @@ def assert_exactly(es, stream: Stream, timeout: float = 240) -> None:
         seqs = [(d["epoch"], d["seq"]) for d in docs]
         assert len(set(seqs)) == len(seqs), "duplicate sequence numbers"
         assert {d["gateway"] for d in docs} == {gw}
+    if recovered_from is not None:
+        RECOVERY[stream.sensor] = round(time.monotonic() - recovered_from, 1)
 
 
 def sleep_outage(seconds: float, since: float) -> None:

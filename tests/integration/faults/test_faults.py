@@ -188,9 +188,10 @@ def test_elasticsearch_down_two_minutes(faults):
     down = time.monotonic()
     sleep_outage(120, down)
     es.start()
+    back = time.monotonic()
     stream.stop()
     stream.tick()
-    assert_exactly(es, stream)
+    assert_exactly(es, stream, recovered_from=back)
 
 
 def test_syndic_sigkill_mid_stream(faults):
@@ -202,10 +203,11 @@ def test_syndic_sigkill_mid_stream(faults):
     time.sleep(3)  # the stream goes on while the syndic is dead
     syndic.terminate()
     syndic.start()
+    back = time.monotonic()
     time.sleep(3)
     stream.stop()
     stream.tick()
-    assert_exactly(es, stream)
+    assert_exactly(es, stream, recovered_from=back)
 
 
 def test_top_master_stopped_one_minute(faults):
@@ -216,9 +218,10 @@ def test_top_master_stopped_one_minute(faults):
     down = time.monotonic()
     sleep_outage(60, down)
     top.start()
+    back = time.monotonic()
     stream.stop()
     stream.tick()
-    assert_exactly(es, stream, timeout=300)
+    assert_exactly(es, stream, timeout=300, recovered_from=back)
 
 
 def test_syndic_master_down_one_minute_gaps_replayed(faults):
@@ -257,6 +260,7 @@ def test_syndic_master_down_one_minute_gaps_replayed(faults):
         syndic.terminate()
         syndic.start()
     gw_b.start()
+    back = time.monotonic()
     wait_for(lambda: gateway_subscribed(gw_b), timeout=120, what=f"{GW_B} back and subscribed")
     after_restart = len(stream.sent[GW_B])
     wait_for(
@@ -266,7 +270,7 @@ def test_syndic_master_down_one_minute_gaps_replayed(faults):
     )
     stream.stop()
     stream.tick()
-    assert_exactly(es, stream, timeout=300)
+    assert_exactly(es, stream, timeout=300, recovered_from=back)
     # The range lost with B's minion is complete in Elasticsearch (all sensors; sequence
     # numbers are contiguous per gateway spool), and gap repair is what brought it back.
     epoch = spool_epoch(gw_b)
