@@ -191,9 +191,12 @@ def test_replay_errors_say_what_is_held(spool):
     with pytest.raises(SpoolError, match=rf"holds epoch {spool.epoch}, sequences 1\.\.20"):
         spool.replay("nope", 1, 2)
     with pytest.raises(SpoolError, match=r"sequences 1\.\.20"):
-        spool.replay(spool.epoch, 15, 25)
+        spool.replay(spool.epoch, 21, 25)
     (b,) = spool.replay(spool.epoch, 3, 7)
     assert (b["first"], b["last"]) == (3, 7)
+    # partly held (the rest trimmed, or not numbered yet): the held part is replayed
+    (b,) = spool.replay(spool.epoch, 15, 25)
+    assert (b["first"], b["last"]) == (15, 20)
 
 
 def test_aside_tail_latest_reset(spool):

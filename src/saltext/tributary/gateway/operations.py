@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from saltext.tributary.gateway.beacons import finalize_batch
+from saltext.tributary.gateway.beacons import finalize_batch, site_of
 from saltext.tributary.gateway.config import config_to_dict, spool_options, spool_path
 from saltext.tributary.gateway.sources import health as health_mod
 from saltext.tributary.gateway.sources.sysfs import SysfsConfigError, SysfsSource, compile_sources
@@ -106,7 +106,7 @@ def replay_batches(
         batches = spool.replay(epoch, int(from_seq), int(to_seq))
     finally:
         spool.close()
-    site = grains.get("site")
+    site = site_of({}, grains)
     # A replay is a new request: its batches carry a request id, so the relay's intake
     # de-duplication (which folds the syndic's second copy of an event) lets them through.
     request = uuid.uuid4().hex[:8]

@@ -408,7 +408,8 @@ class GatewaySpool:
     def replay(
         self, epoch: str, from_seq: int, to_seq: int, *, max_batch_bytes: int = 32_768
     ) -> list[dict[str, Any]]:
-        """Batches re-encoding ``[from_seq, to_seq]`` of ``epoch`` (the cursor does not move)."""
+        """Batches re-encoding what is held of ``[from_seq, to_seq]`` of ``epoch`` (the cursor
+        does not move); SpoolError when none of it is held."""
         held = self.held()
         holds = (
             f"epoch {self.epoch}, sequences {held['first']}..{held['last']}"
@@ -419,10 +420,13 @@ class GatewaySpool:
             raise SpoolError(f"unknown epoch {epoch!r}: this spool holds {holds}")
         if from_seq > to_seq:
             raise SpoolError(f"empty range {from_seq}..{to_seq}")
-        if held["first"] is None or from_seq < held["first"] or to_seq > held["last"]:
+        if held["first"] is None or to_seq < held["first"] or from_seq > held["last"]:
             raise SpoolError(
                 f"range {from_seq}..{to_seq} of epoch {epoch} is not held: this spool holds {holds}"
             )
+        # What is held of the range is replayed; the rest (trimmed by retention) is then the
+        # only part still missing, and the next request for it is answered "not held".
+        from_seq, to_seq = max(from_seq, held["first"]), min(to_seq, held["last"])
         out = []
         lo = from_seq
         while lo <= to_seq:
