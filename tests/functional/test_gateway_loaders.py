@@ -163,6 +163,22 @@ def test_every_documented_yaml_example_validates(beacons, name):
         ("tributary_health", [{"spool": ["x"]}], "spool"),
         ("tributary_health", [{"bandwidth": {"bytes_per_s": -3}}], "bandwidth.bytes_per_s"),
         ("tributary_health", 42, "list of mappings"),
+        # unknown keys are refused, with their path, at every level
+        ("tributary_health", [{"intervall": 30}], "intervall: unknown option"),
+        ("tributary_sysfs", [{"sources": [{"kind": "w1"}]}, {"topics": []}], "topics: unknown"),
+        ("tributary_health", [{"spool": {"max_byte": 5}}], "spool.max_byte: unknown option"),
+        ("tributary_health", [{"batch": {"bytes": 5}}], "batch.bytes: unknown option"),
+        (
+            "tributary_mqtt",
+            [{"broker": {"hots": "x"}}, {"topics": [{"topic": "a"}]}],
+            "broker.hots: unknown option",
+        ),
+        (
+            "tributary_mqtt",
+            [{"broker": {"password": "p"}}, {"topics": [{"topic": "a"}]}],
+            "broker.username",
+        ),
+        ("tributary_health", [{"site": "x" * 100}], "site"),
     ],
 )
 def test_bad_configs_fail_naming_the_key(beacons, name, cfg, key):

@@ -7,13 +7,15 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from saltext.tributary.gateway.filters import FilterConfigError, compile_filters
 from saltext.tributary.gateway.sources.mqtt import parse_broker
 from saltext.tributary.gateway.sources.payload import ConfigError, compile_rules
 from saltext.tributary.gateway.sources.sysfs import SysfsConfigError, compile_sources
-from saltext.tributary.util.schema import number_error
+from saltext.tributary.util import schema
+from saltext.tributary.util.schema import number_error, option
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,29 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class SpoolOptions:
+    """The ``spool`` block every Tributary beacon takes (one spool per minion)."""
+
+    path: str | None = option(None, doc="default: <cachedir>/tributary/spool.db")
+    max_bytes: int = option(512 * 1024**2, range=(1024**2, 2**50), doc="retention by size")
+    max_age_s: float = option(7 * 86400.0, range=(60, 86400 * 3650), doc="retention by age")
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """The ``batch`` block: how large one batch and one beacon run's output may be."""
+
+    max_bytes: int = option(DEFAULT_BATCH_BYTES, range=(1024, HARD_RUN_BYTES))
+    max_run_bytes: int = option(DEFAULT_RUN_BYTES, range=(1024, HARD_RUN_BYTES))
+
+
+#: Keys Salt itself reads from any beacon's configuration.
+SALT_BEACON_KEYS = frozenset({"interval", "disable_during_state_run", "beacon_module"})
+#: Keys every Tributary beacon takes.
+COMMON_KEYS = frozenset({"site", "spool", "batch", "filters", "bandwidth"})
+
+
 def spool_path(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> str:
     spool = cfg.get("spool") or {}
     path = spool.get("path") if isinstance(spool, Mapping) else None
@@ -46,41 +71,22 @@ def spool_path(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> str:
 
 
 def spool_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    spool = cfg.get("spool") or {}
-    return {
-        "max_bytes": spool.get("max_bytes", 512 * 1024 * 1024),
-        "max_age_s": spool.get("max_age_s", 7 * 86400),
-    }
+    opts, _ = schema.parse(SpoolOptions, cfg.get("spool"), "spool")
+    opts = opts or SpoolOptions()
+    return {"max_bytes": opts.max_bytes, "max_age_s": opts.max_age_s}
 
 
-def _check_int(cfg: Mapping[str, Any], key: str, lo: int, hi: int) -> str | None:
-    if key not in cfg:
-        return None
-    return number_error(cfg[key], key, integer=True, lo=lo, hi=hi)
-
-
-def validate_common(cfg: Mapping[str, Any]) -> list[str]:
-    """Checks shared by the beacons: spool and batch options."""
-    errors = []
-    spool = cfg.get("spool", {})
-    if not isinstance(spool, Mapping):
-        errors.append("spool: must be a mapping (path, max_bytes, max_age_s)")
-    else:
-        for key in ("max_bytes", "max_age_s"):
-            val = spool.get(key)
-            err = None if val is None else number_error(val, f"spool.{key}")
-            if err:
-                errors.append(err)
-        if spool.get("path") is not None and not isinstance(spool.get("path"), str):
-            errors.append("spool.path: must be a string")
-    batch = cfg.get("batch", {})
-    if not isinstance(batch, Mapping):
-        errors.append("batch: must be a mapping (max_bytes, max_run_bytes)")
-    else:
-        for key in ("max_bytes", "max_run_bytes"):
-            err = _check_int(batch, key, 1024, HARD_RUN_BYTES)
-            if err:
-                errors.append(f"batch.{err}")
+def validate_common(cfg: Mapping[str, Any], own_keys: frozenset[str] = frozenset()) -> list[str]:
+    """Checks shared by the beacons: unknown keys, spool, batch, site, filters, bandwidth."""
+    errors = [
+        f"{k}: unknown option"
+        for k in cfg
+        if isinstance(k, str)
+        and not k.startswith("_")
+        and k not in SALT_BEACON_KEYS | COMMON_KEYS | own_keys
+    ]
+    errors += schema.parse(SpoolOptions, cfg.get("spool"), "spool")[1]
+    errors += schema.parse(BatchOptions, cfg.get("batch"), "batch")[1]
     if "site" in cfg and (
         not isinstance(cfg["site"], str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", cfg["site"])
     ):
@@ -113,14 +119,17 @@ def validate_bandwidth(bw: Any) -> list[str]:
 
 
 def _validated(
-    name: str, config: Any, checks: Callable[[dict[str, Any]], list[str]]
+    name: str,
+    config: Any,
+    checks: Callable[[dict[str, Any]], list[str]],
+    own_keys: frozenset[str],
 ) -> tuple[bool, str]:
     """The shared shape of a beacon ``validate()``: never raises, names every bad key."""
     try:
         if not isinstance(config, (list, Mapping)):
             return False, f"{name}: configuration must be a list of mappings"
         cfg = config_to_dict(config)
-        errors = validate_common(cfg) + checks(cfg)
+        errors = validate_common(cfg, own_keys) + checks(cfg)
         if errors:
             return False, f"{name}: " + "; ".join(errors)
         return True, "valid"
@@ -162,14 +171,19 @@ def _mqtt_checks(cfg: dict[str, Any]) -> list[str]:
 
 def validate_sysfs(config: Any) -> tuple[bool, str]:
     """Validate a ``tributary_sysfs`` beacon config; never raises."""
-    return _validated("tributary_sysfs", config, _sysfs_checks)
+    return _validated("tributary_sysfs", config, _sysfs_checks, frozenset({"root", "sources"}))
 
 
 def validate_health(config: Any) -> tuple[bool, str]:
     """Validate a ``tributary_health`` beacon config; never raises."""
-    return _validated("tributary_health", config, _health_checks)
+    return _validated(
+        "tributary_health",
+        config,
+        _health_checks,
+        frozenset({"root", "disk_path", "sensor", "spool_metrics"}),
+    )
 
 
 def validate_mqtt(config: Any) -> tuple[bool, str]:
     """Validate a ``tributary_mqtt`` beacon config; never raises."""
-    return _validated("tributary_mqtt", config, _mqtt_checks)
+    return _validated("tributary_mqtt", config, _mqtt_checks, frozenset({"broker", "topics"}))
