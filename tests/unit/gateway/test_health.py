@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from saltext.tributary.gateway.sources import health
 from saltext.tributary.protocol import signing
 from tests.unit.relay.test_relay import TAG, batch, make_relay, publish_keys
@@ -160,3 +162,13 @@ def test_allow_unsigned_accepts_an_unsigned_heartbeat(tmp_path, master_pki, keys
     assert sorted(o["_index"].split("-")[1] for o in ops) == ["deadletter", "health"]
     assert [b["reason"] for b in bodies if "reason" in b] == ["bad_signature"]
     assert relay.counters["unsigned_accepted"] == 1
+
+
+@pytest.mark.parametrize("last_seq", [2**62, -1])
+def test_a_heartbeat_out_of_range_never_moves_the_ledger(tmp_path, master_pki, keys, last_seq):
+    relay = make_relay(tmp_path, master_pki)
+    publish_keys(relay, keys)
+    relay.accept(HTAG.format("gw-a"), heartbeat("gw-a", keys, last_seq=last_seq, signer="gw-a"))
+    docs, _ops, bodies = health_ops(relay)
+    assert [b["reason"] for b in bodies] == ["bad_heartbeat"]
+    assert not any(rp.heartbeat for rp in docs.rows.values())

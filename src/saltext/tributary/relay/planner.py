@@ -14,7 +14,13 @@ from typing import Any
 
 from saltext.tributary.protocol import signing
 from saltext.tributary.protocol.reading import doc_id
-from saltext.tributary.protocol.wire import DecodedBatch, WireError, decode_batch
+from saltext.tributary.protocol.wire import (
+    EPOCH_RE,
+    MAX_INT,
+    DecodedBatch,
+    WireError,
+    decode_batch,
+)
 from saltext.tributary.relay.config import RelayConfig
 from saltext.tributary.relay.counters import Counters
 from saltext.tributary.relay.documents import BulkPlan, RowPlan, bounded, jnum, jstr, reading_doc
@@ -144,10 +150,19 @@ class Planner:
 
     def _plan_heartbeat(self, plan: BulkPlan, row: SpoolRow, now: int) -> None:
         data = {k: v for k, v in row.data.items() if k != "sig"}
-        rp = plan.rows[row.id] = RowPlan(row.attempts)
         epoch, last_seq = data.get("epoch"), data.get("last_seq")
-        if isinstance(epoch, str) and isinstance(last_seq, int) and not isinstance(last_seq, bool):
-            rp.heartbeat = (row.gateway, epoch, last_seq)
+        if not (
+            isinstance(epoch, str)
+            and EPOCH_RE.fullmatch(epoch)
+            and type(last_seq) is int
+            and 0 <= last_seq < MAX_INT
+        ):
+            # the ledger would chase a tail that cannot exist (or a 2**62-reading gap)
+            detail = f"epoch {str(epoch)[:80]!r} / last_seq {str(last_seq)[:40]} out of range"
+            self._refuse(plan, row, "bad_heartbeat", detail, "wire")
+            return
+        rp = plan.rows[row.id] = RowPlan(row.attempts)
+        rp.heartbeat = (row.gateway, epoch, last_seq)
         rp.facts = (row.gateway, data)
         doc = {
             "@timestamp": now,
