@@ -77,3 +77,56 @@ def test_poisoned_events_never_stop_the_relay(topology):
     for reason in ("bad_field", "bad_range", "out_of_window", "bad_payload", "unsigned"):
         assert counters.get(f"rejected:{reason}", 0) >= 1, (reason, counters)
     assert ret.data["relay"]["spool_batches"] < 10  # nothing stuck behind the poison
+
+
+def test_a_gateway_cannot_vouch_for_keys(topology):
+    """A gateway publishes a key set (signed with its own, accepted key) vouching its key for
+    another gateway, then signs that gateway's readings: the key set is refused (the gateway
+    is no trusted syndic), the forged readings are dead-lettered, the genuine ones flow."""
+    import json
+    import os
+
+    es, top, gateways, brokers = (topology[k] for k in ("es", "top", "gateways", "brokers"))
+    gw_a, gw_b = list(GATEWAYS)
+    pki = gateways[gw_a].config["pki_dir"]
+    with open(os.path.join(pki, "minion.pub"), encoding="ascii") as fh:
+        own_pub = fh.read()
+    forged_set = {
+        "v": 1,
+        "syndic": gw_a,
+        "ts": int(time.time()),
+        "ts_ms": int(time.time() * 1000),
+        "keys": {gw_b: own_pub},
+    }
+    key = signing.load_private_key(os.path.join(pki, "minion.pem"))
+    forged_set["sig"] = signing.sign_bytes(key, signing.canonical(gw_a, forged_set))
+    cli = gateways[gw_a].salt_call_cli(timeout=120)
+    ret = cli.run("event.fire_master", json.dumps(forged_set), f"tributary/keys/{gw_a}")
+    assert ret.returncode == 0, ret
+    now = int(time.time() * 1000)
+    forged = gateway_signed(gateways, gw_a, "forged1", 1, now)  # gw_a's key ...
+    with salt.utils.event.get_master_event(top.config, top.config["sock_dir"], listen=False) as bus:
+        bus.fire_event(forged, f"salt/beacon/{gw_b}/tributary_mqtt/batch")  # ... gw_b's name
+    brokers[gw_b].publish("sensors/forgery-genuine/temperature", ["1", "2", "3"])
+
+    def refused() -> dict:
+        ret = top.salt_run_cli(timeout=60).run("tributary.status", check_es=False)
+        return ret.data["fleet"]["counters"] if ret.returncode == 0 else {}
+
+    wait_for(
+        lambda: refused().get("keyset_rejected:untrusted_syndic", 0) >= 1,
+        timeout=90,
+        what="the gateway's key set refused",
+    )
+    wait_for(lambda: es_count(es, gw_b, "forgery-genuine") == 3, timeout=90, what="genuine")
+    letters = wait_for(
+        lambda: [
+            d
+            for d in deadletters(es, "bad_signature")
+            if d["gateway"] == gw_b and d["original"].get("epoch") == "forged1"
+        ],
+        timeout=90,
+        what="the forged batch dead-lettered",
+    )
+    assert letters[0]["stage"] == "origin"
+    assert es_count(es, gw_b, "poison") == 0
