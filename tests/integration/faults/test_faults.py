@@ -79,15 +79,17 @@ def deadletters(es, gateway: str) -> list[dict]:
 
 def test_mapping_conflict_dead_letters_one_doc_and_indexes_the_rest(faults):
     es, brokers = faults["es"], faults["brokers"]
-    # An index for one past day whose mapping refuses the documents' unit (keyword there).
+    # An index for one past day (within the relay's max_age_s) whose mapping refuses the
+    # documents' unit (keyword there).
+    now = int(time.time() * 1000)
+    old = (now // 86_400_000 - 10) * 86_400_000 + 43_200_000  # noon UTC, ten days ago
+    day = time.strftime("%Y.%m.%d", time.gmtime(old / 1000))
     code, body = es.request(
         "PUT",
-        "/tributary-readings-2001.01.01",
+        f"/tributary-readings-{day}",
         json.dumps({"mappings": {"properties": {"unit": {"type": "integer"}}}}).encode(),
     )
     assert code == 200, body
-    now = int(time.time() * 1000)
-    old = 978_350_400_000  # 2001-01-01T12:00Z
     msgs = [dumps({"ts": old if i == 5 else now - 1000 + i, "temp": 20 + i}) for i in range(12)]
     brokers[GW_A].publish("json/f5-conflict", msgs)
     wait_for(lambda: es_count(es, GW_A, "f5-conflict") >= 11, timeout=120, what="11 indexed")

@@ -1,0 +1,378 @@
+"""Streaming anomaly detection per series, with time-of-week context.
+
+One :class:`SeriesModel` per (gateway, sensor, metric), fed point by point with no look-ahead:
+
+* **Expected value** from the most specific context that has learnt enough: the hour of the
+  week (168 slots: "10am on Tuesday"), else the hour of the day for weekdays or weekends
+  (48 slots), else the series as a whole (non-seasonal fallback while the profiles learn).
+  Each context keeps an exponentially weighted mean and variance, so it follows slow drift.
+* **Raw score**: how far the value is from what its context expects, in standard deviations.
+* **Anomaly likelihood** (the post-processing Numenta's HTM detector uses): the average raw
+  score of the last few points compared with the distribution of raw scores the series usually
+  has. A series that is always noisy does not alarm on noise; a quiet one alarms on a small
+  departure that persists. The score is that likelihood on a log scale in 0..1.
+* **States**: ``learning`` until ``learn_n`` points (scores 0); ``ok``; after an alert,
+  ``quiet`` for ``quiet_n`` points (one anomaly, one alert). A data gap longer than
+  ``gap_factor`` times the series' usual interval resets the short-term memory, so a series
+  resuming after a gap does not alarm for that alone.
+* **Bounded**: about 5.5 KiB of arrays per series; :class:`Detector` keeps at most
+  ``max_series`` models, evicting the least recently seen (counted).
+
+Every anomaly explains itself (:class:`Finding`): expected value and band, how far off, the
+context slot it was judged in, samples seen in that slot and overall, model state.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from array import array
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+HOUR_MS = 3_600_000
+#: 1970-01-01 was a Thursday: shift so that slot 0 is Monday 00:00.
+WEEK_SHIFT_H = 72
+WEEK_SLOTS = 168
+DAY_SLOTS = 48  # weekday hours 0-23, weekend hours 24-47
+DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+LOG_SCALE = math.log(1e-10)  # log(1 - likelihood) is scaled by this (HTM's log likelihood)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Tuning of the detector (README: Anomaly detection)."""
+
+    learn_n: int = 150  # points before any score
+    short_n: int = 5  # points averaged for the likelihood
+    long_n: int = 2000  # memory of the raw-score distribution (points)
+    value_n: int = 600  # memory of the whole-series mean/variance (points)
+    slot_n: int = 12  # memory of one context slot (visits)
+    slot_min: int = 4  # visits before a slot is trusted
+    threshold: float = 0.2  # score at or above which a point is an anomaly (NAB-optimised)
+    quiet_n: int = 100  # points without a new alert after one
+    gap_factor: float = 5.0  # a gap longer than this many usual intervals resets short memory
+    clip_z: float = 8.0  # raw scores are capped (one wild point cannot dominate)
+    season_gain: float = 0.6  # a time context is used when its error is below this share
+    robust_z: float = 4.0  # values further out than this many sigmas are learnt as if there
+    robust_rate: float = 1.0  # ... and at this share of the usual rate
+
+
+@dataclass
+class Finding:
+    """One scored point: the score and why."""
+
+    score: float
+    anomaly: bool
+    value: float
+    expected: float
+    band: tuple[float, float]
+    deviation: float  # (value - expected) / sigma
+    context: str  # e.g. "Tue 10:00 (hour of week)"
+    context_samples: int
+    samples: int
+    state: str  # learning | ok | quiet
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "score": round(self.score, 4),
+            "anomaly": self.anomaly,
+            "value": self.value,
+            "expected": round(self.expected, 6),
+            "band": [round(self.band[0], 6), round(self.band[1], 6)],
+            "deviation": round(self.deviation, 3),
+            "context": self.context,
+            "context_samples": self.context_samples,
+            "samples": self.samples,
+            "state": self.state,
+        }
+
+
+def _tail(x: float) -> float:
+    """P(Z > x) for a standard normal Z."""
+    return 0.5 * math.erfc(x / 1.4142135623730951)
+
+
+class SeriesModel:
+    """The state of one series (see the module docstring)."""
+
+    __slots__ = (
+        "dt",
+        "dy",
+        "err_f",
+        "err_s",
+        "last_ts",
+        "mean",
+        "n",
+        "quiet",
+        "r_mean",
+        "r_n",
+        "r_var",
+        "ring",
+        "ring_i",
+        "ring_n",
+        "ring_sum",
+        "var",
+        "wk",
+    )
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.last_ts = 0
+        self.dt = 0.0
+        self.mean = 0.0
+        self.var = 0.0
+        self.r_mean = 0.0
+        self.r_var = 0.0
+        self.r_n = 0
+        self.ring = array("d", bytes(8 * 32))
+        self.ring_i = 0
+        self.ring_n = 0
+        self.ring_sum = 0.0
+        self.quiet = 0
+        self.err_s = 1.0  # EW squared error of the time context's expectation
+        self.err_f = 1.0  # ... and of the whole series' mean
+        # per slot: mean, variance, visits (as floats)
+        self.wk = array("d", bytes(8 * 3 * WEEK_SLOTS))
+        self.dy = array("d", bytes(8 * 3 * DAY_SLOTS))
+
+    # -- the one hot method ---------------------------------------------------------------
+    def observe(self, ts_ms: int, x: float, cfg: DetectorConfig) -> Finding:
+        n = self.n
+        gap = False
+        if n:
+            step = ts_ms - self.last_ts
+            if self.dt and step > cfg.gap_factor * self.dt:
+                gap = True
+            elif step > 0:
+                self.dt = step if not self.dt else self.dt + (step - self.dt) * 0.05
+        self.last_ts = ts_ms
+        hours = ts_ms // HOUR_MS + WEEK_SHIFT_H
+        w = hours % WEEK_SLOTS
+        d = (24 if w >= 120 else 0) + w % 24
+        wk, dy = self.wk, self.dy
+        wi, di = 3 * w, 3 * d
+        # a context's spread never goes below a small share of the series' own
+        floor = 0.01 * self.var + 1e-12 * (self.mean * self.mean + 1.0)
+        sigma = math.sqrt(self.var if self.var > floor else floor)
+        mu, seen, kind = self.mean, float(n), 2
+        z = (x - mu) / sigma
+        # the most specific time context that has learnt enough, used while it explains the
+        # series better than the series as a whole does (a daily pattern), else not
+        if wk[wi + 2] >= cfg.slot_min:
+            s_mu, s_var, s_seen, s_kind = wk[wi], wk[wi + 1], wk[wi + 2], 0
+        elif dy[di + 2] >= cfg.slot_min:
+            s_mu, s_var, s_seen, s_kind = dy[di], dy[di + 1], dy[di + 2], 1
+        else:
+            s_kind = 2
+        if s_kind != 2:
+            s_sigma = math.sqrt(s_var if s_var > floor else floor)
+            s_z = (x - s_mu) / s_sigma
+            # both contexts' errors, measured in the series' own spread
+            e_s, e_f = (x - s_mu) / sigma, z
+            self.err_s += (e_s * e_s - self.err_s) * 0.01
+            self.err_f += (e_f * e_f - self.err_f) * 0.01
+            if self.err_s < cfg.season_gain * self.err_f:
+                mu, sigma, z, seen, kind = s_mu, s_sigma, s_z, s_seen, s_kind
+        raw = z if z >= 0 else -z
+        if raw > cfg.clip_z:
+            raw = cfg.clip_z
+        # likelihood of the recent raw scores against the usual ones
+        score = 0.0
+        state = "ok"
+        if gap:
+            self.ring_n = 0
+            self.ring_i = 0
+            self.ring_sum = 0.0
+        k = cfg.short_n
+        ring = self.ring
+        i = self.ring_i
+        if self.ring_n >= k:
+            self.ring_sum -= ring[i]
+        else:
+            self.ring_n += 1
+        ring[i] = raw
+        self.ring_sum += raw
+        self.ring_i = (i + 1) % k
+        if n < cfg.learn_n:
+            state = "learning"
+        elif self.ring_n >= k and self.r_n:
+            r_sd = math.sqrt(self.r_var) if self.r_var > 1e-6 else 1e-3
+            tail = _tail((self.ring_sum / k - self.r_mean) / r_sd)
+            score = math.log(tail + 1e-10) / LOG_SCALE
+            if score > 1.0:
+                score = 1.0
+            elif score < 0.0:
+                score = 0.0
+        anomaly = False
+        if self.quiet:
+            self.quiet -= 1
+            state = "quiet"
+            score = 0.0
+        elif score >= cfg.threshold:
+            anomaly = True
+            self.quiet = cfg.quiet_n
+        # learn: raw-score distribution (not from a gap's first point), then the contexts
+        if not gap:
+            self.r_n += 1
+            a = 1.0 / (self.r_n if self.r_n < cfg.long_n else cfg.long_n)
+            dr = raw - self.r_mean
+            self.r_mean += a * dr
+            self.r_var = (1.0 - a) * (self.r_var + a * dr * dr)
+        # a wild value moves the statistics like a 3-sigma one, and at a quarter of the
+        # usual rate (robust: one anomaly does not widen the band it is judged by, while a
+        # lasting level shift is still learnt)
+        lim = cfg.robust_z * sigma
+        xv = mu + lim if x - mu > lim else (mu - lim if mu - x > lim else x)
+        slow = cfg.robust_rate if xv != x else 1.0
+        if not n:
+            xv = x
+        self.n = n + 1
+        a = 1.0 / (self.n if self.n < cfg.value_n else cfg.value_n)
+        if n >= cfg.slot_min:
+            a *= slow
+        dm = (x if n < cfg.slot_min else xv) - self.mean
+        self.mean += a * dm
+        self.var = (1.0 - a) * (self.var + a * dm * dm)
+        for arr, j in ((wk, wi), (dy, di)):
+            cnt = arr[j + 2] + 1.0
+            arr[j + 2] = cnt
+            b = 1.0 / (cnt if cnt < cfg.slot_n else cfg.slot_n)
+            v = x if cnt <= cfg.slot_min else xv
+            if cnt > cfg.slot_min:
+                b *= slow
+            dv = v - arr[j]
+            if cnt == 1.0:
+                arr[j] = v
+                arr[j + 1] = 0.0
+            else:
+                arr[j] += b * dv
+                arr[j + 1] = (1.0 - b) * (arr[j + 1] + b * dv * dv)
+        return Finding(
+            score,
+            anomaly,
+            x,
+            mu,
+            (mu - 3.0 * sigma, mu + 3.0 * sigma),
+            z,
+            _context(kind, w),
+            int(seen),
+            n + 1,
+            state,
+        )
+
+    # -- persistence ----------------------------------------------------------------------
+    _HEAD = struct.Struct("<BqqdddddqqqdqHdd")
+
+    def to_bytes(self) -> bytes:
+        """The whole state, for a restart (``from_bytes`` restores it)."""
+        head = self._HEAD.pack(
+            1,
+            self.n,
+            self.last_ts,
+            self.dt,
+            self.mean,
+            self.var,
+            self.r_mean,
+            self.r_var,
+            self.r_n,
+            self.ring_i,
+            self.ring_n,
+            self.ring_sum,
+            self.quiet,
+            len(self.ring),
+            self.err_s,
+            self.err_f,
+        )
+        return head + self.ring.tobytes() + self.wk.tobytes() + self.dy.tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SeriesModel:
+        m = cls()
+        (
+            version,
+            m.n,
+            m.last_ts,
+            m.dt,
+            m.mean,
+            m.var,
+            m.r_mean,
+            m.r_var,
+            m.r_n,
+            m.ring_i,
+            m.ring_n,
+            m.ring_sum,
+            m.quiet,
+            ring_len,
+            m.err_s,
+            m.err_f,
+        ) = cls._HEAD.unpack_from(data)
+        if version != 1:
+            raise ValueError(f"unknown model state version {version}")
+        off = cls._HEAD.size
+        for name, length in (("ring", ring_len), ("wk", 3 * WEEK_SLOTS), ("dy", 3 * DAY_SLOTS)):
+            arr = array("d")
+            arr.frombytes(data[off : off + 8 * length])
+            if len(arr) != length:
+                raise ValueError("truncated model state")
+            setattr(m, name, arr)
+            off += 8 * length
+        return m
+
+    def size(self) -> int:
+        """Bytes of state (what ``to_bytes`` writes)."""
+        return self._HEAD.size + 8 * (len(self.ring) + len(self.wk) + len(self.dy))
+
+    def expect(self, ts_ms: int, cfg: DetectorConfig) -> dict[str, Any]:
+        """What the model expects at ``ts_ms``, and from which context (no learning)."""
+        w = (ts_ms // HOUR_MS + WEEK_SHIFT_H) % WEEK_SLOTS
+        d = (24 if w >= 120 else 0) + w % 24
+        wi, di = 3 * w, 3 * d
+        if self.wk[wi + 2] >= cfg.slot_min:
+            kind, mu, var, seen = 0, self.wk[wi], self.wk[wi + 1], self.wk[wi + 2]
+        elif self.dy[di + 2] >= cfg.slot_min:
+            kind, mu, var, seen = 1, self.dy[di], self.dy[di + 1], self.dy[di + 2]
+        else:
+            kind, mu, var, seen = 2, self.mean, self.var, float(self.n)
+        sigma = math.sqrt(max(var, 0.01 * self.var, 1e-12))
+        return {
+            "expected": mu,
+            "band": [mu - 3 * sigma, mu + 3 * sigma],
+            "context": _context(kind, w),
+            "context_samples": int(seen),
+            "samples": self.n,
+            "state": "learning" if self.n < cfg.learn_n else ("quiet" if self.quiet else "ok"),
+        }
+
+
+def _context(kind: int, w: int) -> str:
+    hour = w % 24
+    if kind == 0:
+        return f"{DAYS[w // 24]} {hour:02d}:00 (hour of week)"
+    if kind == 1:
+        return f"{'weekend' if w >= 120 else 'weekday'} {hour:02d}:00 (hour of day)"
+    return "whole series (profiles still learning)"
+
+
+@dataclass
+class Detector:
+    """Models for many series: at most ``max_series``, least recently seen evicted."""
+
+    config: DetectorConfig = field(default_factory=DetectorConfig)
+    max_series: int = 100_000
+    models: OrderedDict[Hashable, SeriesModel] = field(default_factory=OrderedDict)
+    evicted: int = 0
+
+    def observe(self, key: Hashable, ts_ms: int, value: float) -> Finding:
+        models = self.models
+        m = models.get(key)
+        if m is None:
+            m = models[key] = SeriesModel()
+            if len(models) > self.max_series:
+                models.popitem(last=False)
+                self.evicted += 1
+        else:
+            models.move_to_end(key)
+        return m.observe(ts_ms, value, self.config)
