@@ -61,6 +61,15 @@ Configuration (master config)::
             keep_s: 2592000          # settled epochs and given-up gaps are pruned after this
             max_readings: 20000      # per request
             timeout_s: 60
+          anomalies:                 # the detector on confirmed readings (README: Anomalies)
+            enabled: true
+            threshold: 0.18          # score of an anomaly (tuned on NAB)
+            learn_n: 150             # points before a series is scored
+            quiet_n: 100             # points without a new alert after one
+            max_series: 100000       # models kept; the least recently seen are evicted
+            queue_batches: 256       # confirmed bulks queued for it; past that: shed, counted
+            persist_s: 60            # models saved this often (and at stop)
+            # state_path: /var/cache/salt/master/tributary/analysis.db
 """
 
 import logging
@@ -69,6 +78,9 @@ try:
     import elasticsearch  # noqa: F401
 
     import saltext.tributary as tributary_pkg
+    from saltext.tributary.analysis import detector as analysis_detector
+    from saltext.tributary.analysis import service as analysis_service
+    from saltext.tributary.analysis import store as analysis_store
     from saltext.tributary.relay import config as relay_config
     from saltext.tributary.relay import elasticsearch as es_lib
     from saltext.tributary.relay import pipeline
@@ -127,6 +139,7 @@ def start(**config):
 
     relay = pipeline.Relay(client, rcfg, setup=setup)
     relay.name = __opts__.get("id") or "relay"
+    anomalies = _anomalies(relay, client, rcfg)
     # Fail loudly at start on a wrong password, CA or URL; events are still spooled meanwhile
     # and the shipper retries the set-up with backoff.
     try:
@@ -162,6 +175,32 @@ def start(**config):
     finally:
         if repairer is not None:
             repairer.stop()
+        if anomalies is not None:
+            anomalies.close()
+
+
+def _anomalies(relay, client, rcfg):
+    """Wire the detector to the relay's confirmed readings (``anomalies.enabled``)."""
+    cfg = rcfg.anomalies
+    if not cfg.enabled:
+        return None
+    bus = salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=False)
+    service = analysis_service.AnomalyService(
+        analysis_detector.DetectorConfig(
+            threshold=cfg.threshold, learn_n=cfg.learn_n, quiet_n=cfg.quiet_n
+        ),
+        analysis_service.Sinks(
+            bulk=lambda body: client.bulk(operations=body, refresh=False),
+            fire=bus.fire_event,
+            index=lambda ts: es_lib.index_name(rcfg.index_prefix, "anomalies", ts, rcfg.daily),
+            count=relay.count,
+        ),
+        analysis_store.ModelStore(cfg.state_path),
+        max_series=cfg.max_series,
+        persist_s=cfg.persist_s,
+    )
+    relay.subscribe(service.handle, cfg.queue_batches)
+    return service
 
 
 def _serve(relay):

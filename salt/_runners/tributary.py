@@ -12,6 +12,10 @@ import time
 
 try:
     import saltext.tributary as tributary_pkg
+    from saltext.tributary.analysis import detector as analysis_detector
+    from saltext.tributary.analysis import store as analysis_store
+    from saltext.tributary.analysis import views as analysis_views
+    from saltext.tributary.relay import elasticsearch as es_lib
     from saltext.tributary.relay import repair as repair_lib
     from saltext.tributary.relay import status as relay_status
 
@@ -142,3 +146,68 @@ def replay(gateway, epoch=None, from_seq=None, to_seq=None, timeout=60, retry_gi
         "result": all(d["outcome"] != "retry" for d in requested),
         "requests": requested,
     }
+
+
+def anomalies(gateway=None, site=None, sensor=None, since="24h", size=100):
+    """
+    Anomalies the detector found, newest first, each with its explanation: value, expected
+    value and band, deviation, the time context it was judged in ("Tue 10:00 (hour of
+    week)"), samples seen, model state. Filters take globs.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run tributary.anomalies
+        salt-run tributary.anomalies site=brisbane since=7d
+        salt-run tributary.anomalies gateway='gw-brisbane-*' sensor=boiler-1 size=20
+    """
+    es_cfg = relay_status.engine_config(__opts__).get("elasticsearch")
+    if not es_cfg:
+        return {"result": False, "error": "no tributary_relay engine configured on this master"}
+    rcfg = relay_status.resolved_config(__opts__)
+    try:
+        body = analysis_views.anomalies_query(
+            int(time.time() * 1000), since, gateway, site, sensor, size
+        )
+    except ValueError as exc:
+        return {"result": False, "error": str(exc)}
+    client = es_lib.make_client(es_cfg)
+    resp = client.search(
+        index=f"{rcfg.index_prefix}-anomalies*",
+        body=body,
+        ignore_unavailable=True,
+        allow_no_indices=True,
+    )
+    found = analysis_views.anomalies_from(resp)
+    return {"result": True, "count": len(found), "anomalies": found}
+
+
+def model(gateway, series):
+    """
+    What the detector's model of one series expects now, and why: expected value and band,
+    the time context it comes from and how many samples it has seen, the model's state
+    (learning / ok / quiet), the series' usual interval. ``series`` is ``sensor/metric``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run tributary.model gw-brisbane-1 boiler-1/temperature
+    """
+    if not relay_status.engine_config(__opts__):
+        return {"result": False, "error": "no tributary_relay engine configured on this master"}
+    a = relay_status.resolved_config(__opts__).anomalies
+    store = analysis_store.ModelStore(a.state_path)
+    try:
+        return analysis_views.model_view(
+            store,
+            str(gateway),
+            str(series),
+            int(time.time() * 1000),
+            analysis_detector.DetectorConfig(
+                threshold=a.threshold, learn_n=a.learn_n, quiet_n=a.quiet_n
+            ),
+        )
+    finally:
+        store.close()

@@ -72,6 +72,7 @@ def relay_engine_config(es_node, **extra) -> dict:
         "index_prefix": "tributary",
         "bulk": {"max_docs": 5000, "max_wait_s": 0.1},
         "trusted_syndics": ["syndic-1"],
+        "anomalies": {"persist_s": 2},  # models saved soon after they learn (tests read them)
     }
     cfg.update(extra)
     return cfg

@@ -149,3 +149,22 @@ def test_a_409_for_another_reading_is_a_collision_not_a_duplicate(tmp_path, mast
     letters = [d for d in es.created if d.get("reason") == "id_collision"]
     assert sorted(d["original"]["seq"] for d in letters) == [1, 2, 3]
     assert relay.spool.gateway_counters()["gw-a"]["id_collisions"] == 3
+
+
+def test_subscribers_get_the_readings_elasticsearch_created_once(tmp_path, master_pki, keys):
+    es = Cluster()
+    relay = relay_with(tmp_path, master_pki, keys, es)
+    got: list = []
+    tap = relay.subscribe(got.extend)
+    relay.accept(TAG.format("gw-a"), signed("gw-a", keys, n=3))
+    ship_all(relay)
+    relay.accept(TAG.format("gw-a"), signed("gw-a", keys, n=3, replay=1))  # 409s: not again
+    relay.accept(TAG.format("gw-b"), signed("gw-b", keys, n=2, d=[99]))  # refused: nothing
+    ship_all(relay)
+    assert tap.drain()
+    assert [(g, r["seq"]) for g, _site, _ep, _now, r in got] == [
+        ("gw-a", 1),
+        ("gw-a", 2),
+        ("gw-a", 3),
+    ]
+    tap.close()

@@ -28,7 +28,7 @@ import math
 import struct
 from array import array
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -364,12 +364,14 @@ class Detector:
     max_series: int = 100_000
     models: OrderedDict[Hashable, SeriesModel] = field(default_factory=OrderedDict)
     evicted: int = 0
+    #: a series not in memory is looked up here first (its saved state), else starts learning
+    loader: Callable[[Hashable], SeriesModel | None] | None = None
 
     def observe(self, key: Hashable, ts_ms: int, value: float) -> Finding:
         models = self.models
         m = models.get(key)
         if m is None:
-            m = models[key] = SeriesModel()
+            m = models[key] = (self.loader(key) if self.loader else None) or SeriesModel()
             if len(models) > self.max_series:
                 models.popitem(last=False)
                 self.evicted += 1

@@ -50,6 +50,20 @@ class GapsConfig:
 
 
 @dataclass(frozen=True)
+class AnomaliesConfig:
+    """The detector fed with confirmed readings (``saltext.tributary.analysis``)."""
+
+    enabled: bool = option(True, doc="score every confirmed reading, off the shipping path")
+    threshold: float = option(0.18, range=(0.0, 1.0), doc="score of an anomaly (NAB-tuned)")
+    learn_n: int = option(150, range=(10, 10_000_000), doc="points before a series is scored")
+    quiet_n: int = option(100, range=(0, 10_000_000), doc="points without a new alert after one")
+    max_series: int = option(100_000, range=(1, 10_000_000), doc="models kept (LRU evicted)")
+    queue_batches: int = option(256, range=(1, 100_000), doc="bulks queued for the detector")
+    persist_s: float = option(60.0, range=(1, 86400), doc="how often models are saved")
+    state_path: str | None = option(None, doc="default: <cachedir>/tributary/analysis.db")
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     """The ``tributary_relay`` engine's configuration, under its YAML names."""
 
@@ -86,6 +100,7 @@ class RelayConfig:
     bulk: BulkConfig = option(BulkConfig)
     backoff: Backoff = option(Backoff)
     gaps: GapsConfig = option(GapsConfig)
+    anomalies: AnomaliesConfig = option(AnomaliesConfig)
     #: intake de-duplication window (events); not an option
     dedup_window: int = field(default=20_000, init=False)
 
@@ -95,10 +110,12 @@ class RelayConfig:
 
     def resolve(self, cachedir: str, pki_dir: str | None = None) -> RelayConfig:
         """The paths that default to where this master keeps its cache and keys."""
+        state = self.anomalies.state_path or os.path.join(cachedir, "tributary", "analysis.db")
         return replace(
             self,
             spool_path=self.spool_path or os.path.join(cachedir, "tributary", "relay.db"),
             pki_dir=self.pki_dir or pki_dir or "/etc/salt/pki/master",
+            anomalies=replace(self.anomalies, state_path=state),
         )
 
 

@@ -82,6 +82,9 @@ class BulkPlan:
     ops: list[Op] = field(default_factory=list)
     rows: dict[int, RowPlan] = field(default_factory=dict)
     held: list[int] = field(default_factory=list)
+    #: operations Elasticsearch did not create (already present, dead-lettered): set by the
+    #: shipper once the bulk is answered
+    not_created: set[int] = field(default_factory=set)
 
     def add(self, row: int, action: str, source: str, original: Any) -> None:
         self.lines.append(action)

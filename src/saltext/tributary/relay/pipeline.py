@@ -28,6 +28,7 @@ from saltext.tributary.relay.origin import OriginVerifier
 from saltext.tributary.relay.planner import Planner
 from saltext.tributary.relay.shipper import Shipper
 from saltext.tributary.relay.spool import RelaySpool, SpoolRow
+from saltext.tributary.relay.tap import Tap
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,19 @@ class Relay:
     def finish(self, spool: RelaySpool, plan: BulkPlan, retry_rows: set[int]) -> int:
         return self.shipper.finish(spool, plan, retry_rows)
 
+    def subscribe(self, handler: Any, max_batches: int = 256) -> Tap:
+        """Offer the readings of every confirmed bulk to ``handler(readings)``, on a thread
+        of its own behind a bounded queue (shed and counted when it falls behind)."""
+        self.shipper.tap = Tap(handler, self.counters, max_batches)
+        return self.shipper.tap
+
     def start(self) -> None:
         self.shipper.start()
 
     def stop(self) -> None:
         self.shipper.stop()
+        if self.shipper.tap is not None:
+            self.shipper.tap.close()
 
 
 def take_event(relay: Relay, tag: Any, data: Any) -> None:

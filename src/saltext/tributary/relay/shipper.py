@@ -86,6 +86,8 @@ class Shipper:
         self._thread: threading.Thread | None = None
         self._last_metrics = time.monotonic()
         self._last_precreate = time.monotonic()  # the engine's set-up created today's
+        #: receives the readings of each confirmed bulk (see :mod:`~.tap`)
+        self.tap: Any = None
 
     def start(self) -> None:
         # The engine process holds two busy threads: the bus reader (I/O, many small waits) and
@@ -200,12 +202,25 @@ class Shipper:
                     )
             spool.done(done)
             spool.bump(self.counters.drain())
+        if self.tap is not None and done:
+            self._offer(plan, set(done))
         if retry_rows:
             spool.attempted(retry_rows)
             raise RuntimeError(
                 f"{len(retry_rows)} batches need a retry (429/5xx on some documents)"
             )
         return len(done)
+
+    def _offer(self, plan: BulkPlan, done: set[int]) -> None:
+        """The readings this bulk created (not those already present or dead-lettered)."""
+        skip = plan.not_created
+        self.tap.offer(
+            [
+                original
+                for n, (row, original) in enumerate(plan.ops)
+                if row in done and type(original) is tuple and n not in skip
+            ]
+        )
 
     def send(self, plan: BulkPlan) -> set[int]:
         """Send ``plan``; dead-letter what Elasticsearch refuses for good; the rows to retry."""
@@ -223,6 +238,7 @@ class Shipper:
         outcome.retry_rows -= exhausted
         if outcome.present_ops:
             outcome.rejected += self._collisions(plan, outcome.present_ops)
+        plan.not_created = {*outcome.present_ops, *(r.op for r in outcome.rejected)}
         second: list[str] = []
         for rej in outcome.rejected:
             original = plan.ops[rej.op][1]

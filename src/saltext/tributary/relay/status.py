@@ -56,11 +56,17 @@ def describe_error(exc: BaseException) -> str:
     return " <- ".join(parts)[:2000]
 
 
-def open_status_spool(opts: Mapping[str, Any]) -> tuple[RelayConfig, RelaySpool | None]:
-    cfg = engine_config(opts)
-    rcfg = relay_config(
-        cfg, str(opts.get("cachedir", "/var/cache/salt/master")), opts.get("pki_dir")
+def resolved_config(opts: Mapping[str, Any]) -> RelayConfig:
+    """The relay engine's settings on this master, paths resolved (raises ValueError)."""
+    return relay_config(
+        engine_config(opts),
+        str(opts.get("cachedir", "/var/cache/salt/master")),
+        opts.get("pki_dir"),
     )
+
+
+def open_status_spool(opts: Mapping[str, Any]) -> tuple[RelayConfig, RelaySpool | None]:
+    rcfg = resolved_config(opts)
     if not os.path.exists(rcfg.spool_path):
         return rcfg, None
     return rcfg, RelaySpool(rcfg.spool_path)
@@ -155,11 +161,7 @@ def retire_syndic(opts: Mapping[str, Any], syndic_id: str, undo: bool = False) -
     refused) or, with ``undo``, accept its key sets again."""
     if not engine_config(opts):
         return {"result": False, "error": "no tributary_relay engine configured on this master"}
-    rcfg = relay_config(
-        engine_config(opts),
-        str(opts.get("cachedir", "/var/cache/salt/master")),
-        opts.get("pki_dir"),
-    )
+    rcfg = resolved_config(opts)
     spool = RelaySpool(rcfg.spool_path or "")
     try:
         with spool.transaction():

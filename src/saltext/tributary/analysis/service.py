@@ -1,0 +1,152 @@
+"""The detector at work on the top master: confirmed readings in, anomalies out.
+
+:class:`AnomalyService` is a relay subscriber (``Relay.subscribe``): it runs on the tap's
+thread, feeds each confirmed reading to the :class:`~.detector.Detector` and, for each anomaly,
+writes a document to ``<prefix>-anomalies-*`` (the explanation included) and fires a Salt event
+``tributary/anomaly/<gateway>/<sensor>/<metric>`` on the top master's bus for the reactor.
+Models are saved every ``persist_s`` and at stop, and restored at start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from saltext.tributary.analysis.detector import Detector, DetectorConfig, Finding
+from saltext.tributary.analysis.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+#: Anomaly documents kept for a retry while Elasticsearch refuses them (oldest dropped, counted).
+PENDING_MAX = 10_000
+
+
+@dataclass
+class Sinks:
+    """Where anomalies go: ``bulk(lines) -> response`` (Elasticsearch), ``fire(data, tag)``
+    (the master bus), ``index(ts_ms) -> index name``, ``count(name, n)`` (relay counters)."""
+
+    bulk: Callable[[str], Any] | None
+    fire: Callable[[dict[str, Any], str], Any] | None
+    index: Callable[[int], str]
+    count: Callable[[str, int], None]
+
+
+def anomaly_doc(gateway: str, site: Any, sensor: str, metric: str, ts_ms: int, f: Finding) -> dict:
+    return {
+        "@timestamp": ts_ms,
+        "gateway": gateway,
+        "site": site,
+        "sensor": sensor,
+        "metric": metric,
+        **f.as_dict(),
+        "detected_at": int(time.time() * 1000),
+    }
+
+
+def event_tag(gateway: str, sensor: str, metric: str) -> str:
+    return f"tributary/anomaly/{gateway}/{sensor}/{metric}"
+
+
+class AnomalyService:
+    """Detector + store + sinks; ``handle`` is the relay tap's handler."""
+
+    def __init__(
+        self,
+        config: DetectorConfig,
+        sinks: Sinks,
+        store: ModelStore | None = None,
+        max_series: int = 100_000,
+        persist_s: float = 60.0,
+    ) -> None:
+        self.detector = Detector(
+            config, max_series=max_series, loader=store.get if store is not None else None
+        )
+        self.sinks = sinks
+        self.store = store
+        self.persist_s = persist_s
+        self._dirty: set[Hashable] = set()
+        self._last_save = time.monotonic()
+        self._pending: deque[str] = deque()
+        if store is not None:
+            for key, model in store.load(max_series):
+                self.detector.models[key] = model
+            if self.detector.models:
+                log.info(
+                    "tributary anomalies: %d series models restored", len(self.detector.models)
+                )
+
+    def handle(self, readings: Sequence[tuple]) -> None:
+        """Score confirmed readings ``(gateway, site, epoch, relayed_at, reading)``."""
+        observe = self.detector.observe
+        dirty = self._dirty
+        found: list[dict[str, Any]] = []
+        evicted = self.detector.evicted
+        for gateway, site, _epoch, _now, r in readings:
+            key = (gateway, r["sensor"], r["metric"])
+            f = observe(key, r["ts_ms"], r["value"])
+            dirty.add(key)
+            if f.anomaly:
+                found.append(anomaly_doc(gateway, site, r["sensor"], r["metric"], r["ts_ms"], f))
+        self.sinks.count("analysed", len(readings))
+        if self.detector.evicted > evicted:
+            self.sinks.count("series_evicted", self.detector.evicted - evicted)
+        if found:
+            self.sinks.count("anomalies", len(found))
+            self._emit(found)
+        elif self._pending:
+            self._flush()
+        if time.monotonic() - self._last_save > self.persist_s:
+            self.save()
+
+    def _emit(self, docs: list[dict[str, Any]]) -> None:
+        for doc in docs:
+            if self.sinks.fire is not None:
+                try:
+                    self.sinks.fire(doc, event_tag(doc["gateway"], doc["sensor"], doc["metric"]))
+                except Exception as exc:  # the bus is the master's: log, go on
+                    log.warning("tributary anomalies: event not fired: %s", exc)
+            meta = {"create": {"_index": self.sinks.index(doc["@timestamp"])}}
+            self._pending.append(json.dumps(meta) + "\n" + json.dumps(doc, default=str))
+        while len(self._pending) > PENDING_MAX:
+            self._pending.popleft()
+            self.sinks.count("anomalies_dropped", 1)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.sinks.bulk is None or not self._pending:
+            return
+        lines = list(self._pending)
+        try:
+            resp = self.sinks.bulk("\n".join(lines) + "\n")
+        except Exception as exc:  # kept for the next try
+            log.warning("tributary anomalies: %d documents not indexed yet: %s", len(lines), exc)
+            return
+        self._pending.clear()
+        failed = [
+            i for i in (resp.get("items") or []) if next(iter(i.values())).get("status", 0) >= 300
+        ]
+        if failed:
+            self.sinks.count("anomalies_unindexed", len(failed))
+            log.error("tributary anomalies: %d documents refused: %s", len(failed), failed[:1])
+
+    def save(self) -> int:
+        """Write the models seen since the last save."""
+        self._last_save = time.monotonic()
+        if self.store is None or not self._dirty:
+            return 0
+        models = self.detector.models
+        keys = [k for k in self._dirty if k in models]
+        self._dirty.clear()
+        return self.store.save((k, models[k]) for k in keys)
+
+    def close(self) -> None:
+        self._flush()
+        self.save()
+        if self.store is not None:
+            self.store.close()

@@ -1,0 +1,114 @@
+"""The detector as a relay subscriber: anomalies become documents and events, models survive
+a restart, and a slow subscriber never slows the relay (it is shed and counted)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+
+from saltext.tributary.analysis.detector import DetectorConfig
+from saltext.tributary.analysis.service import AnomalyService, Sinks
+from saltext.tributary.analysis.store import ModelStore
+from saltext.tributary.relay.counters import Counters
+from saltext.tributary.relay.tap import Tap
+from tests.unit.analysis.test_detector import DAY, HOUR, MIN, MONDAY, office
+
+
+def readings(start: int, n: int, value=None, step: int = 10 * MIN):
+    rnd = random.Random(1)
+    out = []
+    for i in range(n):
+        ts = start + i * step
+        v = office(ts, rnd) if value is None else value
+        out.append(
+            (
+                "gw-a",
+                "brisbane",
+                "ep",
+                0,
+                {"sensor": "s1", "metric": "power", "ts_ms": ts, "value": v},
+            )
+        )
+    return out
+
+
+class Collect:
+    def __init__(self):
+        self.bulks: list[str] = []
+        self.events: list[tuple[str, dict]] = []
+        self.counts: Counter = Counter()
+
+    def sinks(self) -> Sinks:
+        return Sinks(
+            bulk=lambda body: self.bulks.append(body) or {"items": []},
+            fire=lambda data, tag: self.events.append((tag, data)),
+            index=lambda ts: "tributary-anomalies-x",
+            count=lambda name, n: self.counts.update({name: n}),
+        )
+
+
+def test_anomalies_become_documents_and_events(tmp_path):
+    c = Collect()
+    svc = AnomalyService(DetectorConfig(), c.sinks(), ModelStore(str(tmp_path / "a.db")))
+    weeks = 4 * 7 * DAY // (10 * MIN)
+    svc.handle(readings(MONDAY, weeks))
+    before = len(c.events)
+    svc.handle(readings(MONDAY + 4 * 7 * DAY + 6 * DAY + 10 * HOUR, 6, value=50.0))  # Sunday
+    tag, data = c.events[-1]
+    assert len(c.events) > before and tag == "tributary/anomaly/gw-a/s1/power"
+    assert data["context"] == "Sun 10:00 (hour of week)" and data["site"] == "brisbane"
+    assert '"context": "Sun 10:00 (hour of week)"' in c.bulks[-1]
+    assert c.counts["analysed"] == weeks + 6 and c.counts["anomalies"] == len(c.events)
+
+
+def test_models_come_back_after_a_restart(tmp_path):
+    path = str(tmp_path / "a.db")
+    c = Collect()
+    svc = AnomalyService(DetectorConfig(), c.sinks(), ModelStore(path))
+    svc.handle(readings(MONDAY, 3000))
+    svc.close()
+    again = AnomalyService(DetectorConfig(), Collect().sinks(), ModelStore(path))
+    (model,) = again.detector.models.values()
+    assert model.n == 3000  # not back to learning
+    again.close()
+
+
+def test_a_series_evicted_from_memory_resumes_from_its_saved_state(tmp_path):
+    store = ModelStore(str(tmp_path / "a.db"))
+    svc = AnomalyService(DetectorConfig(), Collect().sinks(), store, max_series=1)
+    svc.handle(readings(MONDAY, 500))
+    svc.save()
+    other = [("gw-b", None, "ep", 0, {"sensor": "x", "metric": "y", "ts_ms": MONDAY, "value": 1.0})]
+    svc.handle(other)  # evicts gw-a's model from memory
+    assert ("gw-a", "s1", "power") not in svc.detector.models
+    svc.handle(readings(MONDAY + 500 * 10 * MIN, 1))
+    assert svc.detector.models[("gw-a", "s1", "power")].n == 501
+
+
+def test_a_slow_subscriber_is_shed_and_counted_never_waited_for():
+    counters = Counters()
+    release = threading.Event()
+    tap = Tap(lambda items: release.wait(10), counters, max_batches=2)
+    offered = [tap.offer([("gw", None, "e", 0, {})]) for _ in range(10)]
+    assert offered.count(False) >= 7  # the queue holds 2, one is being handled
+    assert counters["tap_shed"] == offered.count(False)
+    release.set()
+    assert tap.drain()
+    tap.close()
+
+
+def test_a_failing_subscriber_never_stops_the_tap():
+    counters = Counters()
+    seen = []
+
+    def handler(items):
+        seen.append(len(items))
+        raise RuntimeError("bug")
+
+    tap = Tap(handler, counters)
+    tap.offer([1, 2])
+    tap.offer([3])
+    assert tap.drain()
+    assert seen == [2, 1] and counters["tap_failed"] == 3
+    tap.close()
