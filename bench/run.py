@@ -368,6 +368,8 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
             "bulk": {"max_docs": 5000, "max_wait_s": 0.05},
             "spool_path": spool,
             "trusted_syndics": ["bench-syndic"],
+            # TRIBUTARY_BENCH_ANOMALIES=0 measures the relay with the detector off
+            "anomalies": {"enabled": os.environ.get("TRIBUTARY_BENCH_ANOMALIES", "1") != "0"},
             "metrics_interval_s": 30,
             "gaps": {"enabled": False},
         }

@@ -199,7 +199,7 @@ def _anomalies(relay, client, rcfg):
         max_series=cfg.max_series,
         persist_s=cfg.persist_s,
     )
-    relay.subscribe(service.handle, cfg.queue_batches)
+    relay.subscribe(service.handle, cfg.queue_batches, idle=service.tick)
     return service
 
 

@@ -135,6 +135,13 @@ class AnomalyService:
             self.sinks.count("anomalies_unindexed", len(failed))
             log.error("tributary anomalies: %d documents refused: %s", len(failed), failed[:1])
 
+    def tick(self) -> None:
+        """Timers while no reading arrives: retry pending documents, save models when due."""
+        if self._pending:
+            self._flush()
+        if time.monotonic() - self._last_save > self.persist_s:
+            self.save()
+
     def save(self) -> int:
         """Write the models seen since the last save."""
         self._last_save = time.monotonic()

@@ -153,13 +153,13 @@ class Intake:
             )
         if result.refused:
             return self._keyset_refused(syndic_id, result.refused, f"key set of {ts} ms")
-        if result.conflicts:
-            self.counters.inc("keyset_conflicts", result.conflicts)
+        if result.new_conflicts:  # counted and logged once per (gateway, claiming syndic)
+            self.counters.inc("keyset_conflicts", len(result.new_conflicts))
             log.error(
-                "tributary relay: syndic %s vouched for %d gateways bound to another source:"
-                " refused (salt-run tributary.status shows them)",
+                "tributary relay: syndic %s vouched for gateways bound to another source,"
+                " refused (salt-run tributary.status lists them): %s",
                 syndic_id,
-                result.conflicts,
+                ", ".join(result.new_conflicts[:20]),
             )
         self.spool.release_holds()
         self.counters.inc("keysets_in")

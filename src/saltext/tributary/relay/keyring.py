@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from saltext.tributary.util.clock import now_ms
@@ -46,6 +46,7 @@ class KeysetResult:
 
     taken: int = 0  # gateway keys now vouched for by this source
     conflicts: int = 0  # gateways bound to another source: refused
+    new_conflicts: list[str] = field(default_factory=list)  # ... not refused before
     refused: str | None = None  # reason the whole set was refused (stale, retired)
 
 
@@ -100,6 +101,11 @@ class Keyring:
             owner = "top master" if is_local(gw) else bound.get(gw)
             if owner is not None:
                 out.conflicts += 1
+                seen = self.db.execute(
+                    "SELECT 1 FROM key_conflicts WHERE gateway=? AND claimed_by=?", (gw, source)
+                ).fetchone()
+                if seen is None:
+                    out.new_conflicts.append(gw)
                 self.db.execute(
                     "INSERT INTO key_conflicts VALUES (?,?,?,1,?) ON CONFLICT(gateway, claimed_by)"
                     " DO UPDATE SET n=n+1, last_ms=excluded.last_ms, bound_to=excluded.bound_to",

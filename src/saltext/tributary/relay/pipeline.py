@@ -85,10 +85,11 @@ class Relay:
     def finish(self, spool: RelaySpool, plan: BulkPlan, retry_rows: set[int]) -> int:
         return self.shipper.finish(spool, plan, retry_rows)
 
-    def subscribe(self, handler: Any, max_batches: int = 256) -> Tap:
+    def subscribe(self, handler: Any, max_batches: int = 256, idle: Any = None) -> Tap:
         """Offer the readings of every confirmed bulk to ``handler(readings)``, on a thread
-        of its own behind a bounded queue (shed and counted when it falls behind)."""
-        self.shipper.tap = Tap(handler, self.counters, max_batches)
+        of its own behind a bounded queue (shed and counted when it falls behind); ``idle()``
+        is called on that thread when nothing arrived for a second."""
+        self.shipper.tap = Tap(handler, self.counters, max_batches, idle=idle)
         return self.shipper.tap
 
     def start(self) -> None:

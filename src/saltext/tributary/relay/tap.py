@@ -32,9 +32,14 @@ class Tap:
         counters: Counters,
         max_batches: int = 256,
         name: str = "tributary-tap",
+        idle: Callable[[], None] | None = None,
+        idle_s: float = 1.0,
     ) -> None:
         self.handler = handler
         self.counters = counters
+        #: called on the subscriber's thread when nothing arrived for ``idle_s`` (its timers)
+        self.idle = idle
+        self.idle_s = idle_s
         self._q: queue.Queue[Sequence[Confirmed] | None] = queue.Queue(max_batches)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -68,7 +73,15 @@ class Tap:
 
     def _run(self) -> None:
         while True:
-            item = self._q.get()
+            try:
+                item = self._q.get(timeout=self.idle_s)
+            except queue.Empty:
+                if self.idle is not None:
+                    try:
+                        self.idle()
+                    except Exception:  # same rule as the handler
+                        log.exception("tributary relay: subscriber's idle call failed")
+                continue
             if item is None:
                 return
             if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], threading.Event):
