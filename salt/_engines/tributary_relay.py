@@ -70,6 +70,18 @@ Configuration (master config)::
             queue_batches: 256       # confirmed bulks queued for it; past that: shed, counted
             persist_s: 60            # models saved this often (and at stop)
             # state_path: /var/cache/salt/master/tributary/analysis.db
+          health:                    # findings in three layers (README: Health)
+            enabled: true
+            heartbeat_s: 30          # the gateways' tributary_health interval
+            overdue_factor: 3        # heartbeats missed before a gateway is silent
+            silent_factor: 5         # usual intervals before a sensor is silent
+            min_silent_s: 60
+            stuck_n: 30              # the same value this many times: stuck
+            skew_s: 120              # a gateway clock further off: clock skew
+            backlog_n: 3             # heartbeats with a growing spool backlog
+            outage_min: 2            # silent gateways of one site make a site outage
+            depart_k: 6              # MADs from its siblings: a sensor departs
+            check_s: 15
 """
 
 import logging
@@ -79,6 +91,7 @@ try:
 
     import saltext.tributary as tributary_pkg
     from saltext.tributary.analysis import detector as analysis_detector
+    from saltext.tributary.analysis import health as analysis_health
     from saltext.tributary.analysis import service as analysis_service
     from saltext.tributary.analysis import store as analysis_store
     from saltext.tributary.relay import config as relay_config
@@ -185,6 +198,16 @@ def _anomalies(relay, client, rcfg):
     if not cfg.enabled:
         return None
     bus = salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=False)
+    health = None
+    if rcfg.health.enabled:
+        h = rcfg.health
+        health = analysis_health.HealthMonitor(
+            analysis_health.HealthConfig(
+                **{k: getattr(h, k) for k in analysis_health.HealthConfig.__dataclass_fields__}
+            ),
+            _facts(rcfg.spool_path),
+            analysis_health.FindingBook(cfg.state_path),
+        )
     service = analysis_service.AnomalyService(
         analysis_detector.DetectorConfig(
             threshold=cfg.threshold, learn_n=cfg.learn_n, quiet_n=cfg.quiet_n
@@ -198,9 +221,23 @@ def _anomalies(relay, client, rcfg):
         analysis_store.ModelStore(cfg.state_path),
         max_series=cfg.max_series,
         persist_s=cfg.persist_s,
+        health=health,
+        findings_index=lambda ts: es_lib.index_name(rcfg.index_prefix, "findings", ts, rcfg.daily),
     )
     relay.subscribe(service.handle, cfg.queue_batches, idle=service.tick)
     return service
+
+
+def _facts(spool_path):
+    """``facts()``: the last heartbeat of each gateway, read on the caller's thread."""
+    local = {}
+
+    def facts():
+        if "spool" not in local:
+            local["spool"] = relay_spool.RelaySpool(spool_path)
+        return relay_status.heartbeat_facts(local["spool"])
+
+    return facts
 
 
 def _serve(relay):

@@ -13,6 +13,7 @@ import time
 try:
     import saltext.tributary as tributary_pkg
     from saltext.tributary.analysis import detector as analysis_detector
+    from saltext.tributary.analysis import health as analysis_health
     from saltext.tributary.analysis import store as analysis_store
     from saltext.tributary.analysis import views as analysis_views
     from saltext.tributary.relay import elasticsearch as es_lib
@@ -211,3 +212,56 @@ def model(gateway, series):
         )
     finally:
         store.close()
+
+
+def health(check_es=True):
+    """
+    Fleet health in three layers, per site: device (gateways silent, backlog growing,
+    dropping readings, broker disconnected, clock skew; sensors silent or stuck), population
+    (site outages, sensors departing from their siblings) and application (anomalies in the
+    last hour), with counts first and the open findings after (how long each has been open).
+    ``check_es=False`` skips the anomaly counts (no Elasticsearch query).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run tributary.health
+        salt-run tributary.health check_es=False
+    """
+    if not relay_status.engine_config(__opts__):
+        return {"result": False, "error": "no tributary_relay engine configured on this master"}
+    rcfg, spool = relay_status.open_status_spool(__opts__)
+    facts = {}
+    if spool is not None:
+        try:
+            facts = relay_status.heartbeat_facts(spool)
+        finally:
+            spool.close()
+    book = analysis_health.FindingBook(rcfg.anomalies.state_path)
+    try:
+        findings = book.open()
+    finally:
+        book.close()
+    now = int(time.time() * 1000)
+    by_site = {}
+    if check_es:
+        try:
+            client = es_lib.make_client(relay_status.engine_config(__opts__)["elasticsearch"])
+            resp = client.search(
+                index=f"{rcfg.index_prefix}-anomalies*",
+                body=analysis_views.anomalies_by_site_query(now),
+                ignore_unavailable=True,
+                allow_no_indices=True,
+            )
+            by_site = {b["key"]: b["doc_count"] for b in resp["aggregations"]["sites"]["buckets"]}
+        except Exception as exc:  # pylint: disable=broad-except
+            log.warning("tributary.health: anomaly counts unavailable: %s", exc)
+    return analysis_views.health_view(
+        findings,
+        facts,
+        by_site,
+        now,
+        rcfg.health.heartbeat_s,
+        rcfg.health.overdue_factor,
+    )

@@ -104,6 +104,7 @@ class SeriesModel:
         "err_f",
         "err_s",
         "last_ts",
+        "last_value",
         "mean",
         "n",
         "quiet",
@@ -114,6 +115,8 @@ class SeriesModel:
         "ring_i",
         "ring_n",
         "ring_sum",
+        "same",
+        "seen_ms",
         "var",
         "wk",
     )
@@ -132,6 +135,9 @@ class SeriesModel:
         self.ring_n = 0
         self.ring_sum = 0.0
         self.quiet = 0
+        self.last_value = math.nan
+        self.same = 0  # consecutive readings equal to the previous one (a stuck sensor)
+        self.seen_ms = 0  # wall-clock time the last reading arrived (set by the caller)
         self.err_s = 1.0  # EW squared error of the time context's expectation
         self.err_f = 1.0  # ... and of the whole series' mean
         # per slot: mean, variance, visits (as floats)
@@ -149,6 +155,8 @@ class SeriesModel:
             elif step > 0:
                 self.dt = step if not self.dt else self.dt + (step - self.dt) * 0.05
         self.last_ts = ts_ms
+        self.same = self.same + 1 if x == self.last_value else 0
+        self.last_value = x
         hours = ts_ms // HOUR_MS + WEEK_SHIFT_H
         w = hours % WEEK_SLOTS
         d = (24 if w >= 120 else 0) + w % 24
@@ -264,7 +272,7 @@ class SeriesModel:
         )
 
     # -- persistence ----------------------------------------------------------------------
-    _HEAD = struct.Struct("<BqqdddddqqqdqHdd")
+    _HEAD = struct.Struct("<BqqdddddqqqdqHdddqq")
 
     def to_bytes(self) -> bytes:
         """The whole state, for a restart (``from_bytes`` restores it)."""
@@ -285,6 +293,9 @@ class SeriesModel:
             len(self.ring),
             self.err_s,
             self.err_f,
+            self.last_value,
+            self.same,
+            self.seen_ms,
         )
         return head + self.ring.tobytes() + self.wk.tobytes() + self.dy.tobytes()
 
@@ -308,6 +319,9 @@ class SeriesModel:
             ring_len,
             m.err_s,
             m.err_f,
+            m.last_value,
+            m.same,
+            m.seen_ms,
         ) = cls._HEAD.unpack_from(data)
         if version != 1:
             raise ValueError(f"unknown model state version {version}")

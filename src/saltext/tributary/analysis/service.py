@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from saltext.tributary.analysis.detector import Detector, DetectorConfig, Finding
+from saltext.tributary.analysis.health import HealthMonitor
+from saltext.tributary.analysis.health import event_tag as health_tag
 from saltext.tributary.analysis.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,11 @@ class AnomalyService:
         store: ModelStore | None = None,
         max_series: int = 100_000,
         persist_s: float = 60.0,
+        health: HealthMonitor | None = None,
+        findings_index: Callable[[int], str] | None = None,
     ) -> None:
+        self.health = health
+        self.findings_index = findings_index or sinks.index
         self.detector = Detector(
             config, max_series=max_series, loader=store.get if store is not None else None
         )
@@ -73,6 +79,10 @@ class AnomalyService:
         self._dirty: set[Hashable] = set()
         self._last_save = time.monotonic()
         self._pending: deque[str] = deque()
+        #: the site each gateway's readings last named
+        self.sites: dict[str, Any] = {}
+        #: (wall ms, gateway, site) of recent anomalies (the application layer of health)
+        self.recent: deque[tuple[int, str, Any]] = deque(maxlen=10_000)
         if store is not None:
             for key, model in store.load(max_series):
                 self.detector.models[key] = model
@@ -87,10 +97,14 @@ class AnomalyService:
         dirty = self._dirty
         found: list[dict[str, Any]] = []
         evicted = self.detector.evicted
+        now = int(time.time() * 1000)
+        models = self.detector.models
         for gateway, site, _epoch, _now, r in readings:
             key = (gateway, r["sensor"], r["metric"])
             f = observe(key, r["ts_ms"], r["value"])
+            models[key].seen_ms = now
             dirty.add(key)
+            self.sites[gateway] = site
             if f.anomaly:
                 found.append(anomaly_doc(gateway, site, r["sensor"], r["metric"], r["ts_ms"], f))
         self.sinks.count("analysed", len(readings))
@@ -98,11 +112,13 @@ class AnomalyService:
             self.sinks.count("series_evicted", self.detector.evicted - evicted)
         if found:
             self.sinks.count("anomalies", len(found))
+            self.recent.extend((now, d["gateway"], d["site"]) for d in found)
             self._emit(found)
         elif self._pending:
             self._flush()
         if time.monotonic() - self._last_save > self.persist_s:
             self.save()
+        self.check_health()
 
     def _emit(self, docs: list[dict[str, Any]]) -> None:
         for doc in docs:
@@ -136,11 +152,33 @@ class AnomalyService:
             log.error("tributary anomalies: %d documents refused: %s", len(failed), failed[:1])
 
     def tick(self) -> None:
-        """Timers while no reading arrives: retry pending documents, save models when due."""
+        """Timers while no reading arrives: retry pending documents, save models when due,
+        evaluate health when due."""
         if self._pending:
             self._flush()
         if time.monotonic() - self._last_save > self.persist_s:
             self.save()
+        self.check_health()
+
+    def check_health(self, force: bool = False) -> list[dict[str, Any]]:
+        """Evaluate the health layers (every ``check_s``); transitions are indexed and fired."""
+        h = self.health
+        if h is None or (not force and time.monotonic() - h.last_check < h.config.check_s):
+            return []
+        h.last_check = time.monotonic()
+        docs = h.check(self.detector.models.items(), self.sites, int(time.time() * 1000))
+        for doc in docs:
+            if self.sinks.fire is not None:
+                try:
+                    self.sinks.fire(doc, health_tag(doc))
+                except Exception as exc:  # the bus is the master's: log, go on
+                    log.warning("tributary health: event not fired: %s", exc)
+            meta = {"create": {"_index": self.findings_index(doc["@timestamp"])}}
+            self._pending.append(json.dumps(meta) + "\n" + json.dumps(doc, default=str))
+            self.sinks.count(f"findings_{doc['state']}", 1)
+        if docs:
+            self._flush()
+        return docs
 
     def save(self) -> int:
         """Write the models seen since the last save."""
@@ -157,3 +195,5 @@ class AnomalyService:
         self.save()
         if self.store is not None:
             self.store.close()
+        if self.health is not None:
+            self.health.book.close()

@@ -74,3 +74,71 @@ def model_view(
         "usual_interval_s": round(model.dt / 1000, 3) if model.dt else None,
         "state_bytes": model.size(),
     }
+
+
+def health_view(
+    findings: list[dict[str, Any]],
+    facts: Mapping[str, Mapping[str, Any]],
+    anomalies_by_site: Mapping[Any, int],
+    now_ms: int,
+    heartbeat_s: float,
+    overdue_factor: float,
+) -> dict[str, Any]:
+    """``salt-run tributary.health``: per site, the device, population and application layers
+    at a glance (counts first, then the open findings)."""
+    sites: dict[str, dict[str, Any]] = {}
+
+    def site_entry(site: Any) -> dict[str, Any]:
+        return sites.setdefault(
+            str(site),
+            {
+                "gateways": 0,
+                "gateways_reporting": 0,
+                "device": [],
+                "population": [],
+                "anomalies_last_hour": 0,
+            },
+        )
+
+    for hb in facts.values():
+        e = site_entry(hb.get("site"))
+        e["gateways"] += 1
+        age_s = (now_ms - int(hb.get("received_ms") or 0)) / 1000
+        e["gateways_reporting"] += age_s <= overdue_factor * heartbeat_s
+    for f in findings:
+        e = site_entry(f.get("site"))
+        e[f["layer"]].append(
+            {k: f[k] for k in ("kind", "gateway", "sensor", "metric", "detail") if f.get(k)}
+            | {"open_s": round((now_ms - f["raised_ms"]) / 1000, 1)}
+        )
+    for site, n in anomalies_by_site.items():
+        site_entry(site)["anomalies_last_hour"] = n
+    for e in sites.values():
+        e["state"] = (
+            "outage"
+            if any(f["kind"] == "site_outage" for f in e["population"])
+            else ("degraded" if e["device"] or e["population"] else "ok")
+        )
+    return {
+        "result": True,
+        "fleet": {
+            "sites": len(sites),
+            "gateways": sum(e["gateways"] for e in sites.values()),
+            "gateways_reporting": sum(e["gateways_reporting"] for e in sites.values()),
+            "open_findings": len(findings),
+            "sites_in_outage": sorted(s for s, e in sites.items() if e["state"] == "outage"),
+            "anomalies_last_hour": sum(anomalies_by_site.values()),
+        },
+        "sites": dict(sorted(sites.items())),
+    }
+
+
+def anomalies_by_site_query(now_ms: int, span: Any = "1h") -> dict[str, Any]:
+    """Anomalies per site over ``span`` (an aggregation: no documents are fetched)."""
+    return {
+        "size": 0,
+        "query": {
+            "range": {"@timestamp": {"gte": now_ms - span_ms(span), "format": "epoch_millis"}}
+        },
+        "aggs": {"sites": {"terms": {"field": "site", "size": 1000, "missing": "None"}}},
+    }

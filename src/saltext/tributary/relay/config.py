@@ -64,6 +64,23 @@ class AnomaliesConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """Health findings in three layers (``saltext.tributary.analysis.health``)."""
+
+    enabled: bool = option(True, doc="evaluate device, sensor and site health")
+    heartbeat_s: float = option(30.0, range=(1, 86400), doc="the gateways' health beacon interval")
+    overdue_factor: float = option(3.0, range=(1, 1000), doc="heartbeats missed: gateway silent")
+    silent_factor: float = option(5.0, range=(1, 1000), doc="usual intervals: sensor silent")
+    min_silent_s: float = option(60.0, range=(1, 86400 * 7), doc="a sensor is silent no sooner")
+    stuck_n: int = option(30, range=(2, 10_000_000), doc="same value this often: sensor stuck")
+    skew_s: float = option(120.0, range=(1, 86400), doc="clock further off: clock skew")
+    backlog_n: int = option(3, range=(2, 1000), doc="heartbeats of growing backlog")
+    outage_min: int = option(2, range=(2, 100_000), doc="silent gateways of a site: outage")
+    depart_k: float = option(6.0, range=(1, 1000), doc="MADs from its siblings: sensor departs")
+    check_s: float = option(15.0, range=(1, 3600), doc="how often health is evaluated")
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     """The ``tributary_relay`` engine's configuration, under its YAML names."""
 
@@ -101,6 +118,7 @@ class RelayConfig:
     backoff: Backoff = option(Backoff)
     gaps: GapsConfig = option(GapsConfig)
     anomalies: AnomaliesConfig = option(AnomaliesConfig)
+    health: HealthConfig = option(HealthConfig)
     #: intake de-duplication window (events); not an option
     dedup_window: int = field(default=20_000, init=False)
 

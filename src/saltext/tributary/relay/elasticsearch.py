@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-KINDS = ("readings", "health", "deadletter", "metrics", "anomalies")
+KINDS = ("readings", "health", "deadletter", "metrics", "anomalies", "findings")
 
 
 def validate_es_config(cfg: Any) -> list[str]:
@@ -136,11 +136,24 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "detected_at": _DATE,
         "location": {"type": "geo_point"},
     },
+    "findings": {
+        "@timestamp": _DATE,
+        "kind": _KW,
+        "layer": _KW,
+        "state": _KW,
+        "site": _KW,
+        "gateway": _KW,
+        "sensor": _KW,
+        "metric": _KW,
+        "detail": {"type": "object", "enabled": False},
+        "raised_at": _DATE,
+        "duration_s": {"type": "double"},
+    },
 }
 
 
 #: Kinds written as data streams when ``indices: data_stream`` (append-only, time-stamped).
-DATA_STREAM_KINDS = ("readings", "health", "metrics", "anomalies")
+DATA_STREAM_KINDS = ("readings", "health", "metrics", "anomalies", "findings")
 
 
 def install_templates(

@@ -103,7 +103,7 @@ def status_from_opts(opts: Mapping[str, Any], check_es: bool = True) -> dict[str
             for name in PER_GATEWAY_COUNTERS:
                 entry[name] = per_gw_counters.get(gw, {}).get(name, 0)
             entry["gateway_spool"] = entry.pop("gateway_spool", None)
-        for gw, hb in _last_heartbeats(spool).items():
+        for gw, hb in heartbeat_facts(spool).items():
             if gw in gateways:
                 gateways[gw]["gateway_spool"] = hb
         totals = counters
@@ -134,7 +134,7 @@ def status_from_opts(opts: Mapping[str, Any], check_es: bool = True) -> dict[str
     return out
 
 
-def _last_heartbeats(spool: RelaySpool) -> dict[str, Any]:
+def heartbeat_facts(spool: RelaySpool) -> dict[str, Any]:
     """Gateway spool facts from the last heartbeat each gateway sent (kept as a counter row)."""
     out: dict[str, Any] = {}
     for name, body in (
