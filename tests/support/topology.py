@@ -73,6 +73,7 @@ def relay_engine_config(es_node, **extra) -> dict:
         "bulk": {"max_docs": 5000, "max_wait_s": 0.1},
         "trusted_syndics": ["syndic-1"],
         "anomalies": {"persist_s": 2},  # models saved soon after they learn (tests read them)
+        "health": {"check_s": 1, "min_silent_s": 4},  # findings within seconds
     }
     cfg.update(extra)
     return cfg
