@@ -35,6 +35,8 @@ def fault_relay_config(es_node) -> dict:
         "key_wait_s": 120,
         "trusted_syndics": [SYNDIC_ID],
         "metrics_interval_s": 5,
+        "anomalies": {"persist_s": 2},
+        "health": {"heartbeat_s": 5, "check_s": 1},
         "gaps": {
             "grace_s": 8,
             "check_s": 2,

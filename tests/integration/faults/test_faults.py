@@ -69,6 +69,18 @@ def power_cut(factory) -> None:
     factory.terminate()
 
 
+def silent_gateways(top) -> set[str]:
+    """Gateways with an open ``gateway_silent`` finding (``salt-run tributary.health``)."""
+    ret = top.salt_run_cli(timeout=60).run("tributary.health", check_es=False)
+    assert ret.returncode == 0, ret
+    return {
+        f["gateway"]
+        for site in ret.data["sites"].values()
+        for f in site["device"]
+        if f["kind"] == "gateway_silent"
+    }
+
+
 def deadletters(es, gateway: str) -> list[dict]:
     res = es.search(
         "tributary-deadletter-*",
@@ -212,10 +224,21 @@ def test_syndic_sigkill_mid_stream(faults):
     assert_exactly(es, stream, recovered_from=back)
 
 
+def saved_model(top, gateway: str, series: str) -> dict:
+    ret = top.salt_run_cli(timeout=60).run("tributary.model", gateway, series)
+    return ret.data if ret.returncode == 0 and ret.data.get("result") else {}
+
+
 def test_top_master_stopped_one_minute(faults):
+    """...and the detector's models come back from their saved state (no relearning)."""
     es, top, brokers = faults["es"], faults["top"], faults["brokers"]
     stream = Stream(brokers, "f2-top-down", per_tick=10, every=1).start()
-    time.sleep(3)
+    series = "f2-top-down/temperature"
+    before = wait_for(
+        lambda: (m := saved_model(top, GW_A, series)).get("samples", 0) >= 100 and m,
+        timeout=120,
+        what="a saved model with 100 samples",
+    )
     top.terminate()
     down = time.monotonic()
     sleep_outage(60, down)
@@ -224,6 +247,15 @@ def test_top_master_stopped_one_minute(faults):
     stream.stop()
     stream.tick()
     assert_exactly(es, stream, timeout=300, recovered_from=back)
+    # every reading was scored once by a model that kept learning across the restart: a model
+    # lost with the process would hold only what came after it (at most N - 100)
+    n = len(stream.sent[GW_A])
+    after = wait_for(
+        lambda: (m := saved_model(top, GW_A, series)).get("samples", 0) >= n - 20 and m,
+        timeout=60,
+        what=f"the model restored and fed all {n} readings",
+    )
+    assert after["samples"] > before["samples"] and after["state"] != "learning"
 
 
 def test_syndic_master_down_one_minute_gaps_replayed(faults):
@@ -253,6 +285,8 @@ def test_syndic_master_down_one_minute_gaps_replayed(faults):
     )
     power_cut(gw_b)
     last_lost = spool_cursor(gw_b)
+    # no heartbeat for three intervals (5 s each): the top master finds the gateways silent
+    wait_for(lambda: GW_B in silent_gateways(top), timeout=50, what=f"{GW_B} found silent")
     sleep_outage(60, down)
     syndic.master.start()
     if not syndic.is_running() or SALT_VERSION < (3007,):
@@ -303,3 +337,4 @@ def test_syndic_master_down_one_minute_gaps_replayed(faults):
 
     # none open, none given up (a heartbeat may open a short-lived tail gap past the range)
     wait_for(lambda: not open_gaps_in_lost_range(), timeout=60, what="the lost range closed")
+    wait_for(lambda: GW_B not in silent_gateways(top), timeout=60, what=f"{GW_B} cleared")
