@@ -145,3 +145,18 @@ def test_the_service_fires_and_indexes_health_transitions(tmp_path):
         "tributary/health/gateway_silent/cleared",
     ]
     assert counts["findings_raised"] == 1 and counts["findings_cleared"] == 1
+
+
+def test_the_engine_config_defaults_are_the_analysis_defaults():
+    """The relay engine's schema (which must not import analysis) states the same defaults."""
+    import dataclasses
+
+    from saltext.tributary.relay import config as relay_config
+
+    for engine_cls, lib in (
+        (relay_config.HealthConfig, HealthConfig()),
+        (relay_config.AnomaliesConfig, DetectorConfig()),
+    ):
+        for f in dataclasses.fields(engine_cls):
+            if hasattr(lib, f.name):
+                assert f.default == getattr(lib, f.name), (engine_cls.__name__, f.name)

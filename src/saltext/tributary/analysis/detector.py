@@ -51,7 +51,7 @@ class DetectorConfig:
     value_n: int = 600  # memory of the whole-series mean/variance (points)
     slot_n: int = 12  # memory of one context slot (visits)
     slot_min: int = 4  # visits before a slot is trusted
-    threshold: float = 0.2  # score at or above which a point is an anomaly (NAB-optimised)
+    threshold: float = 0.18  # score at or above which a point is an anomaly (NAB-optimised)
     quiet_n: int = 100  # points without a new alert after one
     gap_factor: float = 5.0  # a gap longer than this many usual intervals resets short memory
     clip_z: float = 8.0  # raw scores are capped (one wild point cannot dominate)
