@@ -82,6 +82,12 @@ Configuration (master config)::
             outage_min: 2            # silent gateways of one site make a site outage
             depart_k: 6              # MADs from its siblings: a sensor departs
             check_s: 15
+          # rules: alert rules (README: Alerts), for example
+          #   - name: boiler-hot
+          #     match: {site: brisbane, sensor: 'boiler-*', metric: temperature}
+          #     when: {above: 80, for_s: 60, clear_below: 75}
+          #     severity: critical
+          # alerts_path: /var/cache/salt/master/tributary/alerts.db
 """
 
 import logging
@@ -94,6 +100,9 @@ try:
     from saltext.tributary.analysis import health as analysis_health
     from saltext.tributary.analysis import service as analysis_service
     from saltext.tributary.analysis import store as analysis_store
+    from saltext.tributary.reaction import alerts as reaction_alerts
+    from saltext.tributary.reaction import rules as reaction_rules
+    from saltext.tributary.reaction import service as reaction_service
     from saltext.tributary.relay import config as relay_config
     from saltext.tributary.relay import elasticsearch as es_lib
     from saltext.tributary.relay import pipeline
@@ -126,7 +135,10 @@ def __virtual__():
 
 def validate(config):
     """Validate the engine configuration; returns ``(bool, message)`` and never raises."""
-    return relay_config.validate_relay(config)
+    ok, msg = relay_config.validate_relay(config)
+    if ok and isinstance(config, dict):
+        return reaction_rules.validate_rules(config.get("rules"))
+    return ok, msg
 
 
 def start(**config):
@@ -152,7 +164,7 @@ def start(**config):
 
     relay = pipeline.Relay(client, rcfg, setup=setup)
     relay.name = __opts__.get("id") or "relay"
-    anomalies = _anomalies(relay, client, rcfg)
+    subscribers = _subscribers(relay, client, rcfg)
     # Fail loudly at start on a wrong password, CA or URL; events are still spooled meanwhile
     # and the shipper retries the set-up with backoff.
     try:
@@ -188,44 +200,76 @@ def start(**config):
     finally:
         if repairer is not None:
             repairer.stop()
-        if anomalies is not None:
-            anomalies.close()
+        for sub in subscribers:
+            sub.close()
 
 
-def _anomalies(relay, client, rcfg):
-    """Wire the detector to the relay's confirmed readings (``anomalies.enabled``)."""
-    cfg = rcfg.anomalies
-    if not cfg.enabled:
-        return None
+def _subscribers(relay, client, rcfg):
+    """Wire the detector, the health layers and the alert rules to the relay's confirmed
+    readings (one tap, one thread); returns what to close at stop."""
     bus = salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=False)
-    health = None
-    if rcfg.health.enabled:
-        h = rcfg.health
-        health = analysis_health.HealthMonitor(
-            analysis_health.HealthConfig(
-                **{k: getattr(h, k) for k in analysis_health.HealthConfig.__dataclass_fields__}
-            ),
-            _facts(rcfg.spool_path),
-            analysis_health.FindingBook(cfg.state_path),
+
+    def index(kind):
+        return lambda ts: es_lib.index_name(rcfg.index_prefix, kind, ts, rcfg.daily)
+
+    def bulk(body):
+        return client.bulk(operations=body, refresh=False)
+
+    rules, _ = reaction_rules.parse_rules(rcfg.rules)
+    alerts = None
+    if rules:
+        alerts = reaction_service.AlertService(
+            rules,
+            reaction_alerts.AlertBook(rcfg.alerts_path),
+            bulk,
+            bus.fire_event,
+            index("alerts"),
+            relay.count,
         )
-    service = analysis_service.AnomalyService(
-        analysis_detector.DetectorConfig(
-            threshold=cfg.threshold, learn_n=cfg.learn_n, quiet_n=cfg.quiet_n
-        ),
-        analysis_service.Sinks(
-            bulk=lambda body: client.bulk(operations=body, refresh=False),
-            fire=bus.fire_event,
-            index=lambda ts: es_lib.index_name(rcfg.index_prefix, "anomalies", ts, rcfg.daily),
-            count=relay.count,
-        ),
-        analysis_store.ModelStore(cfg.state_path),
-        max_series=cfg.max_series,
-        persist_s=cfg.persist_s,
-        health=health,
-        findings_index=lambda ts: es_lib.index_name(rcfg.index_prefix, "findings", ts, rcfg.daily),
-    )
-    relay.subscribe(service.handle, cfg.queue_batches, idle=service.tick)
-    return service
+    service = None
+    cfg = rcfg.anomalies
+    if cfg.enabled:
+        health = None
+        if rcfg.health.enabled:
+            h = rcfg.health
+            fields = analysis_health.HealthConfig.__dataclass_fields__
+            health = analysis_health.HealthMonitor(
+                analysis_health.HealthConfig(**{k: getattr(h, k) for k in fields}),
+                _facts(rcfg.spool_path),
+                analysis_health.FindingBook(cfg.state_path),
+            )
+        service = analysis_service.AnomalyService(
+            analysis_detector.DetectorConfig(
+                threshold=cfg.threshold, learn_n=cfg.learn_n, quiet_n=cfg.quiet_n
+            ),
+            analysis_service.Sinks(
+                bulk=bulk, fire=bus.fire_event, index=index("anomalies"), count=relay.count
+            ),
+            analysis_store.ModelStore(cfg.state_path),
+            max_series=cfg.max_series,
+            persist_s=cfg.persist_s,
+            health=health,
+            findings_index=index("findings"),
+            on_anomaly=alerts.anomaly if alerts else None,
+            on_finding=alerts.finding if alerts else None,
+        )
+    if service is None and alerts is None:
+        return []
+
+    def handle(readings):
+        if service is not None:
+            service.handle(readings)
+        if alerts is not None:
+            alerts.readings(readings)
+
+    def idle():
+        if service is not None:
+            service.tick()
+        if alerts is not None:
+            alerts.tick()
+
+    relay.subscribe(handle, cfg.queue_batches, idle=idle)
+    return [x for x in (service, alerts) if x is not None]
 
 
 def _facts(spool_path):

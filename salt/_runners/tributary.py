@@ -16,6 +16,8 @@ try:
     from saltext.tributary.analysis import health as analysis_health
     from saltext.tributary.analysis import store as analysis_store
     from saltext.tributary.analysis import views as analysis_views
+    from saltext.tributary.reaction import alerts as reaction_alerts
+    from saltext.tributary.reaction import views as reaction_views
     from saltext.tributary.relay import elasticsearch as es_lib
     from saltext.tributary.relay import repair as repair_lib
     from saltext.tributary.relay import status as relay_status
@@ -265,3 +267,51 @@ def health(check_es=True):
         rcfg.health.heartbeat_s,
         rcfg.health.overdue_factor,
     )
+
+
+def alerts(site=None, recent=20):
+    """
+    Alerts raised by the relay engine's rules: firing and pending ones by site (how long,
+    which value), the most recent transitions, and the active silences.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run tributary.alerts
+        salt-run tributary.alerts site=brisbane recent=50
+    """
+    if not relay_status.engine_config(__opts__):
+        return {"result": False, "error": "no tributary_relay engine configured on this master"}
+    book = reaction_alerts.AlertBook(relay_status.resolved_config(__opts__).alerts_path)
+    try:
+        return reaction_views.alerts_view(book, int(time.time() * 1000), site, int(recent))
+    finally:
+        book.close()
+
+
+def silence(rule="*", gateway="*", duration="1h", comment=""):
+    """
+    Silence alerts for a time: their transitions are still recorded and indexed, but no Salt
+    event is fired (the reactor does not act). ``rule`` and ``gateway`` are globs;
+    ``duration`` is like ``30m``, ``4h`` or ``2d``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run tributary.silence rule=boiler-hot gateway='gw-brisbane-*' duration=4h
+    """
+    if not relay_status.engine_config(__opts__):
+        return {"result": False, "error": "no tributary_relay engine configured on this master"}
+    try:
+        span = analysis_views.span_ms(duration)
+    except ValueError as exc:
+        return {"result": False, "error": str(exc).replace("since:", "duration:")}
+    now = int(time.time() * 1000)
+    book = reaction_alerts.AlertBook(relay_status.resolved_config(__opts__).alerts_path)
+    try:
+        sid = book.silence(str(rule), str(gateway), now + span, str(comment))
+        return {"result": True, "id": sid, "rule": rule, "gateway": gateway, "until_ms": now + span}
+    finally:
+        book.close()

@@ -74,6 +74,14 @@ def relay_engine_config(es_node, **extra) -> dict:
         "trusted_syndics": ["syndic-1"],
         "anomalies": {"persist_s": 2},  # models saved soon after they learn (tests read them)
         "health": {"check_s": 1, "min_silent_s": 4},  # findings within seconds
+        "rules": [
+            {
+                "name": "probe-hot",
+                "match": {"sensor": "alert-probe", "metric": "temperature"},
+                "when": {"above": 80, "clear_below": 75},
+                "severity": "critical",
+            }
+        ],
     }
     cfg.update(extra)
     return cfg

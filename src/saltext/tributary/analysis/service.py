@@ -67,8 +67,13 @@ class AnomalyService:
         persist_s: float = 60.0,
         health: HealthMonitor | None = None,
         findings_index: Callable[[int], str] | None = None,
+        on_anomaly: Callable[[dict[str, Any]], None] | None = None,
+        on_finding: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.health = health
+        #: called with each anomaly / health transition (the engine feeds the alert rules)
+        self.on_anomaly = on_anomaly
+        self.on_finding = on_finding
         self.findings_index = findings_index or sinks.index
         self.detector = Detector(
             config, max_series=max_series, loader=store.get if store is not None else None
@@ -122,6 +127,8 @@ class AnomalyService:
 
     def _emit(self, docs: list[dict[str, Any]]) -> None:
         for doc in docs:
+            if self.on_anomaly is not None:
+                self.on_anomaly(doc)
             if self.sinks.fire is not None:
                 try:
                     self.sinks.fire(doc, event_tag(doc["gateway"], doc["sensor"], doc["metric"]))
@@ -168,6 +175,8 @@ class AnomalyService:
         h.last_check = time.monotonic()
         docs = h.check(self.detector.models.items(), self.sites, int(time.time() * 1000))
         for doc in docs:
+            if self.on_finding is not None:
+                self.on_finding(doc)
             if self.sinks.fire is not None:
                 try:
                     self.sinks.fire(doc, health_tag(doc))

@@ -119,6 +119,9 @@ class RelayConfig:
     gaps: GapsConfig = option(GapsConfig)
     anomalies: AnomaliesConfig = option(AnomaliesConfig)
     health: HealthConfig = option(HealthConfig)
+    #: checked by :func:`saltext.tributary.reaction.rules.parse_rules` (the engine's validate)
+    rules: list[dict[str, Any]] | None = option(None, doc="alert rules (README: Alerts)")
+    alerts_path: str | None = option(None, doc="default: <cachedir>/tributary/alerts.db")
     #: intake de-duplication window (events); not an option
     dedup_window: int = field(default=20_000, init=False)
 
@@ -131,6 +134,7 @@ class RelayConfig:
         state = self.anomalies.state_path or os.path.join(cachedir, "tributary", "analysis.db")
         return replace(
             self,
+            alerts_path=self.alerts_path or os.path.join(cachedir, "tributary", "alerts.db"),
             spool_path=self.spool_path or os.path.join(cachedir, "tributary", "relay.db"),
             pki_dir=self.pki_dir or pki_dir or "/etc/salt/pki/master",
             anomalies=replace(self.anomalies, state_path=state),

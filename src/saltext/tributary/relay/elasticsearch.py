@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-KINDS = ("readings", "health", "deadletter", "metrics", "anomalies", "findings")
+KINDS = ("readings", "health", "deadletter", "metrics", "anomalies", "findings", "alerts")
 
 
 def validate_es_config(cfg: Any) -> list[str]:
@@ -149,11 +149,27 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "raised_at": _DATE,
         "duration_s": {"type": "double"},
     },
+    "alerts": {
+        "@timestamp": _DATE,
+        "rule": _KW,
+        "state": _KW,
+        "kind": _KW,
+        "severity": _KW,
+        "site": _KW,
+        "gateway": _KW,
+        "sensor": _KW,
+        "metric": _KW,
+        "value": {"type": "double"},
+        "since": _DATE,
+        "duration_s": {"type": "double"},
+        "renotify": {"type": "boolean"},
+        "silenced": {"type": "boolean"},
+    },
 }
 
 
 #: Kinds written as data streams when ``indices: data_stream`` (append-only, time-stamped).
-DATA_STREAM_KINDS = ("readings", "health", "metrics", "anomalies", "findings")
+DATA_STREAM_KINDS = ("readings", "health", "metrics", "anomalies", "findings", "alerts")
 
 
 def install_templates(
