@@ -141,3 +141,22 @@ def reset_counters():
         salt-call tributary.reset_counters
     """
     return gw_ops.reset_counters(__opts__, __pillar__)
+
+
+def command(device, command, payload=None, timeout=None):
+    """
+    Send a command to a device this gateway serves, through the site broker, and wait for its
+    answer: publishes ``{"id", "command", "payload", "reply_to"}`` (QoS 1) on the configured
+    topic (``tributary:commands:topic``, default ``cmd/{device}/{command}``) and waits, at most
+    ``timeout`` seconds (``tributary:commands:timeout_s``), for the device's answer with the
+    same id on the response topic. ``outcome``: ``acked``, ``refused`` (the device said no,
+    its answer is returned) or ``timeout``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call tributary.command boiler-1 setpoint 70
+        salt -G 'tributary:devices:boiler-1' tributary.command boiler-1 setpoint 70 timeout=5
+    """
+    return gw_ops.command(__opts__, __pillar__, str(device), str(command), payload, timeout)

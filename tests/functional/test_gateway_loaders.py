@@ -258,7 +258,7 @@ def test_execution_module(loaders, env):
     reset = mods.tributary.reset_counters()
     assert reset["previous"]["spooled"] == st["counters"]["spooled"]
     assert mods.tributary.status()["counters"] == {}
-    for fn in ("read", "status", "replay", "tail", "trim", "reset_counters"):
+    for fn in ("read", "status", "replay", "tail", "trim", "reset_counters", "command"):
         doc = getattr(mods.tributary, fn).__doc__ if hasattr(mods.tributary, fn) else None
         doc = doc or mods[f"tributary.{fn}"].__doc__
         assert "CLI Example" in doc and "salt" in doc, fn
@@ -273,6 +273,9 @@ def test_tributary_grain_targets_sensors(loaders):
     # what `salt -G 'tributary:sensors:temperature'` evaluates on the minion
     assert salt.utils.data.subdict_match(grains, "tributary:sensors:temperature")
     assert not salt.utils.data.subdict_match(grains, "tributary:sensors:radiation")
+    # devices: what `salt -G 'tributary:devices:<device>' tributary.command ...` targets
+    assert "28-000005e2fdc3" in tg["devices"]
+    assert salt.utils.data.subdict_match(grains, "tributary:devices:28-000005e2fdc3")
 
 
 @pytest.fixture

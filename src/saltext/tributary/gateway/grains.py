@@ -39,7 +39,10 @@ def grains(opts: Mapping[str, Any]) -> dict[str, Any]:
 
     ``sensors`` lists metric kinds (``temperature``, ``humidity``, ...), so
     ``salt -G 'tributary:sensors:temperature'`` targets gateways with a temperature sensor;
-    ``sensor_ids`` lists ``<sensor>/<metric>`` keys.
+    ``sensor_ids`` lists ``<sensor>/<metric>`` keys; ``devices`` the sensors and the devices
+    it sends commands to (``tributary:commands:devices`` in the minion config), so
+    ``salt -G 'tributary:devices:boiler-1' tributary.command boiler-1 setpoint 70`` reaches the
+    gateway that serves boiler-1.
     """
     static = opts.get("grains") or {}
     configs = find_beacon_configs(opts, {})
@@ -69,7 +72,13 @@ def grains(opts: Mapping[str, Any]) -> dict[str, Any]:
         except Exception as exc:  # grains must never fail the minion
             log.warning("tributary grains: %s: %s", cfg.get("_beacon_name"), exc)
     metrics.update(k.rsplit("/", 1)[1] for k in keys)
+    # devices: the sensors it reads and the devices it sends commands to
+    commands = (opts.get("tributary") or {}).get("commands") or {}
+    devices = {k.rsplit("/", 1)[0] for k in keys}
+    if isinstance(commands, dict) and isinstance(commands.get("devices"), list):
+        devices.update(str(d) for d in commands["devices"])
     return {
+        "devices": sorted(devices),
         "site": site,
         "role": static.get("role") or ("gateway" if configs else None),
         "hardware": hardware_model(),

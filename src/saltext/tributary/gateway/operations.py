@@ -209,3 +209,32 @@ def reset_counters(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> dict[s
         return {"reset": True, "previous": spool.reset_counters()}
     finally:
         spool.close()
+
+
+def command(
+    opts: Mapping[str, Any],
+    pillar: Mapping[str, Any],
+    device: str,
+    name: str,
+    payload: Any = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """``tributary.command``: send ``name`` to ``device`` through the site broker."""
+    from saltext.tributary.gateway.commands import parse_commands, send_command
+    from saltext.tributary.gateway.sources.mqtt import parse_broker
+
+    raw = (pillar.get("tributary") or {}).get("commands")
+    if raw is None:
+        raw = (opts.get("tributary") or {}).get("commands")
+    cfg, errors = parse_commands(raw)
+    if cfg is None:
+        return {"result": False, "error": "; ".join(errors)}
+    if cfg.devices is not None and device not in cfg.devices:
+        return {"result": False, "error": f"{device!r} is not a device this gateway serves"}
+    mqtt = [
+        c for c in find_beacon_configs(opts, pillar).values() if c["_module"] == "tributary_mqtt"
+    ]
+    broker, errors = parse_broker((mqtt[0].get("broker") if mqtt else None) or {})
+    if broker is None:
+        return {"result": False, "error": "; ".join(errors)}
+    return send_command(broker, cfg, device, name, payload, timeout)
