@@ -226,7 +226,9 @@ def test_test_mode_reports_and_changes_nothing(states_minion, pillar, upstream, 
     ret = apply(states_minion, "mosquitto", test=True)
     res = state_results(ret)
     assert res["tributary-mosquitto-config-file"]["result"] is None
-    assert "alerts/#" in str(res["tributary-mosquitto-config-file"]["changes"])
+    # the file would change; its diff is not shown (mosquitto.conf holds bridge passwords)
+    changes = str(res["tributary-mosquitto-config-file"]["changes"])
+    assert changes not in ("", "{}") and "alerts/#" not in changes
     assert all(v["result"] in (True, None) for v in res.values())
     assert digest(CONF) == before
     assert broker_pid() == pid
