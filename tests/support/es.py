@@ -196,8 +196,8 @@ class Elasticsearch:
         import json
 
         self.refresh(index)
-        code, body = self.request(
-            "POST",
+        code, body = self._read(
+            index,
             f"/{index}/_count?ignore_unavailable=true&allow_no_indices=true",
             json.dumps({"query": query or {"match_all": {}}}).encode(),
         )
@@ -209,14 +209,34 @@ class Elasticsearch:
         import json
 
         self.refresh(index)
-        code, out = self.request(
-            "POST",
+        code, out = self._read(
+            index,
             f"/{index}/_search?ignore_unavailable=true&allow_no_indices=true",
             json.dumps(body).encode(),
         )
         if code != 200:
             raise RuntimeError(f"search failed: {code} {out[:300]!r}")
         return json.loads(out)
+
+    def _read(self, index: str, path: str, body: bytes, timeout: float = 30.0) -> tuple[int, bytes]:
+        """POST a read; while a just-created index's shards are still starting, wait for them.
+
+        Elasticsearch answers 503 ``no_shard_available_action_exception`` to a search
+        that reaches an index whose primary is not yet allocated (created by the
+        relay a moment ago, or recovering after a restart). That is not an answer
+        about the data, so wait for the index to be at least yellow and ask again,
+        within a deadline.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            code, out = self.request("POST", path, body)
+            if code != 503 or time.monotonic() >= deadline:
+                return code, out
+            self.request(
+                "GET",
+                f"/_cluster/health/{index}?wait_for_status=yellow&timeout=5s&expand_wildcards=all",
+            )
+            time.sleep(0.2)  # poll interval: the health answer may come back at once
 
 
 def _demote():
