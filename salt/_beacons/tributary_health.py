@@ -27,6 +27,8 @@ With every option::
         - disk_path: /var/cache/salt
         - sensor: health
         - spool_metrics: true
+        - grains: [role, 'tributary:devices']   # carried in the signed heartbeat, for
+                                                # alert rules matching on grains (at most 16)
         - spool:
             path: /var/cache/salt/minion/tributary/spool.db
             max_bytes: 536870912

@@ -270,6 +270,11 @@ def run_health_beacon(
     site = site_of(cfg, grains)
     if site:
         heartbeat["site"] = str(site)
+    if cfg.get("grains"):  # what alert rules on the top master may match on (bounded)
+        picked, skipped = health_mod.pick_grains(grains, list(cfg["grains"]))
+        heartbeat["grains"] = picked
+        for why in skipped:
+            log.warning("tributary_health: grain left out of the heartbeat: %s", why)
     # Origin authentication: the heartbeat feeds the top master's ledger (lost-tail detection),
     # so it is signed like a batch, with this minion's own key, last of all.
     from saltext.tributary.protocol import signing

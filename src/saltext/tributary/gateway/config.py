@@ -156,7 +156,23 @@ def _health_checks(cfg: dict[str, Any]) -> list[str]:
             errors.append(f"{key}: must be a non-empty string")
     if "spool_metrics" in cfg and not isinstance(cfg["spool_metrics"], bool):
         errors.append("spool_metrics: must be true or false")
+    if "grains" in cfg:
+        errors += _grain_paths_errors(cfg["grains"])
     return errors
+
+
+def _grain_paths_errors(paths: Any) -> list[str]:
+    """``grains``: the grain paths the heartbeat carries for the top master's alert rules."""
+    from saltext.tributary.gateway.sources.health import GRAINS_MAX_PATHS
+
+    if not isinstance(paths, list) or len(paths) > GRAINS_MAX_PATHS:
+        return [f"grains: must be a list of at most {GRAINS_MAX_PATHS} grain paths"]
+    return [
+        f"grains[{i}]: a grain path such as role or tributary:devices, got {p!r}"
+        for i, p in enumerate(paths)
+        if not isinstance(p, str)
+        or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}(:[A-Za-z0-9_.-]{1,64}){0,7}", p)
+    ]
 
 
 def _mqtt_checks(cfg: dict[str, Any]) -> list[str]:
@@ -180,7 +196,7 @@ def validate_health(config: Any) -> tuple[bool, str]:
         "tributary_health",
         config,
         _health_checks,
-        frozenset({"root", "disk_path", "sensor", "spool_metrics"}),
+        frozenset({"root", "disk_path", "sensor", "spool_metrics", "grains"}),
     )
 
 

@@ -1,7 +1,11 @@
 """Alerts at work on the top master: rules evaluated on confirmed readings (the relay's tap),
 on the detector's anomalies and on health findings; every transition indexed in
 ``<prefix>-alerts-*`` and, unless silenced, fired as ``tributary/alert/<rule>/<state>`` on the
-top master's bus, where Salt's reactor acts on it (``salt/reactor/``)."""
+top master's bus, where Salt's reactor acts on it (``salt/reactor/``).
+
+Rules on grains: ``facts()`` returns each gateway's last verified heartbeat (the relay keeps
+them, signed by the gateway's own key, also through syndics); its ``grains`` are given to the
+engine every ``grains_s`` seconds."""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from saltext.tributary.reaction.alerts import AlertBook, RuleEngine, event_tag
-from saltext.tributary.reaction.rules import Rule
+from saltext.tributary.reaction.rules import Rule, uses_grains
+from saltext.tributary.util import clock
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +35,13 @@ class AlertService:
         index: Callable[[int], str],
         count: Callable[[str, int], None],
         tick_s: float = 1.0,
+        facts: Callable[[], Mapping[str, Any]] | None = None,
+        grains_s: float = 5.0,
     ) -> None:
         self.engine = RuleEngine(rules, book)
+        self.facts = facts if uses_grains(rules) else None
+        self.grains_s = grains_s
+        self._grains_at = 0.0
         self.bulk = bulk
         self.fire = fire
         self.index = index
@@ -41,7 +51,8 @@ class AlertService:
         self._pending: deque[str] = deque()
 
     def readings(self, readings: Sequence[tuple]) -> None:
-        self._out(self.engine.readings(readings, int(time.time() * 1000)))
+        self.refresh_grains()
+        self._out(self.engine.readings(readings, clock.now_ms()))
         self.tick()
 
     def anomaly(self, doc: Mapping[str, Any]) -> None:
@@ -50,11 +61,25 @@ class AlertService:
     def finding(self, doc: Mapping[str, Any]) -> None:
         self._out(self.engine.finding(doc))
 
+    def refresh_grains(self, force: bool = False) -> None:
+        """Each gateway's heartbeat grains to the engine (every ``grains_s``)."""
+        if self.facts is None or (not force and time.monotonic() - self._grains_at < self.grains_s):
+            return
+        self._grains_at = time.monotonic()
+        try:
+            facts = self.facts()
+        except Exception as exc:  # the relay spool may be busy: the next refresh tries again
+            log.warning("tributary alerts: gateway grains not read: %s", exc)
+            return
+        grains = {gw: f.get("grains") for gw, f in facts.items() if isinstance(f, Mapping)}
+        if self.engine.set_grains(grains):
+            self.count("alerts_grains_refreshed", 1)
+
     def tick(self) -> None:
         if time.monotonic() - self._last_tick < self.tick_s:
             return
         self._last_tick = time.monotonic()
-        self._out(self.engine.tick(int(time.time() * 1000)))
+        self._out(self.engine.tick(clock.now_ms()))
         if self._pending:
             self._flush()
 

@@ -119,6 +119,12 @@ def parse(cls: type[T], data: Any, path: str = "") -> tuple[T | None, list[str]]
             continue
         key = f"{path}.{name}" if path else name
         kind = hints[name]
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):  # ``Block | None``
+            if data[name] is None:
+                kwargs[name] = None
+                continue
+            kind = inner[0]
         if dataclasses.is_dataclass(kind):
             sub, errs = parse(kind, data[name], key)  # type: ignore[arg-type]
             errors += errs

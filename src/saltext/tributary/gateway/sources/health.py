@@ -17,7 +17,9 @@ replayable like any other, then returns one event tagged ``health`` whose data i
 this run's batches were built, so it covers them too; ``numbered_seq`` is the last one it has
 numbered. Readings numbered but held back (by the bandwidth budget, say) are a backlog, not a
 gap: the top master only looks for what was emitted and never arrived. The
-beacon then adds ``site`` (when configured) and, last of all, ``sig``: the heartbeat is signed
+beacon then adds ``site`` (when configured), ``grains`` (the grain paths its ``grains`` option
+lists, see :func:`pick_grains`: what alert rules on the top master may match on) and, last of
+all, ``sig``: the heartbeat is signed
 with the gateway's own minion key exactly like a batch
 (:func:`~saltext.tributary.protocol.signing.sign_event`), and the relay dead-letters a heartbeat
 whose signature does not verify against the gateway's accepted key, so no gateway can speak for
@@ -145,6 +147,64 @@ def readings(metrics: Mapping[str, Any], now_ms: int, sensor: str = "health") ->
         except RejectedReading:
             continue
     return out
+
+
+#: Bounds of the grains a heartbeat carries (the top master checks them again).
+GRAINS_MAX_PATHS = 16
+GRAINS_LIST_MAX = 256
+GRAINS_STR_MAX = 1024
+GRAINS_MAX_BYTES = 4096
+
+
+def _grain(grains: Mapping[str, Any], path: str) -> Any:
+    """The value at a ``:``-separated grain path (``tributary:devices``), or KeyError."""
+    val: Any = grains
+    for part in path.split(":"):
+        if not isinstance(val, Mapping) or part not in val:
+            raise KeyError(path)
+        val = val[part]
+    return val
+
+
+def _scalar(v: Any) -> bool:
+    return (
+        v is None
+        or isinstance(v, (bool, int, float))
+        or (isinstance(v, str) and len(v) <= GRAINS_STR_MAX)
+    )
+
+
+def pick_grains(grains: Mapping[str, Any], paths: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The configured grain paths for the heartbeat, and what was left out and why.
+
+    A value must be a scalar or a list of scalars (at most ``GRAINS_LIST_MAX``, strings of at
+    most ``GRAINS_STR_MAX`` characters); a mapping is left out (name the leaf path instead).
+    The whole stays under ``GRAINS_MAX_BYTES`` of JSON: paths past it are left out."""
+    import json
+
+    out: dict[str, Any] = {}
+    skipped: list[str] = []
+    size = 2
+    for path in paths[:GRAINS_MAX_PATHS]:
+        try:
+            val = _grain(grains, path)
+        except KeyError:
+            continue  # not set on this gateway: rules on it do not match
+        if isinstance(val, (list, tuple)):
+            val = list(val)
+            if len(val) > GRAINS_LIST_MAX or not all(_scalar(v) for v in val):
+                skipped.append(f"{path}: a list of more than {GRAINS_LIST_MAX} scalars")
+                continue
+        elif not _scalar(val):
+            skipped.append(f"{path}: not a scalar or a list of scalars")
+            continue
+        add = len(json.dumps({path: val}, default=str))
+        if size + add > GRAINS_MAX_BYTES:
+            skipped.append(f"{path}: past {GRAINS_MAX_BYTES} bytes of grains")
+            continue
+        size += add
+        out[path] = val
+    return out, skipped
 
 
 def event(epoch: str, last_seq: int, metrics: Mapping[str, Any], now_ms: int) -> dict[str, Any]:
