@@ -225,6 +225,7 @@ def _subscribers(relay, client, rcfg):
             bus.fire_event,
             index("alerts"),
             relay.count,
+            facts=_facts(rcfg.spool_path),  # gateway grains from their verified heartbeats
         )
     service = None
     cfg = rcfg.anomalies

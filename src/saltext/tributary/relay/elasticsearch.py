@@ -102,6 +102,8 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "last_seq": {"type": "long"},
         "epoch": _KW,
         "location": {"type": "geo_point"},
+        # grain paths chosen per fleet: kept, not mapped (one gateway's types cannot conflict)
+        "grains": {"type": "object", "enabled": False},
     },
     "deadletter": {
         "@timestamp": _DATE,
