@@ -26,6 +26,8 @@ ls /usr/lib/jvm/*/bin/java >/dev/null 2>&1 || need_pkgs+=(openjdk-17-jdk-headles
 # Salt-state tests (tests/integration/states): Docker engine for container-mode Mosquitto
 # (the image is built FROM scratch from the mosquitto package's binary: no registry).
 command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || need_pkgs+=(docker.io)
+# Fleet report tests: the page is loaded and screenshotted in a real headless Chromium.
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing Debian packages: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -48,9 +50,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # with these overrides; pip has no equivalent.
     "$VENV/bin/pip" install -q uv
     "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --override "$overrides" \
-      "salt==$SALT_VERSION" -e "$here[gateway,master,test]"
+      "salt==$SALT_VERSION" -e "$here[gateway,master,report,test]"
   else
-    "$VENV/bin/pip" install -q "salt==$SALT_VERSION" -e "$here[gateway,master,test]"
+    "$VENV/bin/pip" install -q "salt==$SALT_VERSION" -e "$here[gateway,master,report,test]"
   fi
   echo "$want" > "$stamp"
 fi

@@ -8,10 +8,12 @@ disk, so it works while the engine runs.
 """
 
 import logging
+import os
 import time
 
 try:
     import saltext.tributary as tributary_pkg
+    import saltext.tributary.report as report_lib
     from saltext.tributary.analysis import detector as analysis_detector
     from saltext.tributary.analysis import health as analysis_health
     from saltext.tributary.analysis import store as analysis_store
@@ -21,6 +23,9 @@ try:
     from saltext.tributary.relay import elasticsearch as es_lib
     from saltext.tributary.relay import repair as repair_lib
     from saltext.tributary.relay import status as relay_status
+    from saltext.tributary.report import model as report_model
+    from saltext.tributary.report import queries as report_queries
+    from saltext.tributary.report import render as report_render
 
     HAS_LIBS = True
     MISSING = ""
@@ -315,3 +320,71 @@ def silence(rule="*", gateway="*", duration="1h", comment=""):
         return {"result": True, "id": sid, "rule": rule, "gateway": gateway, "until_ms": now + span}
     finally:
         book.close()
+
+
+def report(site=None, since="24h", out=None):
+    """
+    Write the fleet report: one self-contained HTML file (opens offline: styles and charts
+    inline, no script, no external URL) and beside it a PNG per chart, for mail and chat.
+    Fleet overview (sites x gateways: last seen, health state, spool backlog, lag, gaps;
+    pipeline totals), per site every sensor series as a min/mean/max band against its
+    siblings with anomalies (and the detector's expected band) and alerts marked, health
+    findings over time by layer, and the pipeline (readings in and indexed, lag, dead
+    letters, replays, gaps, commands). Built from Elasticsearch aggregations only.
+    ``site`` takes a glob; ``since`` is like ``24h`` or ``7d``; ``out`` defaults to
+    ``<cachedir>/tributary/report/report.html``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run tributary.report
+        salt-run tributary.report site=brisbane since=7d out=/srv/www/fleet/report.html
+    """
+    es_cfg = relay_status.engine_config(__opts__).get("elasticsearch")
+    if not es_cfg:
+        return {"result": False, "error": "no tributary_relay engine configured on this master"}
+    if not report_render.HAS_MATPLOTLIB:
+        return {"result": False, "error": report_render.MISSING}
+    rcfg = relay_status.resolved_config(__opts__)
+    out = out or os.path.join(__opts__["cachedir"], "tributary", "report", "report.html")
+    st = relay_status.status_from_opts(__opts__, check_es=False)
+    book = analysis_health.FindingBook(rcfg.anomalies.state_path)
+    try:
+        findings = book.open()
+    finally:
+        book.close()
+    local = {
+        "gateways": st.get("gateways") or {},
+        "fleet": st.get("fleet") or {},
+        "findings": findings,
+        "heartbeat_s": rcfg.health.heartbeat_s,
+        "overdue_factor": rcfg.health.overdue_factor,
+    }
+    started = time.monotonic()
+    try:
+        rep = report_lib.build(
+            report_queries.client_search(es_lib.make_client(es_cfg)),
+            rcfg.index_prefix,
+            int(time.time() * 1000),
+            since,
+            str(site) if site else None,
+            local,
+        )
+    except ValueError as exc:
+        return {"result": False, "error": str(exc)}
+    except Exception as exc:  # pylint: disable=broad-except
+        return {"result": False, "error": relay_status.describe_error(exc)}
+    query_s = round(time.monotonic() - started, 2)
+    try:
+        written = report_lib.write(rep, str(out))
+    except OSError as exc:
+        return {"result": False, "error": f"out: cannot write {out}: {exc}"}
+    return {
+        "result": True,
+        **written,
+        "query_s": query_s,
+        "series": sum(len(c.series) for c in rep.sites),
+        "sites": sorted({c.site for c in rep.sites}),
+        "interval": report_model.interval_text(rep.window.interval_ms),
+    }

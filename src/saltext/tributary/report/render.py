@@ -1,0 +1,289 @@
+"""Charts of the fleet report, drawn with matplotlib from the model (no pyplot, no global
+backend: a :class:`~matplotlib.figure.Figure` per chart, rendered to SVG for the page and PNG
+for mail and chat)."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from saltext.tributary.report.model import FindingsChart, Pipeline, Series, SiteChart, Window
+
+try:
+    import matplotlib
+    import numpy as np
+    from matplotlib import dates as mdates
+    from matplotlib.figure import Figure
+
+    HAS_MATPLOTLIB = True
+    MISSING = ""
+except ImportError as _exc:  # the report extra is not installed
+    HAS_MATPLOTLIB = False
+    MISSING = (
+        f"the fleet report needs matplotlib ({_exc}): install the package's report extra, "
+        "e.g. pip install 'saltext.tributary[report]'"
+    )
+
+#: Series drawn per figure of a site chart (more make a second figure of the same chart).
+PER_FIGURE = 24
+COLUMNS = 3
+PALETTE = (
+    "#1f77b4",
+    "#2ca02c",
+    "#9467bd",
+    "#8c564b",
+    "#17becf",
+    "#bcbd22",
+    "#e377c2",
+    "#7f7f7f",
+)
+LAYER_COLOURS = {"device": "#ff7f0e", "population": "#9467bd", "application": "#d62728"}
+ALERT_COLOURS = {"firing": "#d62728", "pending": "#ff7f0e", "resolved": "#2ca02c"}
+OUTCOME_COLOURS = {
+    "acked": "#2ca02c",
+    "refused": "#d62728",
+    "timeout": "#ff7f0e",
+    "unreachable": "#7f7f7f",
+    "invalid": "#8c564b",
+}
+RC: dict[Any, Any] = {
+    "svg.fonttype": "none",  # text stays text: no glyph outlines, no font file
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "path.simplify": True,
+}
+
+
+def require() -> None:
+    if not HAS_MATPLOTLIB:
+        raise RuntimeError(MISSING)
+
+
+@dataclass
+class Chart:
+    """One rendered chart: its file name stem, title, SVG text and PNG bytes."""
+
+    name: str
+    title: str
+    svg: str
+    png: bytes
+
+
+def _t(ms: list[int]) -> Any:
+    return np.array(ms, dtype="datetime64[ms]")
+
+
+def _time_axis(ax: Any, window: Window) -> None:
+    loc = mdates.AutoDateLocator(minticks=3, maxticks=7)
+    ax.xaxis.set_major_locator(loc)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(loc))
+    ax.set_xlim(_t([window.start_ms])[0], _t([window.end_ms])[0])
+    ax.grid(True, color="#e5e5e5", linewidth=0.5)
+
+
+_D_ATTR = re.compile(r'(\sd=")([^"]*)(")')
+_LONG = re.compile(r"(-?\d+\.\d)\d+")
+
+
+def shrink_svg(svg: str) -> str:
+    """Drop matplotlib's XML prolog and keep one decimal in path data (1/10 pt)."""
+    start = svg.find("<svg")
+    svg = svg[start:] if start >= 0 else svg
+    return _D_ATTR.sub(lambda m: m.group(1) + _LONG.sub(r"\1", m.group(2)) + m.group(3), svg)
+
+
+def _render(fig: Any, name: str, title: str, png_dpi: int) -> Chart:
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.hashsalt": name}):
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=png_dpi)
+    return Chart(name, title, shrink_svg(buf.getvalue()), png.getvalue())
+
+
+def pipeline_chart(p: Pipeline, window: Window, png_dpi: int = 80) -> Chart:
+    keys = [pt.t for pt in p.points]
+    x = _t(keys)
+    rows = 4 if p.commands else 3
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(10, 1.9 * rows), layout="constrained")
+        axes = fig.subplots(rows, 1, sharex=True)
+        a = axes[0]
+        a.step(x, [pt.readings_in for pt in p.points], where="post", color="#1f77b4", label="in")
+        a.step(
+            x,
+            [pt.indexed for pt in p.points],
+            where="post",
+            color="#ff7f0e",
+            label="indexed",
+            linestyle="--",
+        )
+        a.set_title("Readings per interval: measured (in) and indexed", loc="left")
+        a.legend(loc="lower right", bbox_to_anchor=(1, 1), frameon=False, ncols=2)
+        a = axes[1]
+        lag = [math.nan if pt.lag_s is None else pt.lag_s for pt in p.points]
+        a.plot(x, lag, color="#9467bd", marker=".", markersize=3)
+        a.set_title("Mean lag gateway -> indexed (s)", loc="left")
+        a = axes[2]
+        width = window.interval_ms / 86_400_000 / 3
+        xn = mdates.date2num(x)
+        a.bar(
+            xn - width,
+            [pt.dead_letters for pt in p.points],
+            width,
+            color="#d62728",
+            label="dead letters",
+        )
+        a.bar(xn, [pt.replays for pt in p.points], width, color="#17becf", label="replays")
+        a.bar(
+            xn + width,
+            [pt.gaps_given_up for pt in p.points],
+            width,
+            color="#7f7f7f",
+            label="gaps given up",
+        )
+        if p.metrics_present:
+            og, last = [], math.nan  # a gauge: it holds until the next self-metrics document
+            for pt in p.points:
+                last = last if pt.open_gaps is None else pt.open_gaps
+                og.append(last)
+            a.step(x, og, where="post", color="#000000", linewidth=1, label="open gaps")
+        a.set_title("Dead letters, replay requests, gaps", loc="left")
+        a.legend(loc="lower right", bbox_to_anchor=(1, 1), frameon=False, ncols=4)
+        if p.commands:
+            a = axes[3]
+            bottom = np.zeros(len(keys))
+            for i, (outcome, counts) in enumerate(sorted(p.commands.items())):
+                colour = OUTCOME_COLOURS.get(outcome, PALETTE[i % len(PALETTE)])
+                a.bar(xn, counts, width * 2.5, bottom=bottom, color=colour, label=outcome)
+                bottom += np.array(counts)
+            a.set_title("Commands sent, by outcome", loc="left")
+            a.legend(loc="lower right", bbox_to_anchor=(1, 1), frameon=False, ncols=5)
+        for a in axes:
+            _time_axis(a, window)
+        return _render(fig, "pipeline", "Pipeline", png_dpi)
+
+
+def findings_chart(f: FindingsChart, window: Window, png_dpi: int = 80) -> Chart:
+    x = mdates.date2num(_t(f.keys))
+    width = window.interval_ms / 86_400_000 * 0.8
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(10, 2.2), layout="constrained")
+        a = fig.subplots()
+        bottom = np.zeros(len(f.keys))
+        for layer, counts in f.layers.items():
+            a.bar(
+                x,
+                counts,
+                width,
+                bottom=bottom,
+                align="edge",
+                label=layer,
+                color=LAYER_COLOURS.get(layer, "#7f7f7f"),
+            )
+            bottom += np.array(counts)
+        a.set_title("Health findings raised per interval, by layer", loc="left")
+        a.legend(loc="lower right", bbox_to_anchor=(1, 1), frameon=False, ncols=3)
+        _time_axis(a, window)
+        return _render(fig, "findings", "Health findings", png_dpi)
+
+
+def _series_axes(a: Any, s: Series, chart: SiteChart, colour: str, window: Window) -> None:
+    if chart.siblings and len(chart.series) > 1:
+        sx = _t([b.t for b in chart.siblings])
+        a.fill_between(
+            sx,
+            [b.min for b in chart.siblings],
+            [b.max for b in chart.siblings],
+            step="post",
+            color="#d9d9d9",
+            linewidth=0,
+            label="siblings",
+        )
+    x = _t([b.t for b in s.buckets])
+    a.fill_between(
+        x,
+        [b.min for b in s.buckets],
+        [b.max for b in s.buckets],
+        step="post",
+        color=colour,
+        alpha=0.35,
+        linewidth=0,
+        label="min-max",
+    )
+    a.step(x, [b.avg for b in s.buckets], where="post", color=colour, linewidth=1, label="mean")
+    if s.anomalies:
+        ax_ = _t([m.t for m in s.anomalies])
+        exp = np.array([m.expected for m in s.anomalies])
+        lo = np.array([m.band_lo for m in s.anomalies])
+        hi = np.array([m.band_hi for m in s.anomalies])
+        a.errorbar(
+            ax_,
+            exp,
+            yerr=[exp - lo, hi - exp],
+            fmt="_",
+            color="#ff7f0e",
+            capsize=2,
+            linewidth=1,
+            label="expected band",
+        )
+        a.scatter(
+            ax_,
+            [m.value for m in s.anomalies],
+            marker="x",
+            s=18,
+            color="#d62728",
+            zorder=5,
+            label="anomaly",
+        )
+    for m in s.alerts:
+        a.axvline(
+            _t([m.t])[0], color=ALERT_COLOURS.get(m.state, "#7f7f7f"), linewidth=0.8, linestyle="--"
+        )
+    extra = []
+    if s.anomalies:
+        extra.append(f"{sum(m.count for m in s.anomalies)} anomalies")
+    if s.alerts:
+        firing = sum(m.count for m in s.alerts if m.state == "firing")
+        extra.append(f"{firing} alerts firing")
+    a.set_title(s.label + (f"  ({', '.join(extra)})" if extra else ""), loc="left")
+    _time_axis(a, window)
+
+
+def site_charts(chart: SiteChart, window: Window, png_dpi: int = 80) -> Iterator[Chart]:
+    """One figure per :data:`PER_FIGURE` series of a site chart."""
+    parts = [chart.series[i : i + PER_FIGURE] for i in range(0, len(chart.series), PER_FIGURE)] or [
+        []
+    ]
+    for n, part in enumerate(parts, 1):
+        cols = min(COLUMNS, max(1, len(part)))
+        rows = max(1, math.ceil(len(part) / cols))
+        with matplotlib.rc_context(RC):
+            fig = Figure(figsize=(10, 0.6 + 1.7 * rows), layout="constrained")
+            axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, squeeze=False)).ravel()
+            for i, s in enumerate(part):
+                _series_axes(axes[i], s, chart, PALETTE[i % len(PALETTE)], window)
+            for a in axes[len(part) :]:
+                a.set_visible(False)
+            handles, labels = axes[0].get_legend_handles_labels()
+            for a in axes[1 : len(part)]:
+                for h, label in zip(*a.get_legend_handles_labels(), strict=True):
+                    if label not in labels:
+                        handles.append(h)
+                        labels.append(label)
+            if handles:
+                fig.legend(handles, labels, loc="outside upper right", ncols=6, frameon=False)
+            suffix = f" ({n}/{len(parts)})" if len(parts) > 1 else ""
+            fig.suptitle(f"{chart.site}: {chart.metric}{suffix}", x=0.01, ha="left", fontsize=9)
+            name = chart.name if len(parts) == 1 else f"{chart.name}-{n}"
+            yield _render(fig, _safe(name), f"{chart.site}: {chart.metric}{suffix}", png_dpi)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
