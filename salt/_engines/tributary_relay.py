@@ -96,13 +96,8 @@ try:
     import elasticsearch  # noqa: F401
 
     import saltext.tributary as tributary_pkg
-    from saltext.tributary.analysis import detector as analysis_detector
-    from saltext.tributary.analysis import health as analysis_health
-    from saltext.tributary.analysis import service as analysis_service
-    from saltext.tributary.analysis import store as analysis_store
-    from saltext.tributary.reaction import alerts as reaction_alerts
+    from saltext.tributary import consumers
     from saltext.tributary.reaction import rules as reaction_rules
-    from saltext.tributary.reaction import service as reaction_service
     from saltext.tributary.relay import config as relay_config
     from saltext.tributary.relay import elasticsearch as es_lib
     from saltext.tributary.relay import pipeline
@@ -164,7 +159,7 @@ def start(**config):
 
     relay = pipeline.Relay(client, rcfg, setup=setup)
     relay.name = __opts__.get("id") or "relay"
-    subscribers = _subscribers(relay, client, rcfg)
+    subscribers = _subscribers(relay, es_cfg, rcfg)
     # Fail loudly at start on a wrong password, CA or URL; events are still spooled meanwhile
     # and the shipper retries the set-up with backoff.
     try:
@@ -204,85 +199,16 @@ def start(**config):
             sub.close()
 
 
-def _subscribers(relay, client, rcfg):
-    """Wire the detector, the health layers and the alert rules to the relay's confirmed
-    readings (one tap, one thread); returns what to close at stop."""
-    bus = salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=False)
-
-    def index(kind):
-        return lambda ts: es_lib.index_name(rcfg.index_prefix, kind, ts, rcfg.daily)
-
-    def bulk(body):
-        return client.bulk(operations=body, refresh=False)
-
-    rules, _ = reaction_rules.parse_rules(rcfg.rules)
-    alerts = None
-    if rules:
-        alerts = reaction_service.AlertService(
-            rules,
-            reaction_alerts.AlertBook(rcfg.alerts_path),
-            bulk,
-            bus.fire_event,
-            index("alerts"),
-            relay.count,
-            facts=_facts(rcfg.spool_path),  # gateway grains from their verified heartbeats
-        )
-    service = None
-    cfg = rcfg.anomalies
-    if cfg.enabled:
-        health = None
-        if rcfg.health.enabled:
-            h = rcfg.health
-            fields = analysis_health.HealthConfig.__dataclass_fields__
-            health = analysis_health.HealthMonitor(
-                analysis_health.HealthConfig(**{k: getattr(h, k) for k in fields}),
-                _facts(rcfg.spool_path),
-                analysis_health.FindingBook(cfg.state_path),
-            )
-        service = analysis_service.AnomalyService(
-            analysis_detector.DetectorConfig(
-                threshold=cfg.threshold, learn_n=cfg.learn_n, quiet_n=cfg.quiet_n
-            ),
-            analysis_service.Sinks(
-                bulk=bulk, fire=bus.fire_event, index=index("anomalies"), count=relay.count
-            ),
-            analysis_store.ModelStore(cfg.state_path),
-            max_series=cfg.max_series,
-            persist_s=cfg.persist_s,
-            health=health,
-            findings_index=index("findings"),
-            on_anomaly=alerts.anomaly if alerts else None,
-            on_finding=alerts.finding if alerts else None,
-        )
-    if service is None and alerts is None:
+def _subscribers(relay, es_cfg, rcfg):
+    """Run the detector, the health layers and the alert rules on the relay's confirmed
+    readings, in a child process of their own (``saltext.tributary.consumers``); returns
+    what to close at stop."""
+    if not consumers.wanted(rcfg):
         return []
-
-    def handle(readings):
-        if service is not None:
-            service.handle(readings)
-        if alerts is not None:
-            alerts.readings(readings)
-
-    def idle():
-        if service is not None:
-            service.tick()
-        if alerts is not None:
-            alerts.tick()
-
-    relay.subscribe(handle, cfg.queue_batches, idle=idle)
-    return [x for x in (service, alerts) if x is not None]
-
-
-def _facts(spool_path):
-    """``facts()``: the last heartbeat of each gateway, read on the caller's thread."""
-    local = {}
-
-    def facts():
-        if "spool" not in local:
-            local["spool"] = relay_spool.RelaySpool(spool_path)
-        return relay_status.heartbeat_facts(local["spool"])
-
-    return facts
+    opts = {k: v for k, v in __opts__.items() if not callable(v)}
+    return [
+        relay.subscribe_process(consumers.build, (opts, es_cfg, rcfg), rcfg.anomalies.queue_batches)
+    ]
 
 
 def _serve(relay):

@@ -28,7 +28,7 @@ from saltext.tributary.relay.origin import OriginVerifier
 from saltext.tributary.relay.planner import Planner
 from saltext.tributary.relay.shipper import Shipper
 from saltext.tributary.relay.spool import RelaySpool, SpoolRow
-from saltext.tributary.relay.tap import Tap
+from saltext.tributary.relay.tap import Factory, ProcessTap, Tap
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,14 @@ class Relay:
         of its own behind a bounded queue (shed and counted when it falls behind); ``idle()``
         is called on that thread when nothing arrived for a second."""
         self.shipper.tap = Tap(handler, self.counters, max_batches, idle=idle)
+        return self.shipper.tap
+
+    def subscribe_process(
+        self, factory: Factory, args: tuple[Any, ...], max_batches: int = 256
+    ) -> ProcessTap:
+        """Like :meth:`subscribe`, with the subscriber built by ``factory(*args, count=...)``
+        in a child process of its own (off this process's GIL)."""
+        self.shipper.tap = ProcessTap(factory, args, self.counters, max_batches)
         return self.shipper.tap
 
     def start(self) -> None:
