@@ -20,6 +20,7 @@ try:
     from saltext.tributary.analysis import views as analysis_views
     from saltext.tributary.reaction import alerts as reaction_alerts
     from saltext.tributary.reaction import views as reaction_views
+    from saltext.tributary.reactor import notify as reactor_notify
     from saltext.tributary.relay import elasticsearch as es_lib
     from saltext.tributary.relay import repair as repair_lib
     from saltext.tributary.relay import status as relay_status
@@ -320,6 +321,26 @@ def silence(rule="*", gateway="*", duration="1h", comment=""):
         return {"result": True, "id": sid, "rule": rule, "gateway": gateway, "until_ms": now + span}
     finally:
         book.close()
+
+
+def notify(topic, message, **kwargs):
+    """
+    Publish ``message`` (JSON) on ``topic`` of the upstream broker in this master's
+    ``tributary_reactor:notify`` config (QoS from there, default 1), waiting (bounded) until
+    the broker has it. The reactor's ``notify`` action calls this with the alert's fields; the
+    topic is a template of the action table, filled with the alert's checked names.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run tributary.notify topic=tributary/alerts/brisbane/boiler-hot/firing \
+            message='{"rule": "boiler-hot", "state": "firing", "value": 85}'
+    """
+    cfg, error = reactor_notify.notify_config(__opts__)
+    if cfg is None:
+        return {"result": False, "error": error}
+    return reactor_notify.publish(cfg, topic, message)
 
 
 def report(site=None, since="24h", out=None):
