@@ -4,7 +4,8 @@ thresholds with duration and hysteresis, rates, absences) over 1,000 series.
     python bench/rules.py [--rules 100] [--readings 200000]
 
 Prints JSON: microseconds of CPU per reading with the rules, and without any rule (the bare
-call), measured with ``time.process_time``.
+call), measured with ``time.process_time``; and the same rules with a grain match on every
+other rule (100 gateways with heartbeat grains) and flap damping on every threshold rule.
 """
 
 from __future__ import annotations
@@ -22,24 +23,39 @@ from saltext.tributary.reaction.alerts import RuleEngine
 from saltext.tributary.reaction.rules import parse_rules
 
 
-def make_rules(n: int) -> list:
+def make_rules(n: int, extras: bool = False) -> list:
     specs = []
     for i in range(n):
         kind = i % 4
-        match = {"site": f"site-{i % 10}", "sensor": f"s{i % 50}*", "metric": "temperature"}
+        match: dict = {"site": f"site-{i % 10}", "sensor": f"s{i % 50}*", "metric": "temperature"}
         when = (
             {"above": 80 + i % 10, "for_s": 60, "clear_below": 75}
             if kind in (0, 1)
             else ({"rate_above": 0.5} if kind == 2 else {"absent_s": 600})
         )
-        specs.append({"name": f"r{i}", "match": match, "when": when})
+        spec = {"name": f"r{i}", "match": match, "when": when}
+        if extras and i % 2:
+            match["grains"] = {"role": "boiler-*", "tributary:devices": f"s{i % 50}*"}
+        if extras and kind in (0, 1):
+            spec["flap"] = {"changes": 4, "window_s": 600, "stable_s": 300}
+        specs.append(spec)
     rules, errors = parse_rules(specs)
     assert not errors, errors
     return rules
 
 
-def run(n_rules: int, n: int) -> float:
-    eng = RuleEngine(make_rules(n_rules) if n_rules else [])
+def run(n_rules: int, n: int, extras: bool = False) -> float:
+    eng = RuleEngine(make_rules(n_rules, extras) if n_rules else [])
+    if extras:
+        eng.set_grains(
+            {
+                f"gw-{g}": {
+                    "role": "boiler-room",
+                    "tributary:devices": [f"s{k}" for k in range(60)],
+                }
+                for g in range(100)
+            }
+        )
     rnd = random.Random(1)
     batch = []
     t_ms = 1_800_000_000_000
@@ -75,6 +91,7 @@ def main() -> int:
         "readings": a.readings,
         "us_per_reading_with_rules": round(run(a.rules, a.readings), 2),
         "us_per_reading_without_rules": round(run(0, a.readings), 2),
+        "us_per_reading_with_grains_and_flap": round(run(a.rules, a.readings, True), 2),
     }
     json.dump(out, sys.stdout, indent=2)
     print()

@@ -59,7 +59,11 @@ def beacon_cfgs(env) -> dict:
             {"filters": [{"match": "*/temperature", "min": -55, "max": 125}]},
             {"spool": spool},
         ],
-        "tributary_health": [{"root": str(env["tree"])}, {"spool": spool}],
+        "tributary_health": [
+            {"root": str(env["tree"])},
+            {"spool": spool},
+            {"grains": ["role", "tributary:site", "kernel", "not-set"]},  # for alert rules
+        ],
     }
 
 
@@ -220,6 +224,11 @@ def test_sysfs_and_health_beacons_share_one_spool(beacons, env, minion_opts):
     signing.verify_event(minion_opts["id"], hb, pub)
     with pytest.raises(signing.SignatureError):
         signing.verify_event(minion_opts["id"], {**hb, "last_seq": hb["last_seq"] + 1}, pub)
+    # the grain paths it was told to carry (alert rules on the top master match on them),
+    # under the same signature: a gateway cannot be given another's grains on the way
+    assert hb["grains"] == {"role": "gateway", "tributary:site": "lab", "kernel": "Linux"}
+    with pytest.raises(signing.SignatureError):
+        signing.verify_event(minion_opts["id"], {**hb, "grains": {"role": "boiler-room"}}, pub)
     health_keys = {r["metric"] for r in decode_batch(events[0]).readings}
     assert {"cpu_temp_c", "spool_unsent", "dropped"} <= health_keys
 
