@@ -143,20 +143,49 @@ def reset_counters():
     return gw_ops.reset_counters(__opts__, __pillar__)
 
 
-def command(device, command, payload=None, timeout=None):
+def command(device, command, payload=None, timeout=None, test=False, **kwargs):
     """
     Send a command to a device this gateway serves, through the site broker, and wait for its
     answer: publishes ``{"id", "command", "payload", "reply_to"}`` (QoS 1) on the configured
     topic (``tributary:commands:topic``, default ``cmd/{device}/{command}``) and waits, at most
     ``timeout`` seconds (``tributary:commands:timeout_s``), for the device's answer with the
-    same id on the response topic. ``outcome``: ``acked``, ``refused`` (the device said no,
-    its answer is returned) or ``timeout``.
+    same id on the response topic.
+
+    Only what the allow-list (``tributary:commands:allow`` in pillar or the minion config)
+    allows is sent, within the per-device rate limit (``tributary:commands:rate``); otherwise
+    ``outcome`` is ``refused`` and ``reason`` names the rule or limit, and nothing is
+    published. ``test=True`` checks the same and returns what would be sent (topic, message,
+    QoS, correlation id) without publishing. ``outcome``: ``acked``, ``refused_by_device``
+    (its answer is returned), ``refused``, ``timeout``, ``test`` or ``error``.
+
+    Every command and its outcome (with the Salt user and job id that sent it, the answer
+    and the latency) is recorded in the gateway spool and shipped, signed, to the
+    ``tributary-commands-*`` index (``audit`` in the return says where it was recorded).
 
     CLI Example:
 
     .. code-block:: bash
 
         salt-call tributary.command boiler-1 setpoint 70
+        salt-call tributary.command boiler-1 setpoint 70 test=True
         salt -G 'tributary:devices:boiler-1' tributary.command boiler-1 setpoint 70 timeout=5
     """
-    return gw_ops.command(__opts__, __pillar__, str(device), str(command), payload, timeout)
+    import getpass
+
+    user = kwargs.get("__pub_user")
+    if not user:
+        try:
+            user = f"salt-call:{getpass.getuser()}"
+        except Exception:  # no user name for this uid
+            user = "salt-call"
+    return gw_ops.command(
+        __opts__,
+        __pillar__,
+        str(device),
+        str(command),
+        payload,
+        timeout,
+        test=test is True or str(test).lower() == "true",
+        user=str(user),
+        jid=str(kwargs["__pub_jid"]) if kwargs.get("__pub_jid") else None,
+    )

@@ -71,11 +71,84 @@ def test_acked_refused_and_timed_out(device):
     ok = send_command(b, cfg, "boiler-1", "setpoint", 70)
     assert ok["result"] is True and ok["outcome"] == "acked" and ok["answer"]["setpoint"] == 70
     assert ok["topic"] == "cmd/boiler-1/setpoint" and dev.seen[-1]["id"] == ok["id"]
+    assert 0 < ok["latency_ms"] < 5000
     no = send_command(b, cfg, "boiler-1", "open")
-    assert no["outcome"] == "refused" and no["answer"]["reason"] == "interlock"
+    assert no["outcome"] == "refused_by_device" and no["answer"]["reason"] == "interlock"
+    assert no["reason"] == "the device answered status 'refused'"
     late = send_command(b, cfg, "boiler-1", "sleep", timeout_s=0.5)
     assert late["outcome"] == "timeout" and late["result"] is False
-    assert send_command(b, cfg, "boiler/1", "x")["outcome"] == "invalid"
+    assert send_command(b, cfg, "boiler/1", "x")["outcome"] == "refused"
+    down = send_command(BrokerConfig(port=1), cfg, "boiler-1", "setpoint", 70)
+    assert down["outcome"] == "error" and "broker 127.0.0.1:1" in down["reason"]
+
+
+ALLOW = {
+    "devices": ["boiler-1"],
+    "timeout_s": 5,
+    "allow": [
+        {
+            "device": "boiler-*",
+            "commands": ["setpoint"],
+            "payload": {"type": "number", "min": 40, "max": 90},
+        },
+        {"device": "boiler-*", "commands": ["open", "sleep"]},
+    ],
+    "rate": {"max": 3, "window_s": 60},
+}
+
+
+def test_the_gateway_checks_sends_and_audits_every_command(device, tmp_path):
+    """``tributary.command``'s logic with a real broker and device: a refused command is never
+    published; allowed ones are, within the rate limit; test mode publishes nothing; each
+    command and its outcome is a record in the gateway spool (what the beacons ship)."""
+    from saltext.tributary.gateway import operations
+    from saltext.tributary.gateway.spool import GatewaySpool
+
+    broker, dev = device
+    opts = {
+        "id": "gw-test",
+        "cachedir": str(tmp_path),
+        "beacons": {"tributary_mqtt": [{"broker": {"port": broker.port}}]},
+    }
+    pillar = {"tributary": {"commands": ALLOW}}
+
+    def run(*args, **kw):
+        return operations.command(opts, pillar, *args, user="alice", jid="2026", **kw)
+
+    hot = run("boiler-1", "setpoint", 95)
+    assert hot["outcome"] == "refused" and hot["result"] is False
+    assert hot["reason"] == "tributary:commands.allow[0].payload.max: 95 is above 90"
+    assert run("boiler-1", "vent")["reason"].startswith("tributary:commands.allow: no rule")
+    plan = run("boiler-1", "setpoint", 70, test=True)
+    assert plan["outcome"] == "test" and plan["result"] is None
+    assert plan["topic"] == "cmd/boiler-1/setpoint" and plan["message"]["payload"] == 70
+    assert dev.seen == []  # nothing refused or tested was published
+    ok = run("boiler-1", "setpoint", 70)
+    assert ok["outcome"] == "acked" and dev.seen[-1]["id"] == ok["id"]
+    assert run("boiler-1", "open")["outcome"] == "refused_by_device"
+    assert run("boiler-1", "sleep", timeout=0.3)["outcome"] == "timeout"
+    over = run("boiler-1", "setpoint", 71)
+    assert over["outcome"] == "refused" and over["reason"].startswith("tributary:commands.rate: 3")
+    assert len(dev.seen) == 3
+    spool = GatewaySpool(str(tmp_path / "tributary" / "spool.db"))
+    try:
+        audit = spool.records("command")
+    finally:
+        spool.close()
+    assert [(r["command"], r["outcome"]) for r in audit] == [
+        ("setpoint", "refused"),
+        ("vent", "refused"),
+        ("setpoint", "test"),
+        ("setpoint", "acked"),
+        ("open", "refused_by_device"),
+        ("sleep", "timeout"),
+        ("setpoint", "refused"),
+    ]
+    assert audit[0]["reason"] == hot["reason"] and audit[0]["rule"] == "tributary:commands.allow[0]"
+    acked = audit[3]
+    assert acked["correlation_id"] == ok["id"] and acked["answer"]["setpoint"] == 70
+    assert acked["user"] == "alice" and acked["jid"] == "2026" and acked["latency_ms"] > 0
+    assert ok["audit"] == {"recorded": True, "epoch": ok["audit"]["epoch"], "seq": acked["seq"]}
 
 
 @pytest.mark.parametrize(
@@ -85,6 +158,7 @@ def test_acked_refused_and_timed_out(device):
         ({"timeout_s": 0}, "tributary:commands.timeout_s"),
         ({"devices": ["a b"]}, "tributary:commands.devices[0]"),
         ({"topics": "x"}, "tributary:commands.topics: unknown option"),
+        ({"allow": [{"device": "x"}]}, "tributary:commands.allow[0].commands: required"),
     ],
 )
 def test_bad_command_configs_name_the_key(cfg, key):

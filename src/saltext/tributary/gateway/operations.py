@@ -4,6 +4,7 @@ trim, reset counters."""
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import uuid
@@ -211,6 +212,29 @@ def reset_counters(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> dict[s
         spool.close()
 
 
+#: An audit record keeps at most this much of a payload or an answer (JSON bytes).
+AUDIT_MAX_BYTES = 2048
+
+
+def _bounded(value: Any) -> Any:
+    """``value`` if its JSON fits :data:`AUDIT_MAX_BYTES`, else the start of its JSON text."""
+    try:
+        text = json.dumps(value, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) <= AUDIT_MAX_BYTES:
+        return value
+    return {"truncated": text[:AUDIT_MAX_BYTES], "bytes": len(text)}
+
+
+def commands_config(opts: Mapping[str, Any], pillar: Mapping[str, Any]) -> Any:
+    """The raw ``tributary:commands`` block: pillar first, else the minion config."""
+    raw = (pillar.get("tributary") or {}).get("commands")
+    if raw is None:
+        raw = (opts.get("tributary") or {}).get("commands")
+    return raw
+
+
 def command(
     opts: Mapping[str, Any],
     pillar: Mapping[str, Any],
@@ -218,23 +242,90 @@ def command(
     name: str,
     payload: Any = None,
     timeout: float | None = None,
+    *,
+    test: bool = False,
+    user: str | None = None,
+    jid: str | None = None,
 ) -> dict[str, Any]:
-    """``tributary.command``: send ``name`` to ``device`` through the site broker."""
-    from saltext.tributary.gateway.commands import parse_commands, send_command
+    """``tributary.command``: check ``name`` for ``device`` against the allow-list and the
+    per-device rate limit, send it through the site broker (or, with ``test``, say what would
+    be sent), and record the command and its outcome in the gateway spool, from where the
+    beacons ship it (signed, numbered, replayable) to ``tributary-commands-*``."""
+    from saltext.tributary.gateway import commands as cmds
     from saltext.tributary.gateway.sources.mqtt import parse_broker
 
-    raw = (pillar.get("tributary") or {}).get("commands")
-    if raw is None:
-        raw = (opts.get("tributary") or {}).get("commands")
-    cfg, errors = parse_commands(raw)
+    started = clock.now_ms()
+    cfg, errors = cmds.parse_commands(commands_config(opts, pillar))
+    out: dict[str, Any]
+    spool: GatewaySpool | None = None
+    try:
+        spool = open_spool(opts, pillar)
+    except Exception as exc:  # the audit is said to have failed below; the check still runs
+        log.error("tributary.command: the gateway spool cannot be opened: %s", exc)
     if cfg is None:
-        return {"result": False, "error": "; ".join(errors)}
-    if cfg.devices is not None and device not in cfg.devices:
-        return {"result": False, "error": f"{device!r} is not a device this gateway serves"}
-    mqtt = [
-        c for c in find_beacon_configs(opts, pillar).values() if c["_module"] == "tributary_mqtt"
-    ]
-    broker, errors = parse_broker((mqtt[0].get("broker") if mqtt else None) or {})
-    if broker is None:
-        return {"result": False, "error": "; ".join(errors)}
-    return send_command(broker, cfg, device, name, payload, timeout)
+        why = "; ".join(errors)
+        out = {"result": False, "outcome": "error", "reason": why, "error": why}
+    else:
+        verdict = cmds.check_command(cfg, device, name, payload)
+        out = {"rule": verdict.rule} if verdict.rule else {}
+        if not verdict.allowed:
+            out.update(result=False, outcome="refused", reason=verdict.reason)
+        elif spool is None:
+            why = "the gateway spool (the audit) cannot be opened: nothing is sent unaudited"
+            out.update(result=False, outcome="error", reason=why)
+        elif test:
+            seen = spool.reserve_command(device, cfg.rate.max, cfg.rate.window_s, dry=True)
+            out.update(result=None, outcome="test", **cmds.plan_command(cfg, device, name, payload))
+            out["reason"] = (
+                cmds.rate_reason(cfg, device, seen) + ": it would be refused"
+                if seen is not None
+                else f"would be sent ({verdict.reason})"
+            )
+        else:
+            seen = spool.reserve_command(device, cfg.rate.max, cfg.rate.window_s)
+            if seen is not None:
+                out.update(
+                    result=False, outcome="refused", reason=cmds.rate_reason(cfg, device, seen)
+                )
+            else:
+                mqtt = [
+                    c
+                    for c in find_beacon_configs(opts, pillar).values()
+                    if c["_module"] == "tributary_mqtt"
+                ]
+                broker, errs = parse_broker((mqtt[0].get("broker") if mqtt else None) or {})
+                if broker is None:
+                    why = "tributary_mqtt broker: " + "; ".join(errs)
+                    out.update(result=False, outcome="error", reason=why)
+                else:
+                    out.update(cmds.send_command(broker, cfg, device, name, payload, timeout))
+    if out.get("outcome") != "test" and "error" not in out and out.get("result") is False:
+        out["error"] = out.get("reason")
+    record = {
+        "device": str(device),
+        "command": str(name),
+        "payload": _bounded(payload),
+        "correlation_id": out.get("id") or out.get("correlation_id"),
+        "outcome": out.get("outcome"),
+        "reason": out.get("reason"),
+        "rule": out.get("rule"),
+        "answer": _bounded(out.get("answer")),
+        "latency_ms": out.get("latency_ms"),
+        "user": user,
+        "jid": jid,
+        "topic": out.get("topic"),
+        "qos": cfg.qos if cfg is not None else None,
+    }
+    record = {k: v for k, v in record.items() if v is not None}
+    if spool is None:
+        out["audit"] = {"recorded": False, "error": "the gateway spool cannot be opened"}
+        return out
+    try:
+        seq = spool.append_record("command", started, record)
+        out["audit"] = {"recorded": True, "epoch": spool.epoch, "seq": seq}
+    except Exception as exc:
+        log.error("tributary.command: audit record not written: %s", exc)
+        out["audit"] = {"recorded": False, "error": str(exc)}
+    finally:
+        spool.close()
+    return out

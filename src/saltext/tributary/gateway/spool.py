@@ -7,11 +7,17 @@ emitted sequence; sent readings stay for the retention budget so the top master 
 replay. Counters (received, rejected by reason, spooled, emitted, dropped) live in the same
 file, so ``tributary.status`` in another process sees them and they survive restarts.
 
+Records (the audit of each command sent to a device, kind ``command``) are numbered in the
+same sequence as readings (a ``readings`` row whose sensor key is ``"@<kind>"``, its content in
+``records``), so they are emitted, signed, replayed and accounted for exactly like readings
+(see the wire format's "Records").
+
 One ``GatewaySpool`` object per thread; several processes may open the same file.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -22,7 +28,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from saltext.tributary.protocol.reading import Reading
-from saltext.tributary.protocol.wire import SpooledReading, encode_batch, packed_size
+from saltext.tributary.protocol.wire import (
+    SpooledReading,
+    encode_batch,
+    is_record_key,
+    packed_size,
+)
 from saltext.tributary.util import clock, sqlite
 
 log = logging.getLogger(__name__)
@@ -37,6 +48,10 @@ CREATE TABLE IF NOT EXISTS readings (seq INTEGER PRIMARY KEY, sid INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS inflight (src TEXT NOT NULL, mid INTEGER NOT NULL, digest BLOB NOT NULL,
                                      acked INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (src, mid));
+CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL,
+                                    body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS command_rate (device TEXT NOT NULL, ts INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS command_rate_device ON command_rate (device, ts);
 CREATE TABLE IF NOT EXISTS aside (id INTEGER PRIMARY KEY, key TEXT NOT NULL, ts INTEGER NOT NULL,
                                   value REAL NOT NULL, reason TEXT NOT NULL,
                                   added INTEGER NOT NULL);
@@ -305,6 +320,69 @@ class GatewaySpool:
         self._bump({"spooled": len(rows), **(counts or {})})
         return (first, last) if rows else (0, 0)
 
+    # -- records (command audit) ---------------------------------------------------------------
+    def append_record(self, kind: str, ts_ms: int, body: Mapping[str, Any]) -> int:
+        """Number one record (``body``: a JSON-able mapping) in the reading sequence; returns
+        its sequence number. A full disk raises :class:`SpoolFull`."""
+        text = json.dumps(body, sort_keys=True, default=str)
+        try:
+            with self._lock:
+                try:
+                    with sqlite.transaction(self.db):
+                        last = int(self._meta("last_seq") or 0) + 1
+                        sid = self._sensor_id(f"@{kind}", "")
+                        self.db.execute(
+                            "INSERT INTO readings VALUES (?, ?, ?, 0, ?)",
+                            (last, sid, int(ts_ms), clock.now_ms()),
+                        )
+                        self.db.execute(
+                            "INSERT OR REPLACE INTO records VALUES (?, ?, ?)", (last, kind, text)
+                        )
+                        self.db.execute("UPDATE meta SET v=? WHERE k='last_seq'", (str(last),))
+                        self._bump({f"records:{kind}": 1})
+                        return last
+                except BaseException:
+                    self._sensor_ids.clear()
+                    raise
+        except sqlite3.OperationalError as exc:
+            if _is_full(exc):
+                raise SpoolFull(f"spool {self.path}: filesystem full ({exc})") from exc
+            raise
+
+    def reserve_command(
+        self,
+        device: str,
+        max_n: int,
+        window_s: float,
+        now_ms: int | None = None,
+        *,
+        dry: bool = False,
+    ) -> int | None:
+        """The per-device rate limit, shared by every process on this gateway: None (and one
+        more command counted for ``device``, unless ``dry``) when fewer than ``max_n`` were
+        reserved within the last ``window_s``; otherwise how many were (nothing counted)."""
+        now_ms = clock.now_ms() if now_ms is None else now_ms
+        since = now_ms - int(window_s * 1000)
+        with self._lock, sqlite.transaction(self.db):
+            self.db.execute("DELETE FROM command_rate WHERE ts < ?", (since,))
+            (n,) = self.db.execute(
+                "SELECT COUNT(*) FROM command_rate WHERE device=? AND ts >= ?", (device, since)
+            ).fetchone()
+            if n >= max_n:
+                return int(n)
+            if not dry:
+                self.db.execute("INSERT INTO command_rate VALUES (?, ?)", (device, now_ms))
+        return None
+
+    def records(self, kind: str | None = None, n: int = 20) -> list[dict[str, Any]]:
+        """The last ``n`` records (of ``kind``), newest last, with their sequence numbers."""
+        rows = self.db.execute(
+            "SELECT seq, kind, body FROM records WHERE ? IS NULL OR kind = ?"
+            " ORDER BY seq DESC LIMIT ?",
+            (kind, kind, n),
+        ).fetchall()
+        return [{"seq": q, "kind": k, **json.loads(b)} for q, k, b in reversed(rows)]
+
     # -- reading back --------------------------------------------------------------------------
     def _keys(self) -> dict[int, tuple[str, str]]:
         rows = self.db.execute("SELECT id, key, unit FROM sensors").fetchall()
@@ -318,14 +396,27 @@ class GatewaySpool:
             " ORDER BY seq LIMIT ?",
             (lo, hi, limit),
         )
-        out = []
+        out: list[SpooledReading] = []
         keys = self._sensor_keys
+        records: list[int] = []
         for seq, sid, ts, value in cur:
             k = keys.get(sid)
             if k is None:
                 keys.update(self._keys())
                 k = keys[sid]
+            if k[0][:1] == "@":
+                records.append(len(out))
             out.append(SpooledReading(seq, k[0], k[1], ts, value))
+        if records:
+            wanted = [out[n].seq for n in records]
+            marks = ",".join("?" * len(wanted))
+            bodies = dict(
+                self.db.execute(f"SELECT seq, body FROM records WHERE seq IN ({marks})", wanted)
+            )
+            for n in records:
+                r = out[n]
+                body = json.loads(bodies.get(r.seq) or "{}")
+                out[n] = SpooledReading(r.seq, r.key, r.unit, r.ts_ms, r.value, body)
         return out
 
     def _batch_within(
@@ -460,12 +551,15 @@ class GatewaySpool:
             " ON s.id = r.sid WHERE r.seq IN (SELECT MAX(seq) FROM readings GROUP BY sid)"
         ).fetchall()
         return {
-            k: {"unit": u or None, "seq": seq, "ts_ms": ts, "value": v} for k, u, seq, ts, v in rows
+            k: {"unit": u or None, "seq": seq, "ts_ms": ts, "value": v}
+            for k, u, seq, ts, v in rows
+            if not is_record_key(k)
         }
 
     def sensor_keys(self) -> list[str]:
         """Every sensor key this spool has numbered (``<sensor>/<metric>``)."""
-        return [k for (k,) in self.db.execute("SELECT key FROM sensors ORDER BY key")]
+        rows = self.db.execute("SELECT key FROM sensors ORDER BY key")
+        return [k for (k,) in rows if not is_record_key(k)]
 
     def tail(self, n: int = 10) -> list[dict[str, Any]]:
         last = int(self._meta("last_seq") or 0)
@@ -506,6 +600,7 @@ class GatewaySpool:
                     cut = max(cut, lo + over - 1)
             if cut:
                 cur = self.db.execute("DELETE FROM readings WHERE seq <= ?", (cut,))
+                self.db.execute("DELETE FROM records WHERE seq <= ?", (cut,))
                 removed = cur.rowcount
                 unsent = self.db.execute(
                     "SELECT ? - ?", (min(cut, int(self._meta("last_seq") or 0)), cursor)

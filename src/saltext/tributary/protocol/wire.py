@@ -28,6 +28,22 @@ the counts add up to ``last - first + 1``. :func:`decode_batch` returns each agg
 reading dict with ``value`` = mean, ``ts_ms`` = first timestamp and an extra ``agg`` key:
 ``{"window_s", "min", "max", "count", "first", "last"}`` (first/last: timestamps in ms).
 Raw batches decode exactly as before.
+
+Records (wire v1, compatible extension): a gateway also numbers *records* in the same
+sequence as its readings, today only the audit of a command sent to a device (kind
+``command``). A record's dictionary entry is ``"@<kind>"`` (no ``/``, so it can never be a
+``<sensor>/<metric>`` key), its unit ``""``, its decimals null, and its row carries the record
+itself where a reading carries its value::
+
+    "sensors": ["boiler-1/temperature", "@command"], "d": [1, null],
+    "r": [[0, 0, 655], [1, 40, {"device": "boiler-1", "command": "setpoint", ...}]]
+
+In an aggregated batch a record is a group of its own: ``[i, dt, {record}, null, null, 1, dt,
+seq off]``. :func:`decode_batch` returns records in ``DecodedBatch.records`` (``seq``, ``kind``,
+``ts_ms``, ``body``); a record of a kind it does not know is set aside with reason
+``unknown_kind`` (the relay dead-letters it). A relay older than records sets every record row
+aside as ``bad_sensor`` (its entry is not ``sensor/metric``): dead-lettered with the record in
+the dead letter, never a crash, and the sequence range is still accounted for.
 """
 
 from __future__ import annotations
@@ -35,7 +51,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -53,6 +69,10 @@ MAX_INT = 2**53
 #: Longest sensor key (``<sensor>/<metric>``) and unit a batch may carry.
 MAX_KEY_CHARS = 256
 EPOCH_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Record kinds this version decodes (``"@<kind>"`` dictionary entries).
+RECORD_KINDS = frozenset({"command"})
+#: Largest record body (JSON bytes) a batch may carry; the gateway keeps its records smaller.
+MAX_RECORD_BYTES = 8_192
 
 
 class WireError(ReasonError):
@@ -68,6 +88,13 @@ class SpooledReading:
     unit: str
     ts_ms: int
     value: float
+    #: a record's content (``key`` is then ``"@<kind>"``); None for a reading
+    body: Any = None
+
+
+def is_record_key(key: Any) -> bool:
+    """True for a record's dictionary entry (``"@<kind>"``)."""
+    return isinstance(key, str) and key.startswith("@")
 
 
 def _decimals(value: float) -> int | None:
@@ -105,7 +132,7 @@ def encode_batch(
             i = index[r.key] = len(sensors)
             sensors.append(r.key)
             units.append(r.unit or "")
-            decs.append(0)
+            decs.append(None if r.body is not None else 0)
         d = decs[i]
         if d is not None:
             rd = _decimals(r.value)
@@ -115,6 +142,9 @@ def encode_batch(
         if r.seq != first + n:
             raise ValueError(f"batch rows are not contiguous at seq {r.seq}")
         i = index[r.key]
+        if r.body is not None:
+            out_rows.append([i, r.ts_ms - t0, r.body])
+            continue
         d = decs[i]
         v: float | int = round(r.value * 10**d) if d is not None else r.value
         out_rows.append([i, r.ts_ms - t0, v])
@@ -142,6 +172,9 @@ def encode_agg_batch(
     for n, r in enumerate(rows):
         if r.seq != first + n:
             raise ValueError(f"batch rows are not contiguous at seq {r.seq}")
+        if r.body is not None:  # a record is never summarised: a group of its own
+            groups[(r.key, -r.seq)] = [r.unit, r.ts_ms, r.ts_ms, r.body, None, None, 1, r.seq]
+            continue
         g = groups.get((r.key, r.ts_ms // win_ms))
         if g is None:
             # [unit, first ts, last ts, sum, min, max, count, last seq]
@@ -173,9 +206,9 @@ def encode_agg_batch(
             i = index[key] = len(sensors)
             sensors.append(key)
             units.append(g[0] or "")
-            decs.append(0)
+            decs.append(None if is_record_key(key) else 0)
         d = decs[i]
-        if d is not None:
+        if d is not None and not is_record_key(key):
             for v in (g[4], g[5]):
                 rd = _decimals(v)
                 d = None if rd is None or d is None else max(d, rd)
@@ -187,6 +220,9 @@ def encode_agg_batch(
     out_rows: list[list[Any]] = []
     for (key, _w), g in sorted(groups.items(), key=lambda kv: kv[1][7]):
         i = index[key]
+        if is_record_key(key):
+            out_rows.append([i, g[1] - t0, g[3], None, None, 1, g[2] - t0, g[7] - first])
+            continue
         d = decs[i]
         mean = g[3] / g[6]
 
@@ -250,6 +286,8 @@ class DecodedBatch:
     agg: float | None
     readings: list[dict[str, Any]]
     rejected: list[dict[str, Any]]
+    #: records (``seq``, ``kind``, ``ts_ms``, ``body``) of the kinds this version knows
+    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _req(data: dict[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
@@ -309,6 +347,7 @@ def decode_batch(data: dict[str, Any]) -> DecodedBatch:
         if u is not None and (not isinstance(u, str) or len(u) > MAX_KEY_CHARS):
             raise WireError("bad_field", f"unit {str(u)[:40]!r} is not a short string")
     keys: list[tuple[str, str] | None] = []
+    kinds: list[str | None] = [s[1:] if is_record_key(s) else None for s in sensors]
     for s in sensors:
         if isinstance(s, str) and s.count("/") >= 1 and len(s) <= MAX_KEY_CHARS:
             sensor, metric = s.rsplit("/", 1)
@@ -321,9 +360,21 @@ def decode_batch(data: dict[str, Any]) -> DecodedBatch:
         dropped = 0
     out: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     if is_agg:
         _decode_agg(
-            rows, first, last, t0, keys, sensors, units, decs, float(agg or 0), out, rejected
+            rows,
+            first,
+            last,
+            t0,
+            keys,
+            sensors,
+            units,
+            decs,
+            float(agg or 0),
+            out,
+            rejected,
+            (kinds, records),
         )
     for n, row in enumerate(rows if not is_agg else []):
         seq = first + n
@@ -333,6 +384,9 @@ def decode_batch(data: dict[str, Any]) -> DecodedBatch:
             idx, dt, val = row
             if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(keys):
                 raise WireError("bad_row", f"sensor index {idx!r} out of range")
+            if kinds[idx] is not None:
+                records.append(_record(str(kinds[idx]), seq, t0, dt, val))
+                continue
             key = keys[idx]
             if key is None:
                 raise WireError("bad_sensor", f"sensor entry {sensors[idx]!r} is not sensor/metric")
@@ -366,7 +420,24 @@ def decode_batch(data: dict[str, Any]) -> DecodedBatch:
         agg=agg if isinstance(agg, (int, float)) else None,
         readings=out,
         rejected=rejected,
+        records=records,
     )
+
+
+def _record(kind: str, seq: int, t0: int, dt: Any, body: Any) -> dict[str, Any]:
+    """One record row, validated (WireError with the reason otherwise)."""
+    if kind not in RECORD_KINDS:
+        raise WireError("unknown_kind", f"record kind {kind[:40]!r} is not known to this relay")
+    if isinstance(dt, bool) or not isinstance(dt, int) or not -MAX_INT < dt < MAX_INT:
+        raise WireError("bad_timestamp", f"time offset {dt!r} is not an integer")
+    ts = t0 + dt
+    if not TS_MIN_MS <= ts < TS_MAX_MS:
+        raise WireError("bad_timestamp", f"timestamp {ts} ms is outside 2000..2100")
+    if not isinstance(body, dict) or not all(isinstance(k, str) for k in body):
+        raise WireError("bad_record", f"a {kind} record is not a mapping")
+    if packed_size(body) > MAX_RECORD_BYTES:
+        raise WireError("bad_record", f"a {kind} record over {MAX_RECORD_BYTES} bytes")
+    return {"seq": seq, "kind": kind, "ts_ms": ts, "body": body}
 
 
 def _decode_agg(
@@ -381,7 +452,9 @@ def _decode_agg(
     window_s: float,
     out: list[dict[str, Any]],
     rejected: list[dict[str, Any]],
+    recs: tuple[list[str | None], list[dict[str, Any]]] = ([], []),
 ) -> None:
+    kinds, records = recs
     for row in rows:
         seq = first
         try:
@@ -398,6 +471,9 @@ def _decode_agg(
                 raise WireError("bad_row", f"seq offset {seq_off} outside the batch")
             if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(keys):
                 raise WireError("bad_row", f"sensor index {idx!r} out of range")
+            if idx < len(kinds) and kinds[idx] is not None:
+                records.append(_record(str(kinds[idx]), seq, t0, dt, mean))
+                continue
             key = keys[idx]
             if key is None:
                 raise WireError("bad_sensor", f"sensor entry {sensors[idx]!r} is not sensor/metric")

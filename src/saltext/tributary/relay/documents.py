@@ -53,6 +53,50 @@ def reading_doc(original: Any) -> dict[str, Any]:
     return doc
 
 
+#: Fields of a command record and the type each must have to be indexed as it is (others,
+#: and fields of another type, are dropped from the document; ``payload`` travels as JSON text).
+COMMAND_FIELDS: dict[str, tuple[type, ...]] = {
+    "device": (str,),
+    "command": (str,),
+    "correlation_id": (str,),
+    "outcome": (str,),
+    "reason": (str,),
+    "rule": (str,),
+    "latency_ms": (int, float),
+    "user": (str,),
+    "jid": (str,),
+    "topic": (str,),
+    "qos": (int,),
+}
+
+
+def command_doc(
+    gateway: str,
+    site: str | None,
+    epoch: str,
+    seq: int,
+    ts_ms: int,
+    body: Mapping[str, Any],
+    now: int,
+) -> dict[str, Any]:
+    """The ``tributary-commands-*`` document of one command record. The gateway is the one
+    the batch's tag and signature prove, never a field of the record."""
+    doc: dict[str, Any] = {"@timestamp": ts_ms, "gateway": gateway, "site": site}
+    for key, types in COMMAND_FIELDS.items():
+        val = body.get(key)
+        if isinstance(val, types) and not isinstance(val, bool):
+            doc[key] = val[:2048] if isinstance(val, str) else val
+    payload = body.get("payload")
+    doc["payload"] = None if payload is None else json.dumps(payload, sort_keys=True, default=str)
+    if isinstance(payload, (int, float)) and not isinstance(payload, bool):
+        doc["payload_value"] = payload
+    answer = body.get("answer")
+    if answer is not None:
+        doc["answer"] = dict(answer) if isinstance(answer, Mapping) else {"value": answer}
+    doc.update(epoch=epoch, seq=seq, relayed_at=now)
+    return doc
+
+
 #: One bulk operation: the spool row it came from, and its original (the document as a dict,
 #: or for a reading the tuple ``(gateway, site, epoch, relayed_at, reading)``; see
 #: :func:`reading_doc`).

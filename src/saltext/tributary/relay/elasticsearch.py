@@ -10,7 +10,18 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-KINDS = ("readings", "health", "deadletter", "metrics", "anomalies", "findings", "alerts")
+KINDS = (
+    "readings",
+    "health",
+    "deadletter",
+    "metrics",
+    "anomalies",
+    "findings",
+    "alerts",
+    "commands",
+)
+#: Kinds whose mappings are strict about what is indexed (other fields stay in ``_source``).
+UNDYNAMIC = ("deadletter", "commands")
 
 
 def validate_es_config(cfg: Any) -> list[str]:
@@ -167,6 +178,29 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "renotify": {"type": "boolean"},
         "silenced": {"type": "boolean"},
     },
+    # the audit of commands sent to devices (gateway records, relay/documents.command_doc)
+    "commands": {
+        "@timestamp": _DATE,
+        "gateway": _KW,
+        "site": _KW,
+        "device": _KW,
+        "command": _KW,
+        "payload": {"type": "keyword", "ignore_above": 4096},
+        "payload_value": {"type": "double"},
+        "correlation_id": _KW,
+        "outcome": _KW,
+        "reason": {"type": "keyword", "ignore_above": 2048},
+        "rule": _KW,
+        "answer": {"type": "object", "enabled": False},
+        "latency_ms": {"type": "double"},
+        "user": _KW,
+        "jid": _KW,
+        "topic": _KW,
+        "qos": {"type": "integer"},
+        "epoch": _KW,
+        "seq": {"type": "long"},
+        "relayed_at": _DATE,
+    },
 }
 
 
@@ -199,7 +233,7 @@ def install_templates(
             name=f"{prefix}-{kind}-mappings",
             template={
                 "mappings": {
-                    "dynamic": "false" if kind == "deadletter" else True,
+                    "dynamic": "false" if kind in UNDYNAMIC else True,
                     "properties": MAPPINGS[kind],
                 }
             },

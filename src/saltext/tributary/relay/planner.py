@@ -23,7 +23,15 @@ from saltext.tributary.protocol.wire import (
 )
 from saltext.tributary.relay.config import RelayConfig
 from saltext.tributary.relay.counters import Counters
-from saltext.tributary.relay.documents import BulkPlan, RowPlan, bounded, jnum, jstr, reading_doc
+from saltext.tributary.relay.documents import (
+    BulkPlan,
+    RowPlan,
+    bounded,
+    command_doc,
+    jnum,
+    jstr,
+    reading_doc,
+)
 from saltext.tributary.relay.elasticsearch import index_name
 from saltext.tributary.relay.origin import OriginVerifier
 from saltext.tributary.relay.spool import RelaySpool, SpoolRow
@@ -105,6 +113,34 @@ class Planner:
             )
         self.counters.inc("readings_in", len(batch.readings))
         self._reading_ops(plan, row.id, row.gateway, batch, now)
+        if batch.records:
+            self._record_ops(plan, row.id, row.gateway, batch, now)
+
+    def _record_ops(
+        self, plan: BulkPlan, row_id: int, gateway: str, batch: DecodedBatch, now: int
+    ) -> None:
+        """One create op per record (today: commands, into ``<prefix>-commands-*``), with the
+        reading id scheme: a replayed record rewrites nothing."""
+        cfg = self.config
+        lo = now - int(cfg.max_age_s * 1000)
+        hi = now + int(cfg.max_future_s * 1000)
+        for rec in batch.records:
+            did = doc_id(gateway, batch.epoch, rec["seq"])
+            ts = rec["ts_ms"]
+            doc = command_doc(gateway, batch.site, batch.epoch, rec["seq"], ts, rec["body"], now)
+            if not lo <= ts <= hi:
+                self.counters.inc("rejected:out_of_window")
+                detail = f"timestamp {ts} ms is outside now-max_age_s..now+max_future_s"
+                self._deadletter(plan, row_id, gateway, "out_of_window", detail, "relay", did, doc)
+                continue
+            self.counters.inc(f"records_in:{rec['kind']}")
+            idx = index_name(cfg.index_prefix, "commands", ts, cfg.daily)
+            plan.add(
+                row_id,
+                json.dumps({"create": {"_index": idx, "_id": did}}),
+                json.dumps(doc, default=str),
+                doc,
+            )
 
     def _origin_ok(self, plan: BulkPlan, spool: RelaySpool, row: SpoolRow, now: int) -> bool:
         """The one origin path: True when the row may be used; otherwise it waits for its
