@@ -14,23 +14,20 @@ import tempfile
 
 import pytest
 
-from tests.support.es import start_elasticsearch
-from tests.support.mosquitto import start_broker
+from tests.support.es import running_elasticsearch
+from tests.support.mosquitto import running_brokers
 from tests.support.topology import (
     GATEWAYS,
-    QUIET,
-    REPO,
-    relay_engine_config,
     running_gateways,
-    syndic_kwargs,
+    running_syndic,
+    running_top_master,
 )
 
 
 @pytest.fixture(scope="session")
 def es_node():
-    node = start_elasticsearch(tls=True)
-    yield node
-    node.cleanup()
+    with running_elasticsearch(tls=True) as node:
+        yield node
 
 
 @pytest.fixture(scope="session")
@@ -41,33 +38,22 @@ def salt_factories_config():
 
 @pytest.fixture(scope="session")
 def top_master(salt_factories, es_node):
-    factory = salt_factories.salt_master_daemon(
-        "top",
-        order_masters=True,
-        overrides={
-            **QUIET,
-            "engines_dirs": [str(REPO / "salt" / "_engines")],
-            "runner_dirs": [str(REPO / "salt" / "_runners")],
-            "engines": [{"tributary_relay": relay_engine_config(es_node)}],
-        },
-    )
-    with factory.started():
+    # The same top master as the demo's (tests/support/topology.py); extra settings go in as
+    # keyword arguments.
+    with running_top_master(salt_factories, es_node) as factory:
         yield factory
 
 
 @pytest.fixture(scope="session")
 def syndic(top_master):
-    factory = top_master.salt_syndic_daemon("syndic-1", **syndic_kwargs("syndic-1"))
-    with factory.started():
+    with running_syndic(top_master, "syndic-1") as factory:
         yield factory
 
 
 @pytest.fixture(scope="session")
 def brokers():
-    started = {gw: start_broker() for gw in GATEWAYS}
-    yield started
-    for b in started.values():
-        b.cleanup()
+    with running_brokers(GATEWAYS) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ gets a generated password. Optionally HTTPS with a CA generated for the run.
 from __future__ import annotations
 
 import base64
+import contextlib
 import glob
 import os
 import pwd
@@ -23,6 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -400,5 +402,20 @@ def start_elasticsearch(
         version=version,
         env=env,
     )
-    node.start()
+    try:
+        node.start()
+    except BaseException:  # not ready, or Ctrl-C while starting: leave no node running
+        node.cleanup()
+        raise
     return node
+
+
+@contextlib.contextmanager
+def running_elasticsearch(**kwargs) -> Iterator[Elasticsearch]:
+    """:func:`start_elasticsearch` as a context manager: the node is stopped and its work dir
+    removed on the way out, also on errors and Ctrl-C (the test fixtures and the demo)."""
+    node = start_elasticsearch(**kwargs)
+    try:
+        yield node
+    finally:
+        node.cleanup()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,5 +111,23 @@ def start_broker(extra: str = "") -> Broker:
     broker = Broker(
         port=free_port(), workdir=tempfile.mkdtemp(prefix="tributary-mqtt-"), extra=extra
     )
-    broker.start()
+    try:
+        broker.start()
+    except BaseException:  # not listening in time, or Ctrl-C: leave no broker running
+        broker.cleanup()
+        raise
     return broker
+
+
+@contextlib.contextmanager
+def running_brokers(names: Iterable[str], extra: str = "") -> Iterator[dict[str, Broker]]:
+    """One broker per name (a gateway id), each on its own free loopback port; all stopped
+    and their work dirs removed on the way out, also on errors and Ctrl-C."""
+    started: dict[str, Broker] = {}
+    try:
+        for name in names:
+            started[name] = start_broker(extra)
+        yield started
+    finally:
+        for broker in started.values():
+            broker.cleanup()

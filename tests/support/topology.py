@@ -123,6 +123,74 @@ def master_ports(master: Any) -> dict[str, int]:
     return {"publish_port": int(master.config["publish_port"])}
 
 
+def top_master_overrides(es_node, **extra: Any) -> dict[str, Any]:
+    """Settings of the top master "top": the relay engine on ``es_node`` and the repo's
+    runners; ``extra`` adds to them (a reactor, other engines' settings)."""
+    return {
+        **QUIET,
+        "engines_dirs": [str(REPO / "salt" / "_engines")],
+        "runner_dirs": [str(REPO / "salt" / "_runners")],
+        "engines": [{"tributary_relay": relay_engine_config(es_node)}],
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def running_top_master(
+    factories: Any, es_node, master_id: str = "top", **extra: Any
+) -> Iterator[Any]:
+    """The top master (order_masters) started by ``factories`` (a salt-factories
+    ``FactoriesManager``), terminated on the way out."""
+    factory = factories.salt_master_daemon(
+        master_id, order_masters=True, overrides=top_master_overrides(es_node, **extra)
+    )
+    with factory.started():
+        yield factory
+
+
+@contextlib.contextmanager
+def running_syndic(top_master: Any, syndic_id: str = "syndic-1") -> Iterator[Any]:
+    """A syndic master + salt-syndic below ``top_master``, terminated on the way out."""
+    factory = top_master.salt_syndic_daemon(syndic_id, **syndic_kwargs(syndic_id))
+    with factory.started():
+        yield factory
+
+
+@contextlib.contextmanager
+def factories_manager(root_dir: str, start_timeout: int = 120) -> Iterator[Any]:
+    """salt-factories' ``FactoriesManager`` outside pytest (the demo), built as its pytest
+    plugin builds the ``salt_factories`` fixture: an ``EventListener`` (daemons forward their
+    events to it; it confirms they started) and a ``LogServer`` (daemons forward their log
+    records at ``warning`` and above into this process's logging), both on loopback."""
+    from saltfactories.manager import FactoriesManager
+    from saltfactories.plugins.event_listener import EventListener
+    from saltfactories.plugins.log_server import LogServer
+
+    class _Manager(FactoriesManager):
+        def final_common_config_tweaks(self, config, role):
+            super().final_common_config_tweaks(config, role)
+            config[f"pytest-{role}"]["log"]["level"] = self.log_server_level
+
+    listener = EventListener()
+    listener.host = "127.0.0.1"  # its default binds every interface
+    listener.address = f"tcp://127.0.0.1:{listener.port}"
+    log_server = LogServer(log_host="127.0.0.1", log_level="warning")
+    with listener:
+        log_server.start()
+        try:
+            yield _Manager(
+                root_dir=root_dir,
+                start_timeout=start_timeout,
+                inject_sitecustomize=False,
+                event_listener=listener,
+                log_server_host=log_server.log_host,
+                log_server_port=log_server.log_port,
+                log_server_level=log_server.log_level,
+            )
+        finally:
+            log_server.stop()
+
+
 def beacon_config(broker_port: int) -> list[dict]:
     return [
         {"broker": {"host": "127.0.0.1", "port": broker_port}},
@@ -166,7 +234,8 @@ def running_gateways(
         for gw, site in sites.items():
             beacons: dict[str, Any] = {"tributary_mqtt": beacon_config(brokers[gw].port)}
             if heartbeat_s:
-                beacons["tributary_health"] = [{"interval": heartbeat_s}]
+                # the heartbeat carries the role grain: alert rules may match on it
+                beacons["tributary_health"] = [{"interval": heartbeat_s}, {"grains": ["role"]}]
             factory = syndic_master.salt_minion_daemon(
                 gw,
                 overrides={
@@ -177,8 +246,8 @@ def running_gateways(
                     "beacons": beacons,
                 },
             )
+            factories[gw] = factory  # before start(): a failed start is terminated below too
             factory.start()
-            factories[gw] = factory
         for factory in factories.values():
             ret = factory.salt_call_cli(timeout=120).run("saltutil.sync_all")
             assert ret.returncode == 0, ret
