@@ -218,6 +218,39 @@ def gateway_subscribed(factory) -> bool:
     return ret.returncode == 0 and (ret.data.get("state") or {}).get("broker") == "subscribed"
 
 
+#: What each test gateway serves and allows (``tributary:commands`` in its minion config, so
+#: the ``tributary`` grain lists the devices): tests/integration/test_commands.py relies on
+#: boiler-1 being served by gw-brisbane-1 only and pump-1 by gw-sydney-1 only.
+GATEWAY_COMMANDS: dict[str, dict[str, Any]] = {
+    "gw-brisbane-1": {
+        "devices": ["boiler-1", "valve-1"],
+        "timeout_s": 5,
+        "allow": [
+            {
+                "device": "boiler-*",
+                "commands": ["setpoint"],
+                "payload": {"type": "number", "min": 40, "max": 90},
+            },
+            {"device": "valve-*", "commands": ["open", "close"], "payload": {"type": "none"}},
+        ],
+        "rate": {"max": 30, "window_s": 60},
+    },
+    "gw-sydney-1": {
+        "devices": ["pump-1", "boiler-9"],
+        "timeout_s": 5,
+        "allow": [
+            {"device": "pump-*", "commands": ["start", "stop"], "payload": {"type": "none"}},
+            {
+                "device": "boiler-*",
+                "commands": ["setpoint"],
+                "payload": {"type": "number", "min": 40, "max": 90},
+            },
+        ],
+        "rate": {"max": 30, "window_s": 60},
+    },
+}
+
+
 @contextlib.contextmanager
 def running_gateways(
     syndic_master: Any,
@@ -244,6 +277,11 @@ def running_gateways(
                     **master_ports(syndic_master),
                     "grains": {"site": site, "role": "gateway"},
                     "beacons": beacons,
+                    **(
+                        {"tributary": {"commands": GATEWAY_COMMANDS[gw]}}
+                        if gw in GATEWAY_COMMANDS
+                        else {}
+                    ),
                 },
             )
             factories[gw] = factory  # before start(): a failed start is terminated below too
