@@ -18,6 +18,7 @@ try:
     from saltext.tributary.analysis import health as analysis_health
     from saltext.tributary.analysis import store as analysis_store
     from saltext.tributary.analysis import views as analysis_views
+    from saltext.tributary.control import commands as control_commands
     from saltext.tributary.reaction import alerts as reaction_alerts
     from saltext.tributary.reaction import views as reaction_views
     from saltext.tributary.reactor import notify as reactor_notify
@@ -409,3 +410,48 @@ def report(site=None, since="24h", out=None):
         "sites": sorted({c.site for c in rep.sites}),
         "interval": report_model.interval_text(rep.window.interval_ms),
     }
+
+
+def command(device, command, payload=None, site=None, timeout=None, test=False, job_timeout=None):
+    """
+    Send ``command`` to every device matching ``device`` (a glob), through the gateways that
+    serve them (the ``tributary:devices`` grain), optionally only in ``site``: resolves the
+    gateways with ``grains.get tributary:devices`` on ``G@tributary:devices:<device>`` (and
+    ``G@site:<site>``), then runs ``tributary.command`` for each matching device on exactly
+    the gateways that serve it, through the syndics. Each gateway checks its own allow-list
+    and rate limit and audits the command (``tributary-commands-*``). Returns, per gateway and
+    device, the outcome (``acked``, ``refused_by_device``, ``refused``, ``timeout``,
+    ``test``, ``error``, or ``no_return``) with the reason, the device's answer and the
+    latency; ``result`` is True when every device acknowledged. ``test=True`` asks each
+    gateway what it would send, and nothing is published.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run tributary.command site=brisbane device='boiler-*' command=setpoint payload=70
+        salt-run tributary.command device=valve-3 command=close test=True
+    """
+    import salt.client
+
+    client = salt.client.get_local_client(mopts=dict(__opts__))
+    wait = float(job_timeout) if job_timeout else float(timeout or 10) + 20.0
+
+    def cmd(tgt, fun, arg, kwarg, tgt_type, timeout_s):
+        return client.cmd(
+            tgt, fun, arg=arg, kwarg=kwarg or None, tgt_type=tgt_type, timeout=int(timeout_s)
+        )
+
+    try:
+        return control_commands.send(
+            cmd,
+            str(device),
+            str(command),
+            payload,
+            str(site) if site else None,
+            timeout,
+            test is True or str(test).lower() == "true",
+            wait,
+        )
+    finally:
+        client.destroy()
