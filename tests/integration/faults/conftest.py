@@ -37,6 +37,25 @@ def fault_relay_config(es_node) -> dict:
         "metrics_interval_s": 5,
         "anomalies": {"persist_s": 2},
         "health": {"heartbeat_s": 5, "check_s": 1},
+        # test_alert_restart.py: an alert across a restart; rules on the heartbeat's grains
+        "rules": [
+            {
+                "name": "f-hot",
+                "match": {"sensor": "f-alert-probe", "metric": "temperature"},
+                "when": {"above": 80, "clear_below": 75},
+                "severity": "critical",
+            },
+            {
+                "name": "f-role-hot",
+                "match": {"sensor": "f-grain-probe", "grains": {"role": "gate*"}},
+                "when": {"above": 80},
+            },
+            {
+                "name": "f-boiler-room-hot",
+                "match": {"sensor": "f-grain-probe", "grains": {"role": "boiler-room"}},
+                "when": {"above": 80},
+            },
+        ],
         "gaps": {
             "grace_s": 8,
             "check_s": 2,
