@@ -278,8 +278,8 @@ def health(check_es=True):
 
 def alerts(site=None, recent=20):
     """
-    Alerts raised by the relay engine's rules: firing and pending ones by site (how long,
-    which value), the most recent transitions, and the active silences.
+    Alerts raised by the relay engine's rules: firing, flapping and pending ones by site (how
+    long, which value), the most recent transitions, and the active silences.
 
     CLI Example:
 
