@@ -181,8 +181,14 @@ class RuleEngine:
                 grains[str(gw)] = b
         if grains == self._grains:
             return False
+        changed = {
+            gw
+            for gw in grains.keys() | self._grains.keys()
+            if grains.get(gw) != self._grains.get(gw)
+        }
         self._grains = grains
-        self._matching.clear()  # which rules match a series may have changed
+        for skey in [k for k in self._matching if k[0] in changed]:  # matched again
+            del self._matching[skey]
         return True
 
     def readings(self, readings: Iterable[tuple], now_ms: int) -> list[dict[str, Any]]:
