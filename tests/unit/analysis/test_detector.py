@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from saltext.tributary.analysis.detector import (
     Detector,
     DetectorConfig,
@@ -118,3 +120,41 @@ def test_expect_says_what_and_why():
     e = m.expect(end + 2 * DAY + 11 * HOUR, CFG)  # Wednesday 11:00
     assert e["context"] == "Wed 11:00 (hour of week)" and 45 < e["expected"] < 55
     assert e["band"][0] < e["expected"] < e["band"][1] and e["state"] in ("ok", "quiet")
+
+
+def test_a_value_beyond_every_value_seen_is_an_anomaly_that_says_so():
+    rnd = random.Random(5)
+    m = SeriesModel()
+    ts = MONDAY
+    for _ in range(1000):
+        m.observe(ts, 10.0 + rnd.uniform(-1, 1), CFG)
+        ts += 5 * MIN
+    f = m.observe(ts, 13.0, CFG)  # 2 sigma-ish of a uniform's range beyond its maximum
+    assert f.anomaly and f.reason == "beyond range" and f.as_dict()["reason"] == "beyond range"
+    assert f.band[0] < f.expected < f.band[1] and f.samples == 1001
+
+
+def test_bursts_that_recur_alarm_less_as_they_become_usual():
+    """A burst every 40 points: the score is calibrated on the running empirical tail of the
+    series' own smoothed scores, so recurring bursts mostly stop alarming (the Gaussian
+    likelihood alone alarmed on 34 of the 150 bursts here)."""
+    rnd = random.Random(9)
+    m = SeriesModel()
+    ts = MONDAY
+    alerts = 0
+    for i in range(6000):
+        burst = i % 40 < 4
+        v = (40.0 + rnd.uniform(0, 20)) if burst else 1.0 + rnd.gauss(0, 0.1)
+        alerts += m.observe(ts, v, CFG).anomaly
+        ts += 5 * MIN
+    assert alerts <= 15
+
+
+def test_a_saved_state_of_another_version_is_refused():
+    m, _ = trained(weeks=1)
+    data = bytearray(m.to_bytes())
+    data[0] = 1  # the previous detector's format
+    with pytest.raises(ValueError, match="version"):
+        SeriesModel.from_bytes(bytes(data))
+    with pytest.raises(ValueError, match="truncated"):
+        SeriesModel.from_bytes(m.to_bytes()[:-8])

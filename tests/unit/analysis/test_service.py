@@ -112,3 +112,29 @@ def test_a_failing_subscriber_never_stops_the_tap():
     assert tap.drain()
     assert seen == [2, 1] and counters["tap_failed"] == 3
     tap.close()
+
+
+def test_saved_models_of_an_older_detector_are_discarded_and_counted(tmp_path):
+    path = str(tmp_path / "a.db")
+    svc = AnomalyService(DetectorConfig(), Collect().sinks(), ModelStore(path))
+    svc.handle(readings(MONDAY, 300))
+    other = {"sensor": "x", "metric": "y", "ts_ms": MONDAY, "value": 1.0}
+    svc.handle([("gw-b", None, "ep", 0, other)])
+    svc.close()
+    store = ModelStore(path)
+    old = bytearray(store.get(("gw-a", "s1", "power")).to_bytes())
+    old[0] = 1  # as the previous detector version wrote it
+    update = "UPDATE models SET state=? WHERE key=?"
+    store.db.execute(update, (bytes(old), '["gw-a", "s1", "power"]'))
+    store.db.commit()
+    c = Collect()
+    again = AnomalyService(DetectorConfig(), c.sinks(), store)
+    assert list(again.detector.models) == [("gw-b", "x", "y")]  # no crash, the other restored
+    assert c.counts["models_discarded"] == 1 and store.count() == 1
+    again.handle(readings(MONDAY + 300 * 10 * MIN, 1))
+    assert again.detector.models[("gw-a", "s1", "power")].n == 1  # learns again
+    # the loader path (a series evicted, then back) discards and counts the same way
+    store.db.execute(update, (b"\x01junk", '["gw-b", "x", "y"]'))
+    store.db.commit()
+    assert store.get(("gw-b", "x", "y")) is None and store.discarded == 2
+    again.close()

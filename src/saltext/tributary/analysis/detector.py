@@ -9,13 +9,20 @@ One :class:`SeriesModel` per (gateway, sensor, metric), fed point by point with 
 * **Raw score**: how far the value is from what its context expects, in standard deviations.
 * **Anomaly likelihood** (the post-processing Numenta's HTM detector uses): the average raw
   score of the last few points compared with the distribution of raw scores the series usually
-  has. A series that is always noisy does not alarm on noise; a quiet one alarms on a small
-  departure that persists. The score is that likelihood on a log scale in 0..1.
+  has, twice: as a Gaussian tail, and as a running *empirical* tail (the decayed share of past
+  averages at least as high, a 64-bin histogram); the point takes the less surprising of the
+  two, so a bursty, heavy-tailed series calibrates itself. A series that is always noisy does
+  not alarm on noise; a quiet one alarms on a small departure that persists. The score is that
+  tail probability on a log scale in 0..1.
+* **Beyond range**: a value outside every value seen so far by more than ``range_margin``
+  (10 %) of their range scores 1 (``reason: "beyond range"``): the running range, never the
+  file's or the future's.
 * **States**: ``learning`` until ``learn_n`` points (scores 0); ``ok``; after an alert,
   ``quiet`` for ``quiet_n`` points (one anomaly, one alert). A data gap longer than
   ``gap_factor`` times the series' usual interval resets the short-term memory, so a series
   resuming after a gap does not alarm for that alone.
-* **Bounded**: about 5.5 KiB of arrays per series; :class:`Detector` keeps at most
+* **Bounded**: about 6 KiB of arrays per series (versioned: a state of another version is
+  refused and its series learns again); :class:`Detector` keeps at most
   ``max_series`` models, evicting the least recently seen (counted).
 
 Every anomaly explains itself (:class:`Finding`): expected value and band, how far off, the
@@ -39,6 +46,9 @@ WEEK_SLOTS = 168
 DAY_SLOTS = 48  # weekday hours 0-23, weekend hours 24-47
 DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 LOG_SCALE = math.log(1e-10)  # log(1 - likelihood) is scaled by this (HTM's log likelihood)
+#: the empirical distribution of the smoothed raw score: bins of HIST_STEP sigmas up to clip_z
+HIST_BINS = 64
+STATE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,8 @@ class DetectorConfig:
     season_gain: float = 0.6  # a time context is used when its error is below this share
     robust_z: float = 4.0  # values further out than this many sigmas are learnt as if there
     robust_rate: float = 1.0  # ... and at this share of the usual rate
+    tail_n: int = 2000  # memory (points) of the smoothed raw scores' empirical distribution
+    range_margin: float = 0.1  # beyond the range seen by this share of it: an anomaly
 
 
 @dataclass
@@ -74,6 +86,8 @@ class Finding:
     context_samples: int
     samples: int
     state: str  # learning | ok | quiet
+    #: why it scored: "departure" from its context, or "beyond range" (outside every value seen)
+    reason: str = "departure"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +101,7 @@ class Finding:
             "context_samples": self.context_samples,
             "samples": self.samples,
             "state": self.state,
+            "reason": self.reason,
         }
 
 
@@ -103,8 +118,12 @@ class SeriesModel:
         "dy",
         "err_f",
         "err_s",
+        "hi",
+        "hist",
+        "hist_w",
         "last_ts",
         "last_value",
+        "lo",
         "mean",
         "n",
         "quiet",
@@ -143,6 +162,12 @@ class SeriesModel:
         # per slot: mean, variance, visits (as floats)
         self.wk = array("d", bytes(8 * 3 * WEEK_SLOTS))
         self.dy = array("d", bytes(8 * 3 * DAY_SLOTS))
+        # the smoothed raw scores seen (exponentially decayed counts: a new count weighs
+        # hist_w, which grows; both are rescaled before they get large)
+        self.hist = array("d", bytes(8 * HIST_BINS))
+        self.hist_w = 1.0
+        self.lo = math.inf  # the range of values seen
+        self.hi = -math.inf
 
     # -- the one hot method ---------------------------------------------------------------
     def observe(self, ts_ms: int, x: float, cfg: DetectorConfig) -> Finding:
@@ -190,6 +215,7 @@ class SeriesModel:
         # likelihood of the recent raw scores against the usual ones
         score = 0.0
         state = "ok"
+        reason = "departure"
         if gap:
             self.ring_n = 0
             self.ring_i = 0
@@ -207,13 +233,45 @@ class SeriesModel:
         if n < cfg.learn_n:
             state = "learning"
         elif self.ring_n >= k and self.r_n:
+            # how rare the recent raw scores are: both as a Gaussian tail of the usual raw
+            # scores (HTM's likelihood) and as the share of past smoothed scores at least as
+            # high (the running empirical tail: heavy-tailed, bursty series calibrate
+            # themselves); the point scores by the less surprising of the two
+            avg = self.ring_sum / k
             r_sd = math.sqrt(self.r_var) if self.r_var > 1e-6 else 1e-3
-            tail = _tail((self.ring_sum / k - self.r_mean) / r_sd)
+            tail = _tail((avg - self.r_mean) / r_sd)
+            hist = self.hist
+            bi = int(avg * HIST_BINS / cfg.clip_z)
+            if bi >= HIST_BINS:
+                bi = HIST_BINS - 1
+            hw = self.hist_w
+            emp = (sum(hist[bi:]) + hw) / (sum(hist) + hw)
+            if emp > tail:
+                tail = emp
             score = math.log(tail + 1e-10) / LOG_SCALE
             if score > 1.0:
                 score = 1.0
             elif score < 0.0:
                 score = 0.0
+            if not gap:
+                hist[bi] += hw
+                hw /= 1.0 - 1.0 / cfg.tail_n
+                if hw > 1e6:
+                    for j in range(HIST_BINS):
+                        hist[j] /= hw
+                    hw = 1.0
+                self.hist_w = hw
+            # a value beyond every value seen (by a share of their range) is an anomaly
+            rng = self.hi - self.lo
+            if rng <= 0.0:
+                rng = 1e-3 * abs(self.hi) or 1e-9
+            if x > self.hi + cfg.range_margin * rng or x < self.lo - cfg.range_margin * rng:
+                score = 1.0
+                reason = "beyond range"
+        if x < self.lo:
+            self.lo = x
+        if x > self.hi:
+            self.hi = x
         anomaly = False
         if self.quiet:
             self.quiet -= 1
@@ -269,15 +327,16 @@ class SeriesModel:
             int(seen),
             n + 1,
             state,
+            reason,
         )
 
     # -- persistence ----------------------------------------------------------------------
-    _HEAD = struct.Struct("<BqqdddddqqqdqHdddqq")
+    _HEAD = struct.Struct("<BqqdddddqqqdqHdddqqddd")
 
     def to_bytes(self) -> bytes:
         """The whole state, for a restart (``from_bytes`` restores it)."""
         head = self._HEAD.pack(
-            1,
+            STATE_VERSION,
             self.n,
             self.last_ts,
             self.dt,
@@ -296,14 +355,28 @@ class SeriesModel:
             self.last_value,
             self.same,
             self.seen_ms,
+            self.hist_w,
+            self.lo,
+            self.hi,
         )
-        return head + self.ring.tobytes() + self.wk.tobytes() + self.dy.tobytes()
+        return (
+            head + self.ring.tobytes() + self.wk.tobytes() + self.dy.tobytes() + self.hist.tobytes()
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SeriesModel:
+        """The model ``to_bytes`` wrote; :class:`ValueError` for a state of another version
+        (an older detector's: its caller discards it and the series learns again) or a
+        truncated one."""
+        if not data or data[0] != STATE_VERSION:
+            raise ValueError(
+                f"model state version {data[0] if data else None}, not {STATE_VERSION}"
+            )
+        if len(data) < cls._HEAD.size:
+            raise ValueError("truncated model state")
         m = cls()
         (
-            version,
+            _version,
             m.n,
             m.last_ts,
             m.dt,
@@ -322,11 +395,17 @@ class SeriesModel:
             m.last_value,
             m.same,
             m.seen_ms,
+            m.hist_w,
+            m.lo,
+            m.hi,
         ) = cls._HEAD.unpack_from(data)
-        if version != 1:
-            raise ValueError(f"unknown model state version {version}")
         off = cls._HEAD.size
-        for name, length in (("ring", ring_len), ("wk", 3 * WEEK_SLOTS), ("dy", 3 * DAY_SLOTS)):
+        for name, length in (
+            ("ring", ring_len),
+            ("wk", 3 * WEEK_SLOTS),
+            ("dy", 3 * DAY_SLOTS),
+            ("hist", HIST_BINS),
+        ):
             arr = array("d")
             arr.frombytes(data[off : off + 8 * length])
             if len(arr) != length:
@@ -337,7 +416,7 @@ class SeriesModel:
 
     def size(self) -> int:
         """Bytes of state (what ``to_bytes`` writes)."""
-        return self._HEAD.size + 8 * (len(self.ring) + len(self.wk) + len(self.dy))
+        return self._HEAD.size + 8 * (len(self.ring) + len(self.wk) + len(self.dy) + len(self.hist))
 
     def expect(self, ts_ms: int, cfg: DetectorConfig) -> dict[str, Any]:
         """What the model expects at ``ts_ms``, and from which context (no learning)."""

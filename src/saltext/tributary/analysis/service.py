@@ -88,9 +88,12 @@ class AnomalyService:
         self.sites: dict[str, Any] = {}
         #: (wall ms, gateway, site) of recent anomalies (the application layer of health)
         self.recent: deque[tuple[int, str, Any]] = deque(maxlen=10_000)
+        #: saved models discarded by the store so far (reported as ``models_discarded``)
+        self._discarded = 0
         if store is not None:
             for key, model in store.load(max_series):
                 self.detector.models[key] = model
+            self._count_discarded()
             if self.detector.models:
                 log.info(
                     "tributary anomalies: %d series models restored", len(self.detector.models)
@@ -115,6 +118,7 @@ class AnomalyService:
         self.sinks.count("analysed", len(readings))
         if self.detector.evicted > evicted:
             self.sinks.count("series_evicted", self.detector.evicted - evicted)
+        self._count_discarded()
         if found:
             self.sinks.count("anomalies", len(found))
             self.recent.extend((now, d["gateway"], d["site"]) for d in found)
@@ -124,6 +128,13 @@ class AnomalyService:
         if time.monotonic() - self._last_save > self.persist_s:
             self.save()
         self.check_health()
+
+    def _count_discarded(self) -> None:
+        """Count saved models the store could not read (another detector version's)."""
+        n = self.store.discarded if self.store is not None else 0
+        if n > self._discarded:
+            self.sinks.count("models_discarded", n - self._discarded)
+            self._discarded = n
 
     def _emit(self, docs: list[dict[str, Any]]) -> None:
         for doc in docs:
