@@ -26,7 +26,8 @@ Figures (issue 4 targets in brackets; benchmarks, never test assertions):
 
 Environment: ``TRIBUTARY_BENCH_N`` (default 100000), ``TRIBUTARY_BENCH_E2E_N`` (MQTT readings
 for the end-to-end rate, default 20000), ``TRIBUTARY_BENCH_SOAK_S``,
-``TRIBUTARY_BENCH_SKIP_GATEWAY=1`` skips ``bench/gateway.py``, ``TRIBUTARY_BENCH_STOP_AFTER``
+``TRIBUTARY_BENCH_ANOMALIES=0`` turns the detector off, ``TRIBUTARY_BENCH_RULES=100`` adds that many
+alert rules, ``TRIBUTARY_BENCH_SKIP_GATEWAY=1`` skips ``bench/gateway.py``, ``TRIBUTARY_BENCH_STOP_AFTER``
 (``relay``, ``end_to_end`` or ``latency``) ends the pipeline after that section.
 """
 
@@ -99,6 +100,25 @@ def readings(n: int, first: int = 1, sensors: int = 20) -> list[SpooledReading]:
         SpooledReading(
             first + i, f"s{i % sensors}/temperature", "C", t0 + i, round(20 + (i % 997) / 100, 2)
         )
+        for i in range(n)
+    ]
+
+
+def bench_rules(n: int) -> list[dict[str, Any]]:
+    """``n`` alert rules that all look at the bench's readings (site ``bench``, sensors
+    ``s0``..``s19``): thresholds with a hold and a clear, rates and absences, none firing."""
+    kinds = [
+        {"above": 1e6, "for_s": 60, "clear_below": 1e5},
+        {"below": -1e6, "for_s": 60, "clear_above": -1e5},
+        {"rate_above": 1e6},
+        {"absent_s": 3600},
+    ]
+    return [
+        {
+            "name": f"bench-{i}",
+            "match": {"site": "bench", "sensor": f"s{i % 20}*", "metric": "temperature"},
+            "when": kinds[i % 4],
+        }
         for i in range(n)
     ]
 
@@ -373,6 +393,9 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
             "metrics_interval_s": 30,
             "gaps": {"enabled": False},
         }
+        # TRIBUTARY_BENCH_RULES=100 measures it with that many alert rules on the readings
+        if int(os.environ.get("TRIBUTARY_BENCH_RULES", "0")):
+            relay_cfg["rules"] = bench_rules(int(os.environ["TRIBUTARY_BENCH_RULES"]))
         write_yaml(
             root / "top/master",
             {
@@ -393,7 +416,13 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
         (root / "top/etc/salt/pki/master/minions").mkdir(parents=True, exist_ok=True)
         top = d.start("salt-master", root / "top")
         counters = Counters(spool)
-        wait(lambda: os.path.exists(spool), 120, "the relay engine's spool", 0.5)
+        try:
+            wait(lambda: os.path.exists(spool), 120, "the relay engine's spool", 0.5)
+        except RuntimeError:
+            master_log = root / "top/var/log/salt/master"
+            if master_log.exists():
+                log("top master log:\n" + "\n".join(master_log.read_text().splitlines()[-40:]))
+            raise
         mopts = salt.config.master_config(str(root / "top/master"))
         (pathlib.Path(mopts["pki_dir"]) / "minions").mkdir(parents=True, exist_ok=True)
         (pathlib.Path(mopts["pki_dir"]) / "minions" / "bench-pub").write_text(pub)
