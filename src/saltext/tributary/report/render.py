@@ -88,14 +88,43 @@ def _time_axis(ax: Any, window: Window) -> None:
 
 
 _D_ATTR = re.compile(r'(\sd=")([^"]*)(")')
-_LONG = re.compile(r"(-?\d+\.\d)\d+")
+_TOKEN = re.compile(r"[A-Za-z]|-?(?:\d+\.?\d*|\.\d+)")
+_METADATA = re.compile(r"\s*<metadata>.*?</metadata>", re.S)
+
+
+def minify_path(d: str) -> str:
+    """SVG path data at 1/10 pt, without the separators and repeated commands it can do
+    without (``M 1.23 4.0 L 5 6 L 7 8`` becomes ``M1.2 4L5 6 7 8``)."""
+    out: list[str] = []
+    last_cmd = ""
+    after_cmd = True
+    for tok in _TOKEN.findall(d):
+        if tok.isalpha():
+            # a pair after M or L is an implicit L; after C another C
+            if (tok == "L" and last_cmd in ("M", "L")) or (tok == "C" and last_cmd == "C"):
+                last_cmd = "L" if tok == "L" else tok
+                continue
+            out.append(tok)
+            last_cmd = tok
+            after_cmd = True
+            continue
+        num = f"{round(float(tok), 1):g}"
+        if num == "-0":
+            num = "0"
+        if not after_cmd and not num.startswith("-"):
+            out.append(" ")
+        out.append(num)
+        after_cmd = False
+    return "".join(out)
 
 
 def shrink_svg(svg: str) -> str:
-    """Drop matplotlib's XML prolog and keep one decimal in path data (1/10 pt)."""
+    """Drop matplotlib's XML prolog and RDF metadata (it names matplotlib's web site) and
+    minify path data (:func:`minify_path`)."""
     start = svg.find("<svg")
     svg = svg[start:] if start >= 0 else svg
-    return _D_ATTR.sub(lambda m: m.group(1) + _LONG.sub(r"\1", m.group(2)) + m.group(3), svg)
+    svg = _METADATA.sub("", svg)
+    return _D_ATTR.sub(lambda m: m.group(1) + minify_path(m.group(2)) + m.group(3), svg)
 
 
 def _render(fig: Any, name: str, title: str, png_dpi: int) -> Chart:
@@ -107,22 +136,23 @@ def _render(fig: Any, name: str, title: str, png_dpi: int) -> Chart:
     return Chart(name, title, shrink_svg(buf.getvalue()), png.getvalue())
 
 
+def _edges(keys: list[int], window: Window) -> Any:
+    """Bucket edges for :meth:`Axes.stairs` (one path per series, not a patch per bar)."""
+    return mdates.date2num(_t([*keys, (keys[-1] if keys else 0) + window.interval_ms]))
+
+
 def pipeline_chart(p: Pipeline, window: Window, png_dpi: int = 80) -> Chart:
     keys = [pt.t for pt in p.points]
     x = _t(keys)
+    edges = _edges(keys, window)
     rows = 4 if p.commands else 3
     with matplotlib.rc_context(RC):
         fig = Figure(figsize=(10, 1.9 * rows), layout="constrained")
         axes = fig.subplots(rows, 1, sharex=True)
         a = axes[0]
-        a.step(x, [pt.readings_in for pt in p.points], where="post", color="#1f77b4", label="in")
-        a.step(
-            x,
-            [pt.indexed for pt in p.points],
-            where="post",
-            color="#ff7f0e",
-            label="indexed",
-            linestyle="--",
+        a.stairs([pt.readings_in for pt in p.points], edges, color="#1f77b4", label="in")
+        a.stairs(
+            [pt.indexed for pt in p.points], edges, color="#ff7f0e", label="indexed", linestyle="--"
         )
         a.set_title("Readings per interval: measured (in) and indexed", loc="left")
         a.legend(loc="lower right", bbox_to_anchor=(1, 1), frameon=False, ncols=2)
@@ -131,29 +161,18 @@ def pipeline_chart(p: Pipeline, window: Window, png_dpi: int = 80) -> Chart:
         a.plot(x, lag, color="#9467bd", marker=".", markersize=3)
         a.set_title("Mean lag gateway -> indexed (s)", loc="left")
         a = axes[2]
-        width = window.interval_ms / 86_400_000 / 3
-        xn = mdates.date2num(x)
-        a.bar(
-            xn - width,
-            [pt.dead_letters for pt in p.points],
-            width,
-            color="#d62728",
-            label="dead letters",
-        )
-        a.bar(xn, [pt.replays for pt in p.points], width, color="#17becf", label="replays")
-        a.bar(
-            xn + width,
-            [pt.gaps_given_up for pt in p.points],
-            width,
-            color="#7f7f7f",
-            label="gaps given up",
-        )
+        for values, colour, label in (
+            ([pt.dead_letters for pt in p.points], "#d62728", "dead letters"),
+            ([pt.replays for pt in p.points], "#17becf", "replays"),
+            ([pt.gaps_given_up for pt in p.points], "#7f7f7f", "gaps given up"),
+        ):
+            a.stairs(values, edges, fill=True, alpha=0.6, color=colour, label=label)
         if p.metrics_present:
             og, last = [], math.nan  # a gauge: it holds until the next self-metrics document
             for pt in p.points:
                 last = last if pt.open_gaps is None else pt.open_gaps
                 og.append(last)
-            a.step(x, og, where="post", color="#000000", linewidth=1, label="open gaps")
+            a.stairs(og, edges, color="#000000", linewidth=1, label="open gaps")
         a.set_title("Dead letters, replay requests, gaps", loc="left")
         a.legend(loc="lower right", bbox_to_anchor=(1, 1), frameon=False, ncols=4)
         if p.commands:
@@ -161,8 +180,9 @@ def pipeline_chart(p: Pipeline, window: Window, png_dpi: int = 80) -> Chart:
             bottom = np.zeros(len(keys))
             for i, (outcome, counts) in enumerate(sorted(p.commands.items())):
                 colour = OUTCOME_COLOURS.get(outcome, PALETTE[i % len(PALETTE)])
-                a.bar(xn, counts, width * 2.5, bottom=bottom, color=colour, label=outcome)
-                bottom += np.array(counts)
+                top = bottom + np.array(counts)
+                a.stairs(top, edges, baseline=bottom, fill=True, color=colour, label=outcome)
+                bottom = top
             a.set_title("Commands sent, by outcome", loc="left")
             a.legend(loc="lower right", bbox_to_anchor=(1, 1), frameon=False, ncols=5)
         for a in axes:
@@ -171,53 +191,47 @@ def pipeline_chart(p: Pipeline, window: Window, png_dpi: int = 80) -> Chart:
 
 
 def findings_chart(f: FindingsChart, window: Window, png_dpi: int = 80) -> Chart:
-    x = mdates.date2num(_t(f.keys))
-    width = window.interval_ms / 86_400_000 * 0.8
+    edges = _edges(f.keys, window)
     with matplotlib.rc_context(RC):
         fig = Figure(figsize=(10, 2.2), layout="constrained")
         a = fig.subplots()
         bottom = np.zeros(len(f.keys))
         for layer, counts in f.layers.items():
-            a.bar(
-                x,
-                counts,
-                width,
-                bottom=bottom,
-                align="edge",
+            top = bottom + np.array(counts)
+            a.stairs(
+                top,
+                edges,
+                baseline=bottom,
+                fill=True,
                 label=layer,
                 color=LAYER_COLOURS.get(layer, "#7f7f7f"),
             )
-            bottom += np.array(counts)
+            bottom = top
         a.set_title("Health findings raised per interval, by layer", loc="left")
         a.legend(loc="lower right", bbox_to_anchor=(1, 1), frameon=False, ncols=3)
         _time_axis(a, window)
         return _render(fig, "findings", "Health findings", png_dpi)
 
 
+def _on_keys(buckets: list, keys: list[int]) -> tuple[Any, Any, Any]:
+    """min, mean, max per window bucket, NaN where a series has none (a gap in the line)."""
+    at = {b.t: b for b in buckets}
+    nan = math.nan
+    lo = np.array([at[t].min if t in at else nan for t in keys])
+    mean = np.array([at[t].avg if t in at else nan for t in keys])
+    hi = np.array([at[t].max if t in at else nan for t in keys])
+    return lo, mean, hi
+
+
 def _series_axes(a: Any, s: Series, chart: SiteChart, colour: str, window: Window) -> None:
+    keys = window.keys()
+    x = _t([t + window.interval_ms // 2 for t in keys])  # each bucket at its middle
     if chart.siblings and len(chart.series) > 1:
-        sx = _t([b.t for b in chart.siblings])
-        a.fill_between(
-            sx,
-            [b.min for b in chart.siblings],
-            [b.max for b in chart.siblings],
-            step="post",
-            color="#d9d9d9",
-            linewidth=0,
-            label="siblings",
-        )
-    x = _t([b.t for b in s.buckets])
-    a.fill_between(
-        x,
-        [b.min for b in s.buckets],
-        [b.max for b in s.buckets],
-        step="post",
-        color=colour,
-        alpha=0.35,
-        linewidth=0,
-        label="min-max",
-    )
-    a.step(x, [b.avg for b in s.buckets], where="post", color=colour, linewidth=1, label="mean")
+        lo, _, hi = _on_keys(chart.siblings, keys)
+        a.fill_between(x, lo, hi, color="#d9d9d9", linewidth=0, label="siblings")
+    lo, mean, hi = _on_keys(s.buckets, keys)
+    a.fill_between(x, lo, hi, color=colour, alpha=0.35, linewidth=0, label="min-max")
+    a.plot(x, mean, color=colour, linewidth=1, label="mean")
     if s.anomalies:
         ax_ = _t([m.t for m in s.anomalies])
         exp = np.array([m.expected for m in s.anomalies])
