@@ -176,6 +176,55 @@ def run_detector(
     return stamps, values, scores, cpu, model.size()
 
 
+def normalised(files: list[Scored], thr: float, prof: dict) -> float:
+    """NAB's normalised score of ``files`` at one threshold (null 0, perfect 100)."""
+    raw = sum(file_score(s, thr, prof) for s in files)
+    null = -sum(prof["fn"] * s.n_windows for s in files)
+    perfect = sum(prof["tp"] * s.n_windows for s in files)
+    return 100 * (raw - null) / (perfect - null)
+
+
+def split_check(paths: list[Path], windows: dict, cfg: DetectorConfig, grid: list[float]) -> dict:
+    """Generality check of the threshold: the files split in two halves (alternately within
+    each category); for each half, the threshold is chosen on it alone (the detector run at
+    each threshold of ``grid``, so its quiet-after-alert uses it) and the *other* half is
+    scored at that threshold."""
+    halves: list[list[int]] = [[], []]
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for i, path in enumerate(paths):
+        by_cat[path.parent.name].append(i)
+    for idx in by_cat.values():
+        for j, i in enumerate(idx):
+            halves[j % 2].append(i)
+    runs = {}
+    for thr in grid:
+        c = DetectorConfig(**{**cfg.__dict__, "threshold": thr})
+        scored = []
+        for path in paths:
+            stamps, _values, scores, _cpu, _size = run_detector(path, c)
+            scored.append(Scored(stamps, scores, windows[f"{path.parent.name}/{path.name}"]))
+        runs[thr] = scored
+    out: dict = {"halves": [[f"{paths[i].parent.name}/{paths[i].name}" for i in h] for h in halves]}
+    for name, prof in PROFILES.items():
+        res = []
+        for tune, test in ((0, 1), (1, 0)):
+            best = max(grid, key=lambda t: normalised([runs[t][i] for i in halves[tune]], t, prof))
+            res.append(
+                {
+                    "tuned_on_half": tune,
+                    "threshold": best,
+                    "score_on_tuning_half": round(
+                        normalised([runs[best][i] for i in halves[tune]], best, prof), 1
+                    ),
+                    "score_on_held_out_half": round(
+                        normalised([runs[best][i] for i in halves[test]], best, prof), 1
+                    ),
+                }
+            )
+        out[name] = res
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, type=Path)
@@ -183,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--detector", default="tributary")
     ap.add_argument("--set", action="append", default=[], help="detector option, key=value")
+    ap.add_argument(
+        "--split-check",
+        metavar="LO:HI:STEP",
+        help="also choose the threshold on half the files and score the other half",
+    )
     args = ap.parse_args(argv)
     overrides = {}
     for item in args.set:
@@ -225,20 +279,35 @@ def main(argv: list[str] | None = None) -> int:
         thr, raw = optimise(files, prof)
         null = -sum(prof["fn"] * s.n_windows for s in files)
         perfect = sum(prof["tp"] * s.n_windows for s in files)
-        per_cat = defaultdict(lambda: [0.0, 0.0, 0.0])
+        per_cat = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
         for s, c in zip(files, cats, strict=True):
             sc = file_score(s, thr, prof)
             per_cat[c][0] += sc
+            per_cat[c][3] += file_score(s, cfg.threshold, prof)
             per_cat[c][1] += -prof["fn"] * s.n_windows
             per_cat[c][2] += prof["tp"] * s.n_windows
+        at_cfg = sum(file_score(s, cfg.threshold, prof) for s in files)
         report["profiles"][name] = {
             "score": round(100 * (raw - null) / (perfect - null), 1),
             "threshold": thr,
+            # the score at the detector's own threshold (the one its quiet-after-alert used)
+            "score_at_config_threshold": round(100 * (at_cfg - null) / (perfect - null), 1),
             "by_category": {
                 c: (round(100 * (v[0] - v[1]) / (v[2] - v[1]), 1) if v[2] > v[1] else None)
                 for c, v in sorted(per_cat.items())
             },
+            "by_category_at_config_threshold": {
+                c: (round(100 * (v[3] - v[1]) / (v[2] - v[1]), 1) if v[2] > v[1] else None)
+                for c, v in sorted(per_cat.items())
+            },
         }
+    if args.split_check:
+        lo, hi, step = (float(v) for v in args.split_check.split(":"))
+        grid = [round(lo + k * step, 6) for k in range(round((hi - lo) / step) + 1)]
+        paths = [
+            p for p in sorted(args.data.glob("*/*.csv")) if f"{p.parent.name}/{p.name}" in windows
+        ]
+        report["split_check"] = split_check(paths, windows, cfg, grid)
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

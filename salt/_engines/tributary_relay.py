@@ -63,9 +63,10 @@ Configuration (master config)::
             timeout_s: 60
           anomalies:                 # the detector on confirmed readings (README: Anomalies)
             enabled: true
-            threshold: 0.18          # score of an anomaly (tuned on NAB)
+            threshold: 0.1345        # score of an anomaly (tuned on NAB)
             learn_n: 150             # points before a series is scored
             quiet_n: 100             # points without a new alert after one
+            rearm_n: 20              # ... unless this many calm points came first (0: never)
             max_series: 100000       # models kept; the least recently seen are evicted
             queue_batches: 256       # confirmed bulks queued for it; past that: shed, counted
             persist_s: 60            # models saved this often (and at stop)

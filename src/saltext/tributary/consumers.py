@@ -124,7 +124,10 @@ def wire(
             )
         service = analysis_service.AnomalyService(
             analysis_detector.DetectorConfig(
-                threshold=cfg.threshold, learn_n=cfg.learn_n, quiet_n=cfg.quiet_n
+                threshold=cfg.threshold,
+                learn_n=cfg.learn_n,
+                quiet_n=cfg.quiet_n,
+                rearm_n=cfg.rearm_n,
             ),
             analysis_service.Sinks(bulk=bulk, fire=fire, index=index("anomalies"), count=count),
             analysis_store.ModelStore(cfg.state_path),

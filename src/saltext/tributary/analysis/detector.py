@@ -17,11 +17,15 @@ One :class:`SeriesModel` per (gateway, sensor, metric), fed point by point with 
 * **Beyond range**: a value outside every value seen so far by more than ``range_margin``
   (10 %) of their range scores 1 (``reason: "beyond range"``): the running range, never the
   file's or the future's.
+* **Familiar shapes**: the last five values, each quantised to one of eight levels of the range
+  seen so far, index one bit of a 32,768-bit pattern memory; a departure whose shape has been
+  seen before scores ``familiar_gain`` (half) of what it would: a burst that recurs is usual.
 * **States**: ``learning`` until ``learn_n`` points (scores 0); ``ok``; after an alert,
-  ``quiet`` for ``quiet_n`` points (one anomaly, one alert). A data gap longer than
-  ``gap_factor`` times the series' usual interval resets the short-term memory, so a series
-  resuming after a gap does not alarm for that alone.
-* **Bounded**: about 6 KiB of arrays per series (versioned: a state of another version is
+  ``quiet`` for ``quiet_n`` points (one anomaly, one alert), unless the score stayed below the
+  threshold for ``rearm_n`` points first (a second, separate departure alerts again). A data
+  gap longer than ``gap_factor`` times the series' usual interval resets the short-term
+  memory, so a series resuming after a gap does not alarm for that alone.
+* **Bounded**: about 10 KiB of arrays per series (versioned: a state of another version is
   refused and its series learns again); :class:`Detector` keeps at most
   ``max_series`` models, evicting the least recently seen (counted).
 
@@ -48,7 +52,11 @@ DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 LOG_SCALE = math.log(1e-10)  # log(1 - likelihood) is scaled by this (HTM's log likelihood)
 #: the empirical distribution of the smoothed raw score: bins of HIST_STEP sigmas up to clip_z
 HIST_BINS = 64
-STATE_VERSION = 2
+STATE_VERSION = 3
+#: pattern memory: PATTERN_N consecutive values quantised to PATTERN_Q levels, one bit each
+PATTERN_Q = 8
+PATTERN_N = 5
+PATTERN_SIZE = PATTERN_Q**PATTERN_N
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,9 @@ class DetectorConfig:
     value_n: int = 600  # memory of the whole-series mean/variance (points)
     slot_n: int = 12  # memory of one context slot (visits)
     slot_min: int = 4  # visits before a slot is trusted
-    threshold: float = 0.18  # score at or above which a point is an anomaly (NAB-optimised)
+    threshold: float = 0.1345  # score at or above which a point is an anomaly (NAB-optimised)
     quiet_n: int = 100  # points without a new alert after one
+    rearm_n: int = 20  # ... unless the score stayed below the threshold this long (0: never)
     gap_factor: float = 5.0  # a gap longer than this many usual intervals resets short memory
     clip_z: float = 8.0  # raw scores are capped (one wild point cannot dominate)
     season_gain: float = 0.6  # a time context is used when its error is below this share
@@ -70,6 +79,7 @@ class DetectorConfig:
     robust_rate: float = 1.0  # ... and at this share of the usual rate
     tail_n: int = 2000  # memory (points) of the smoothed raw scores' empirical distribution
     range_margin: float = 0.1  # beyond the range seen by this share of it: an anomaly
+    familiar_gain: float = 0.5  # the score of a departure whose shape has been seen before
 
 
 @dataclass
@@ -114,6 +124,7 @@ class SeriesModel:
     """The state of one series (see the module docstring)."""
 
     __slots__ = (
+        "calm",
         "dt",
         "dy",
         "err_f",
@@ -126,6 +137,7 @@ class SeriesModel:
         "lo",
         "mean",
         "n",
+        "pattern",
         "quiet",
         "r_mean",
         "r_n",
@@ -135,6 +147,7 @@ class SeriesModel:
         "ring_n",
         "ring_sum",
         "same",
+        "seen",
         "seen_ms",
         "var",
         "wk",
@@ -154,6 +167,7 @@ class SeriesModel:
         self.ring_n = 0
         self.ring_sum = 0.0
         self.quiet = 0
+        self.calm = 0  # points below the threshold since the last alert
         self.last_value = math.nan
         self.same = 0  # consecutive readings equal to the previous one (a stuck sensor)
         self.seen_ms = 0  # wall-clock time the last reading arrived (set by the caller)
@@ -168,6 +182,8 @@ class SeriesModel:
         self.hist_w = 1.0
         self.lo = math.inf  # the range of values seen
         self.hi = -math.inf
+        self.pattern = 0  # the last PATTERN_N quantised values, as one number
+        self.seen = bytearray(PATTERN_SIZE // 8)  # the patterns seen, one bit each
 
     # -- the one hot method ---------------------------------------------------------------
     def observe(self, ts_ms: int, x: float, cfg: DetectorConfig) -> Finding:
@@ -272,14 +288,31 @@ class SeriesModel:
             self.lo = x
         if x > self.hi:
             self.hi = x
+        # pattern memory: the last PATTERN_N values, each quantised to one of PATTERN_Q levels
+        # of the range seen so far, index one bit; a departure whose shape has been seen
+        # before (its bit already set) is familiar and scores less
+        rng = self.hi - self.lo
+        q = int(PATTERN_Q * (x - self.lo) / rng) if rng > 0.0 else 0
+        if q >= PATTERN_Q:
+            q = PATTERN_Q - 1
+        pat = self.pattern = (self.pattern * PATTERN_Q + q) % PATTERN_SIZE
+        seen_bits = self.seen
+        byte, bit = pat >> 3, 1 << (pat & 7)
+        if seen_bits[byte] & bit:
+            score *= cfg.familiar_gain
+        else:
+            seen_bits[byte] |= bit
         anomaly = False
-        if self.quiet:
+        if self.quiet and not (score >= cfg.threshold and 0 < cfg.rearm_n <= self.calm):
+            # quiet after an alert; a new departure after rearm_n calm points alerts again
             self.quiet -= 1
+            self.calm = self.calm + 1 if score < cfg.threshold else 0
             state = "quiet"
             score = 0.0
         elif score >= cfg.threshold:
             anomaly = True
             self.quiet = cfg.quiet_n
+            self.calm = 0
         # learn: raw-score distribution (not from a gap's first point), then the contexts
         if not gap:
             self.r_n += 1
@@ -331,7 +364,7 @@ class SeriesModel:
         )
 
     # -- persistence ----------------------------------------------------------------------
-    _HEAD = struct.Struct("<BqqdddddqqqdqHdddqqddd")
+    _HEAD = struct.Struct("<BqqdddddqqqdqHdddqqdddqq")
 
     def to_bytes(self) -> bytes:
         """The whole state, for a restart (``from_bytes`` restores it)."""
@@ -358,10 +391,11 @@ class SeriesModel:
             self.hist_w,
             self.lo,
             self.hi,
+            self.pattern,
+            self.calm,
         )
-        return (
-            head + self.ring.tobytes() + self.wk.tobytes() + self.dy.tobytes() + self.hist.tobytes()
-        )
+        arrays = self.ring.tobytes() + self.wk.tobytes() + self.dy.tobytes() + self.hist.tobytes()
+        return head + arrays + bytes(self.seen)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SeriesModel:
@@ -398,6 +432,8 @@ class SeriesModel:
             m.hist_w,
             m.lo,
             m.hi,
+            m.pattern,
+            m.calm,
         ) = cls._HEAD.unpack_from(data)
         off = cls._HEAD.size
         for name, length in (
@@ -412,11 +448,15 @@ class SeriesModel:
                 raise ValueError("truncated model state")
             setattr(m, name, arr)
             off += 8 * length
+        m.seen = bytearray(data[off : off + PATTERN_SIZE // 8])
+        if len(m.seen) != PATTERN_SIZE // 8:
+            raise ValueError("truncated model state")
         return m
 
     def size(self) -> int:
         """Bytes of state (what ``to_bytes`` writes)."""
-        return self._HEAD.size + 8 * (len(self.ring) + len(self.wk) + len(self.dy) + len(self.hist))
+        arrays = len(self.ring) + len(self.wk) + len(self.dy) + len(self.hist)
+        return self._HEAD.size + 8 * arrays + len(self.seen)
 
     def expect(self, ts_ms: int, cfg: DetectorConfig) -> dict[str, Any]:
         """What the model expects at ``ts_ms``, and from which context (no learning)."""

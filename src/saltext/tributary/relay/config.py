@@ -54,9 +54,12 @@ class AnomaliesConfig:
     """The detector fed with confirmed readings (``saltext.tributary.analysis``)."""
 
     enabled: bool = option(True, doc="score every confirmed reading, off the shipping path")
-    threshold: float = option(0.18, range=(0.0, 1.0), doc="score of an anomaly (NAB-tuned)")
+    threshold: float = option(0.1345, range=(0.0, 1.0), doc="score of an anomaly (NAB-tuned)")
     learn_n: int = option(150, range=(10, 10_000_000), doc="points before a series is scored")
     quiet_n: int = option(100, range=(0, 10_000_000), doc="points without a new alert after one")
+    rearm_n: int = option(
+        20, range=(0, 10_000_000), doc="calm points after which a quiet series alerts again"
+    )
     max_series: int = option(100_000, range=(1, 10_000_000), doc="models kept (LRU evicted)")
     queue_batches: int = option(256, range=(1, 100_000), doc="bulks queued for the detector")
     persist_s: float = option(60.0, range=(1, 86400), doc="how often models are saved")
