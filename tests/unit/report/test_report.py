@@ -101,11 +101,15 @@ def test_shrink_svg_minifies_paths_only_and_drops_metadata():
         '</metadata><path d="M 1.23456 -7.891 \nL 3 4 \nL 5.04 -6 \nz\n"/>'
         "<text>12.345</text></svg>"
     )
-    assert render.shrink_svg(svg) == '<svg><path d="M1.2-7.9 3 4 5-6z"/><text>12.345</text></svg>'
-    # a curve after a line keeps its command; repeated curves do not repeat it; -0 is 0
-    assert render.minify_path("M 0 0 L 1 1 C 1 2 3 4 5 6 C 7 8 9 10 11 12 L -0.01 2") == (
-        "M0 0 1 1C1 2 3 4 5 6 7 8 9 10 11 12L0 2"
+    assert (
+        render.shrink_svg(svg)
+        == '<svg><path d="M1.2-7.9l1.8 11.9 2-10z"/><text>12.345</text></svg>'
     )
+    # lines relative to the previous rounded point (no drift), curves absolute, a command
+    # letter only where it changes, a closed path returns to its start
+    assert render.minify_path(
+        "M 0 0 L 1 1 C 1 2 3 4 5 6 C 7 8 9 10 11 12 L -0.01 2 L 0.52 0.3 z L 1 1"
+    ) == ("M0 0l1 1C1 2 3 4 5 6 7 8 9 10 11 12l-11-10 .5-1.7zl1 1")
 
 
 def _model() -> Report:

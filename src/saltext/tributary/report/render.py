@@ -39,7 +39,7 @@ PALETTE = (
     "#17becf",
     "#bcbd22",
     "#e377c2",
-    "#7f7f7f",
+    "#393b79",
 )
 LAYER_COLOURS = {"device": "#ff7f0e", "population": "#9467bd", "application": "#d62728"}
 ALERT_COLOURS = {"firing": "#d62728", "pending": "#ff7f0e", "resolved": "#2ca02c"}
@@ -53,6 +53,8 @@ OUTCOME_COLOURS = {
 RC: dict[Any, Any] = {
     "svg.fonttype": "none",  # text stays text: no glyph outlines, no font file
     "font.size": 8,
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans"],  # one name in each text's style, not matplotlib's ten
     "axes.titlesize": 8,
     "axes.spines.top": False,
     "axes.spines.right": False,
@@ -79,42 +81,86 @@ def _t(ms: list[int]) -> Any:
     return np.array(ms, dtype="datetime64[ms]")
 
 
-def _time_axis(ax: Any, window: Window) -> None:
+def _time_axis(ax: Any, window: Window, grid: bool = True) -> None:
     loc = mdates.AutoDateLocator(minticks=3, maxticks=7)
     ax.xaxis.set_major_locator(loc)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(loc))
     ax.set_xlim(_t([window.start_ms])[0], _t([window.end_ms])[0])
-    ax.grid(True, color="#e5e5e5", linewidth=0.5)
+    if grid:
+        ax.grid(True, color="#e5e5e5", linewidth=0.5)
 
 
 _D_ATTR = re.compile(r'(\sd=")([^"]*)(")')
 _TOKEN = re.compile(r"[A-Za-z]|-?(?:\d+\.?\d*|\.\d+)")
 _METADATA = re.compile(r"\s*<metadata>.*?</metadata>", re.S)
+_BETWEEN_TAGS = re.compile(r">\s+<")
+_NO_ROTATION = re.compile(r' transform="rotate\(-?0 [^"]*\)"')
+
+
+def _tenths(n: int) -> str:
+    sign = "-" if n < 0 else ""
+    whole, frac = divmod(abs(n), 10)
+    if not frac:
+        return f"{sign}{whole}"
+    return f"{sign}{whole or ''}.{frac}"
 
 
 def minify_path(d: str) -> str:
-    """SVG path data at 1/10 pt, without the separators and repeated commands it can do
-    without (``M 1.23 4.0 L 5 6 L 7 8`` becomes ``M1.2 4L5 6 7 8``)."""
+    """SVG path data at 1/10 pt and as short as it gets: lines as relative moves from the
+    previous (rounded) point, so nothing drifts; no separator before a minus sign; a command
+    letter only where it changes (``M 1.23 4.0 L 5 6 L 7 8`` becomes ``M1.2 4l3.8 2 2 2``)."""
     out: list[str] = []
-    last_cmd = ""
-    after_cmd = True
-    for tok in _TOKEN.findall(d):
+    cur = start = (0, 0)
+    last = ""  # the command letter in force
+    need_sep = False
+
+    def emit(cmd: str, nums: list[int]) -> None:
+        nonlocal last, need_sep
+        if cmd != last:
+            out.append(cmd)
+            last = cmd
+            need_sep = False
+        for n in nums:
+            text = _tenths(n)
+            if need_sep and not text.startswith("-"):
+                out.append(" ")
+            out.append(text)
+            need_sep = True
+
+    tokens = _TOKEN.findall(d)
+    i = 0
+    cmd = ""
+    while i < len(tokens):
+        tok = tokens[i]
         if tok.isalpha():
-            # a pair after M or L is an implicit L; after C another C
-            if (tok == "L" and last_cmd in ("M", "L")) or (tok == "C" and last_cmd == "C"):
-                last_cmd = "L" if tok == "L" else tok
+            cmd = tok
+            i += 1
+            if cmd in "zZ":
+                emit("z", [])
+                last = "z"
+                cur = start
                 continue
-            out.append(tok)
-            last_cmd = tok
-            after_cmd = True
             continue
-        num = f"{round(float(tok), 1):g}"
-        if num == "-0":
-            num = "0"
-        if not after_cmd and not num.startswith("-"):
-            out.append(" ")
-        out.append(num)
-        after_cmd = False
+        nums: list[int] = []
+        arity = 6 if cmd == "C" else 4 if cmd == "Q" else 2
+        while i < len(tokens) and not tokens[i].isalpha() and len(nums) < arity:
+            nums.append(round(float(tokens[i]) * 10))
+            i += 1
+        if len(nums) < arity:
+            break  # malformed tail: leave it out
+        if cmd == "M":
+            emit("M", nums)
+            last = "M*"  # after M, more pairs would be lines: say so explicitly
+            cur = start = (nums[0], nums[1])
+            cmd = "L"
+        elif cmd == "L":
+            emit("l", [nums[0] - cur[0], nums[1] - cur[1]])
+            cur = (nums[0], nums[1])
+        elif cmd in ("C", "Q"):
+            emit(cmd, nums)
+            cur = (nums[-2], nums[-1])
+        else:  # a command matplotlib does not write: keep the rest as it was
+            return "".join(out) + " " + " ".join([cmd, *tokens[i - len(nums) :]])
     return "".join(out)
 
 
@@ -124,6 +170,7 @@ def shrink_svg(svg: str) -> str:
     start = svg.find("<svg")
     svg = svg[start:] if start >= 0 else svg
     svg = _METADATA.sub("", svg)
+    svg = _NO_ROTATION.sub("", _BETWEEN_TAGS.sub("><", svg))
     return _D_ATTR.sub(lambda m: m.group(1) + minify_path(m.group(2)) + m.group(3), svg)
 
 
@@ -131,9 +178,25 @@ def _render(fig: Any, name: str, title: str, png_dpi: int) -> Chart:
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.hashsalt": name}):
         fig.savefig(buf, format="svg", metadata={"Date": None})
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=png_dpi)
-    return Chart(name, title, shrink_svg(buf.getvalue()), png.getvalue())
+    raw = io.BytesIO()
+    fig.savefig(raw, format="png", dpi=png_dpi)
+    return Chart(name, title, shrink_svg(buf.getvalue()), small_png(raw.getvalue()))
+
+
+def small_png(data: bytes, colours: int = 64) -> bytes:
+    """A PNG with a palette of ``colours`` (a third of the size of matplotlib's RGBA for these
+    flat-coloured charts); the original if Pillow cannot read it."""
+    try:
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        out = io.BytesIO()
+        img.quantize(colors=colours, method=Image.Quantize.FASTOCTREE).save(
+            out, format="PNG", optimize=True
+        )
+    except (ImportError, OSError, ValueError):
+        return data
+    return out.getvalue() if out.tell() < len(data) else data
 
 
 def _edges(keys: list[int], window: Window) -> Any:
@@ -267,7 +330,7 @@ def _series_axes(a: Any, s: Series, chart: SiteChart, colour: str, window: Windo
         firing = sum(m.count for m in s.alerts if m.state == "firing")
         extra.append(f"{firing} alerts firing")
     a.set_title(s.label + (f"  ({', '.join(extra)})" if extra else ""), loc="left")
-    _time_axis(a, window)
+    _time_axis(a, window, grid=False)
 
 
 def site_charts(chart: SiteChart, window: Window, png_dpi: int = 80) -> Iterator[Chart]:
@@ -278,13 +341,33 @@ def site_charts(chart: SiteChart, window: Window, png_dpi: int = 80) -> Iterator
     for n, part in enumerate(parts, 1):
         cols = min(COLUMNS, max(1, len(part)))
         rows = max(1, math.ceil(len(part) / cols))
+        height = 0.9 + 1.7 * rows
         with matplotlib.rc_context(RC):
-            fig = Figure(figsize=(10, 0.6 + 1.7 * rows), layout="constrained")
-            axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, squeeze=False)).ravel()
+            # a fixed layout (inches): constrained layout cost half the rendering time at scale
+            fig = Figure(figsize=(10, height))
+            axes = np.atleast_1d(
+                fig.subplots(
+                    rows,
+                    cols,
+                    sharex=True,
+                    squeeze=False,
+                    gridspec_kw={
+                        "left": 0.05,
+                        "right": 0.99,
+                        "top": 1 - 0.62 / height,
+                        "bottom": 0.45 / height,
+                        "wspace": 0.16,
+                        "hspace": 0.32 / 1.38,
+                    },
+                )
+            ).ravel()
             for i, s in enumerate(part):
                 _series_axes(axes[i], s, chart, PALETTE[i % len(PALETTE)], window)
-            for a in axes[len(part) :]:
-                a.set_visible(False)
+            for i, a in enumerate(axes):
+                if i >= len(part):
+                    a.set_visible(False)
+                elif i + cols >= len(part):  # nothing drawn below it: it shows the time axis
+                    a.xaxis.set_tick_params(labelbottom=True)
             handles, labels = axes[0].get_legend_handles_labels()
             for a in axes[1 : len(part)]:
                 for h, label in zip(*a.get_legend_handles_labels(), strict=True):
@@ -292,9 +375,23 @@ def site_charts(chart: SiteChart, window: Window, png_dpi: int = 80) -> Iterator
                         handles.append(h)
                         labels.append(label)
             if handles:
-                fig.legend(handles, labels, loc="outside upper right", ncols=6, frameon=False)
+                fig.legend(
+                    handles,
+                    labels,
+                    loc="upper right",
+                    bbox_to_anchor=(0.99, 1),
+                    ncols=6,
+                    frameon=False,
+                )
             suffix = f" ({n}/{len(parts)})" if len(parts) > 1 else ""
-            fig.suptitle(f"{chart.site}: {chart.metric}{suffix}", x=0.01, ha="left", fontsize=9)
+            fig.suptitle(
+                f"{chart.site}: {chart.metric}{suffix}",
+                x=0.01,
+                y=1 - 0.08 / height,
+                ha="left",
+                va="top",
+                fontsize=9,
+            )
             name = chart.name if len(parts) == 1 else f"{chart.name}-{n}"
             yield _render(fig, _safe(name), f"{chart.site}: {chart.metric}{suffix}", png_dpi)
 
