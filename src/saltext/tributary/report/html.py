@@ -82,6 +82,11 @@ def page(
         + f". Generated {_ts(now)}.</p>",
     ]
     out += [f'<p class="note">{escape(n)}</p>' for n in report.notes]
+    out.append(
+        '<p class="meta"><a href="#fleet">Fleet</a> &middot; <a href="#sites">Sensors by site</a>'
+        ' &middot; <a href="#health">Health findings</a> &middot; <a href="#pipeline">Pipeline</a>'
+        "</p>"
+    )
     # fleet overview
     out.append('<h2 id="fleet">Fleet overview</h2><div class="cards">')
     for label, value in report.pipeline.totals.items():
@@ -102,35 +107,6 @@ def page(
             f'<td class="n">{r.open_gaps}</td><td class="n">{r.readings:,}</td></tr>'
         )
     out.append("</table>")
-    # pipeline
-    out.append('<h2 id="pipeline">Pipeline</h2>')
-    out.append(_figure(pipeline, files))
-    if report.pipeline.dead_letter_reasons:
-        out.append("<table><tr><th>Dead-letter reason</th><th>Count</th></tr>")
-        for reason, n in report.pipeline.dead_letter_reasons.items():
-            out.append(f'<tr><td>{escape(reason)}</td><td class="n">{n:,}</td></tr>')
-        out.append("</table>")
-    if report.pipeline.commands is None:
-        out.append('<p class="meta">No commands recorded in this period.</p>')
-    if not report.pipeline.metrics_present:
-        out.append(
-            '<p class="meta">No relay self-metrics in this period: replays and gaps per '
-            "interval are not shown.</p>"
-        )
-    # health
-    out.append('<h2 id="health">Health findings</h2>')
-    out.append(_figure(findings, files))
-    if report.findings.kinds:
-        out.append("<table><tr><th>Kind</th><th>Raised</th></tr>")
-        for kind, n in sorted(report.findings.kinds.items()):
-            out.append(f'<tr><td>{escape(kind)}</td><td class="n">{n:,}</td></tr>')
-        out.append("</table>")
-    if report.alerts_by_rule:
-        out.append('<h2 id="alerts">Alerts</h2><table><tr><th>Rule</th><th>Transitions</th></tr>')
-        for rule, states in report.alerts_by_rule.items():
-            text = ", ".join(f"{k} {v}" for k, v in sorted(states.items()))
-            out.append(f"<tr><td>{escape(rule)}</td><td>{escape(text)}</td></tr>")
-        out.append("</table>")
     # per site
     out.append('<h2 id="sites">Sensors by site</h2>')
     out.append(
@@ -149,5 +125,34 @@ def page(
         out += [_figure(c, files) for c in charts]
     if not any_site:
         out.append('<p class="meta">No readings in this period.</p>')
+    # health
+    out.append('<h2 id="health">Health findings</h2>')
+    out.append(_figure(findings, files))
+    if report.findings.kinds:
+        out.append("<table><tr><th>Kind</th><th>Raised</th></tr>")
+        for kind, n in sorted(report.findings.kinds.items()):
+            out.append(f'<tr><td>{escape(kind)}</td><td class="n">{n:,}</td></tr>')
+        out.append("</table>")
+    if report.alerts_by_rule:
+        out.append('<h2 id="alerts">Alerts</h2><table><tr><th>Rule</th><th>Transitions</th></tr>')
+        for rule, states in report.alerts_by_rule.items():
+            text = ", ".join(f"{k} {v}" for k, v in sorted(states.items()))
+            out.append(f"<tr><td>{escape(rule)}</td><td>{escape(text)}</td></tr>")
+        out.append("</table>")
+    # pipeline
+    out.append('<h2 id="pipeline">Pipeline</h2>')
+    out.append(_figure(pipeline, files))
+    if report.pipeline.dead_letter_reasons:
+        out.append("<table><tr><th>Dead-letter reason</th><th>Count</th></tr>")
+        for reason, n in report.pipeline.dead_letter_reasons.items():
+            out.append(f'<tr><td>{escape(reason)}</td><td class="n">{n:,}</td></tr>')
+        out.append("</table>")
+    if report.pipeline.commands is None:
+        out.append('<p class="meta">No commands recorded in this period.</p>')
+    if not report.pipeline.metrics_present:
+        out.append(
+            '<p class="meta">No relay self-metrics in this period: replays and gaps per '
+            "interval are not shown.</p>"
+        )
     out.append("</body></html>")
     return "\n".join(out)
