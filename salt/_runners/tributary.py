@@ -13,7 +13,6 @@ import time
 
 try:
     import saltext.tributary as tributary_pkg
-    import saltext.tributary.report as report_lib
     from saltext.tributary.analysis import detector as analysis_detector
     from saltext.tributary.analysis import health as analysis_health
     from saltext.tributary.analysis import store as analysis_store
@@ -25,9 +24,6 @@ try:
     from saltext.tributary.relay import elasticsearch as es_lib
     from saltext.tributary.relay import repair as repair_lib
     from saltext.tributary.relay import status as relay_status
-    from saltext.tributary.report import model as report_model
-    from saltext.tributary.report import queries as report_queries
-    from saltext.tributary.report import render as report_render
 
     HAS_LIBS = True
     MISSING = ""
@@ -46,23 +42,45 @@ def __virtual__():
     return tributary_pkg.loadable(__virtualname__, __tributary_version__)
 
 
-def status(check_es=True):
+def status(check_es=True, detail=False, gateway=None, site=None, worst=10):
     """
-    Where every reading is. Per gateway: epoch, last accounted sequence, lag (seconds since the
-    last indexed batch), how far behind its heartbeat it is, open and given-up gaps, missing
-    readings, replays requested, indexed, rejected and dead-lettered counts, relay spool depth
-    and the gateway spool facts from its last heartbeat. Fleet totals, the relay spool, the key
-    sets published by syndics, and whether Elasticsearch is reachable with the engine's
-    configuration (URL, credentials, CA): ``result`` is False when it is not.
+    Where every reading is, fleet summary first: totals (gateways per state: ``silent``, no
+    heartbeat or batch for ``health.overdue_factor`` x ``health.heartbeat_s``; ``gaps``, open
+    gaps; ``ok``), open and given-up gaps, missing readings, the relay spool, the key sets
+    published by syndics and their conflicts, the relay's counters; gateways per state and per
+    site; the ``worst`` gateways (silent first, then most readings missing); and whether
+    Elasticsearch is reachable with the engine's configuration (URL, credentials, CA):
+    ``result`` is False when it is not.
+
+    Per gateway detail comes under ``gateways`` with ``detail=True`` (every gateway) or for
+    the gateways matching ``gateway`` and/or ``site`` (globs): epoch, last accounted sequence,
+    lag (seconds since the last indexed batch), how far behind its heartbeat it is, open and
+    given-up gaps, missing readings, replays requested, indexed, rejected and dead-lettered
+    counts, relay spool depth and the gateway spool facts from its last heartbeat.
 
     CLI Example:
 
     .. code-block:: bash
 
         salt-run tributary.status
-        salt-run tributary.status check_es=False
+        salt-run tributary.status check_es=False worst=25
+        salt-run tributary.status gateway=gw-brisbane-1
+        salt-run tributary.status site=brisbane
+        salt-run tributary.status detail=True
     """
-    return relay_status.status_from_opts(__opts__, check_es=bool(check_es))
+    return relay_status.status_from_opts(
+        __opts__,
+        check_es=bool(check_es),
+        detail=_true(detail),
+        gateway=str(gateway) if gateway else None,
+        site=str(site) if site else None,
+        worst=int(worst),
+    )
+
+
+def _true(value):
+    """``True``/``true``/``1`` from the CLI or a Python caller."""
+    return value is True or str(value).lower() in ("true", "1", "yes")
 
 
 def retire_syndic(syndic_id, undo=False):
@@ -82,10 +100,14 @@ def retire_syndic(syndic_id, undo=False):
     return relay_status.retire_syndic(__opts__, str(syndic_id), undo=bool(undo))
 
 
-def gaps(gateway=None, given_up=True):
+def gaps(gateway=None, given_up=True, site=None, detail=False, oldest=10):
     """
-    Sequence gaps the relay's ledger knows of: gateway, epoch, from, to, how long open, replay
-    attempts, state (open / given_up) and the reason a gap was given up.
+    Sequence gaps the relay's ledger knows of. By default a fleet summary: open and given-up
+    gaps, readings missing, gateways with open gaps, the same per site, and the ``oldest``
+    open gaps. With ``detail=True``, or for the gateways matching ``gateway`` and/or ``site``
+    (globs), the list of the gaps: gateway, site, epoch, from, to, how long open, replay
+    attempts, state (open / given_up) and the reason a gap was given up (``given_up=False``
+    lists the open ones only).
 
     CLI Example:
 
@@ -93,19 +115,17 @@ def gaps(gateway=None, given_up=True):
 
         salt-run tributary.gaps
         salt-run tributary.gaps gateway=gw-brisbane-1 given_up=False
+        salt-run tributary.gaps site=brisbane
+        salt-run tributary.gaps detail=True
     """
-    _, spool = relay_status.open_status_spool(__opts__)
-    if spool is None:
-        return []
-    try:
-        now = time.time()
-        spool.ledger.refresh(now)
-        return [
-            g.as_dict(now)
-            for g in spool.ledger.gaps(gateway or None, include_given_up=bool(given_up))
-        ]
-    finally:
-        spool.close()
+    return relay_status.gaps_from_opts(
+        __opts__,
+        gateway=str(gateway) if gateway else None,
+        given_up=_true(given_up),
+        site=str(site) if site else None,
+        detail=_true(detail),
+        oldest=int(oldest),
+    )
 
 
 def replay(gateway, epoch=None, from_seq=None, to_seq=None, timeout=60, retry_given_up=False):
@@ -223,13 +243,16 @@ def model(gateway, series):
         store.close()
 
 
-def health(check_es=True):
+def health(check_es=True, detail=False, site=None, oldest=10):
     """
     Fleet health in three layers, per site: device (gateways silent, backlog growing,
     dropping readings, broker disconnected, clock skew; sensors silent or stuck), population
     (site outages, sensors departing from their siblings) and application (anomalies in the
-    last hour), with counts first and the open findings after (how long each has been open).
-    ``check_es=False`` skips the anomaly counts (no Elasticsearch query).
+    last hour). By default counts only: per site the gateways and how many report, the
+    state (ok / degraded / outage) and the open findings per layer and kind; fleet totals; the
+    ``oldest`` open findings. With ``detail=True``, or for the sites matching ``site`` (a
+    glob), each site lists its open findings (``device``, ``population``) with how long each
+    has been open. ``check_es=False`` skips the anomaly counts (no Elasticsearch query).
 
     CLI Example:
 
@@ -237,6 +260,8 @@ def health(check_es=True):
 
         salt-run tributary.health
         salt-run tributary.health check_es=False
+        salt-run tributary.health site=brisbane
+        salt-run tributary.health detail=True
     """
     if not relay_status.engine_config(__opts__):
         return {"result": False, "error": "no tributary_relay engine configured on this master"}
@@ -273,6 +298,9 @@ def health(check_es=True):
         now,
         rcfg.health.heartbeat_s,
         rcfg.health.overdue_factor,
+        detail=_true(detail),
+        site=str(site) if site else None,
+        oldest=int(oldest),
     )
 
 
@@ -363,6 +391,13 @@ def report(site=None, since="24h", out=None):
         salt-run tributary.report
         salt-run tributary.report site=brisbane since=7d out=/srv/www/fleet/report.html
     """
+    # imported here: matplotlib takes about a second to import, which every other
+    # ``salt-run tributary.*`` call would otherwise pay when the loader imports this module
+    import saltext.tributary.report as report_lib
+    from saltext.tributary.report import model as report_model
+    from saltext.tributary.report import queries as report_queries
+    from saltext.tributary.report import render as report_render
+
     es_cfg = relay_status.engine_config(__opts__).get("elasticsearch")
     if not es_cfg:
         return {"result": False, "error": "no tributary_relay engine configured on this master"}

@@ -48,13 +48,20 @@ def opts(tmp_path):
 
 def test_runner_status_gaps(opts):
     runners = salt.loader.runner(opts)
-    st = runners["tributary.status"](check_es=False)
+    summary = runners["tributary.status"](check_es=False)
+    assert "gateways" not in summary  # a fleet summary first
+    assert summary["fleet"]["gateways"] == 2 and summary["fleet"]["open_gaps"] == 2
+    assert [(w["gateway"], w["state"]) for w in summary["worst"]] == [("gw-1", "gaps")]
+    assert list(runners["tributary.status"](check_es=False, gateway="gw-2")["gateways"]) == ["gw-2"]
+    st = runners["tributary.status"](check_es=False, detail=True)
     gw1, gw2 = st["gateways"]["gw-1"], st["gateways"]["gw-2"]
     assert gw1["last_seq"] == 200 and gw1["open_gaps"] == 2 and gw1["missing"] == 50 + 50
     assert gw1["indexed"] == 150 and gw1["behind"] == 50
     assert gw2["dead_lettered"] == 1 and gw2["open_gaps"] == 0
     assert st["fleet"]["open_gaps"] == 2 and st["fleet"]["missing_readings"] == 100
     assert st["relay"]["counters"]["indexed"] == 160
+    assert runners["tributary.gaps"]()["missing_readings"] == 100
+    assert len(runners["tributary.gaps"](detail="True")) == 2
     gaps = runners["tributary.gaps"](gateway="gw-1")
     assert [(g["from"], g["to"], g["state"]) for g in gaps] == [
         (101, 150, "open"),
@@ -75,7 +82,7 @@ def test_runner_replay_needs_a_whole_range(opts):
 
 def test_runner_functions_have_cli_examples(opts):
     runners = salt.loader.runner(opts)
-    for name in ("tributary.status", "tributary.gaps", "tributary.replay"):
+    for name in ("tributary.status", "tributary.gaps", "tributary.replay", "tributary.health"):
         assert "CLI Example" in runners[name].__doc__
 
 

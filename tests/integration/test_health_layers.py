@@ -43,7 +43,7 @@ def test_a_silent_sensor_is_raised_and_cleared(topology, event_listener):
     raised = wait_for(lambda: events("raised", start), 60, "sensor_silent raised")
     assert raised[0]["layer"] == "device" and raised[0]["site"] == "brisbane"
     assert raised[0]["detail"]["usual_interval_s"] == 1.0
-    ret = top.salt_run_cli(timeout=120).run("tributary.health", check_es=False)
+    ret = top.salt_run_cli(timeout=120).run("tributary.health", check_es=False, site="brisbane")
     assert ret.returncode == 0, ret
     device = ret.data["sites"]["brisbane"]["device"]
     assert any(f["kind"] == "sensor_silent" and f.get("sensor") == SENSOR for f in device)

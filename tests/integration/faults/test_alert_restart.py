@@ -67,7 +67,7 @@ def test_a_rule_matches_on_the_grains_of_the_gateways_heartbeat(faults, event_li
     es, top, brokers = faults["es"], faults["top"], faults["brokers"]
 
     def heartbeat_grains():
-        ret = top.salt_run_cli(timeout=60).run("tributary.status")
+        ret = top.salt_run_cli(timeout=60).run("tributary.status", gateway=GW_A)
         gw = (ret.data or {}).get("gateways", {}).get(GW_A) or {}
         return (gw.get("gateway_spool") or {}).get("grains")
 

@@ -35,7 +35,7 @@ GW_A, GW_B = list(FGATEWAYS)
 
 
 def relay_status(top) -> dict:
-    ret = top.salt_run_cli(timeout=60).run("tributary.status")
+    ret = top.salt_run_cli(timeout=60).run("tributary.status", detail=True)
     assert ret.returncode == 0, ret
     return ret.data
 
@@ -71,7 +71,7 @@ def power_cut(factory) -> None:
 
 def silent_gateways(top) -> set[str]:
     """Gateways with an open ``gateway_silent`` finding (``salt-run tributary.health``)."""
-    ret = top.salt_run_cli(timeout=60).run("tributary.health", check_es=False)
+    ret = top.salt_run_cli(timeout=60).run("tributary.health", check_es=False, detail=True)
     assert ret.returncode == 0, ret
     return {
         f["gateway"]

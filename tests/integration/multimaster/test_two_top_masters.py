@@ -236,7 +236,7 @@ def test_two_top_masters_no_duplicates(multimaster):
     # The runner agrees: no open gap, nothing missing. (It also gives a replay request still
     # in flight time to finish: the relay counts a request when its answer is back.)
     for top in tops.values():
-        ret = top.salt_run_cli(timeout=60).run("tributary.status", check_es=False)
+        ret = top.salt_run_cli(timeout=60).run("tributary.status", check_es=False, gateway=GATEWAY)
         assert ret.returncode == 0, ret
         gw = ret.data["gateways"][GATEWAY]
         assert gw["open_gaps"] == 0 and gw["missing"] == 0, (top.id, gw)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import heapq
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -83,53 +85,79 @@ def health_view(
     now_ms: int,
     heartbeat_s: float,
     overdue_factor: float,
+    detail: bool = True,
+    site: str | None = None,
+    oldest: int = 10,
 ) -> dict[str, Any]:
     """``salt-run tributary.health``: per site, the device, population and application layers
-    at a glance (counts first, then the open findings)."""
+    at a glance: gateways and how many report, the state, open findings counted per layer and
+    kind, the anomalies of the last hour; the ``oldest`` open findings of the fleet. With
+    ``detail`` (or for the sites matching the ``site`` glob) each site also lists its open
+    findings (``device``, ``population``) with how long each has been open."""
     sites: dict[str, dict[str, Any]] = {}
+    lists: dict[str, dict[str, list[dict[str, Any]]]] = {}
 
-    def site_entry(site: Any) -> dict[str, Any]:
-        return sites.setdefault(
-            str(site),
-            {
+    def site_entry(name: Any) -> dict[str, Any]:
+        key = str(name)
+        if key not in sites:
+            sites[key] = {
                 "gateways": 0,
                 "gateways_reporting": 0,
-                "device": [],
-                "population": [],
+                "open": {"device": {}, "population": {}},
                 "anomalies_last_hour": 0,
-            },
-        )
+            }
+            lists[key] = {"device": [], "population": []}
+        return sites[key]
 
     for hb in facts.values():
         e = site_entry(hb.get("site"))
         e["gateways"] += 1
         age_s = (now_ms - int(hb.get("received_ms") or 0)) / 1000
         e["gateways_reporting"] += age_s <= overdue_factor * heartbeat_s
+    shown = []
     for f in findings:
         e = site_entry(f.get("site"))
-        e[f["layer"]].append(
-            {k: f[k] for k in ("kind", "gateway", "sensor", "metric", "detail") if f.get(k)}
-            | {"open_s": round((now_ms - f["raised_ms"]) / 1000, 1)}
-        )
-    for site, n in anomalies_by_site.items():
-        site_entry(site)["anomalies_last_hour"] = n
+        by_kind = e["open"][f["layer"]]
+        by_kind[f["kind"]] = by_kind.get(f["kind"], 0) + 1
+        item = {k: f[k] for k in ("kind", "gateway", "sensor", "metric", "detail") if f.get(k)} | {
+            "open_s": round((now_ms - f["raised_ms"]) / 1000, 1)
+        }
+        lists[str(f.get("site"))][f["layer"]].append(item)
+        shown.append((f["raised_ms"], str(f.get("site")), f["layer"], item))
+    for name, n in anomalies_by_site.items():
+        site_entry(name)["anomalies_last_hour"] = n
     for e in sites.values():
         e["state"] = (
             "outage"
-            if any(f["kind"] == "site_outage" for f in e["population"])
-            else ("degraded" if e["device"] or e["population"] else "ok")
+            if e["open"]["population"].get("site_outage")
+            else ("degraded" if e["open"]["device"] or e["open"]["population"] else "ok")
         )
+    picked = {
+        name: e | lists[name] if detail or site else e
+        for name, e in sorted(sites.items())
+        if not site or fnmatch.fnmatchcase(name, str(site))
+    }
     return {
         "result": True,
         "fleet": {
             "sites": len(sites),
+            "states": {
+                s: sum(1 for e in sites.values() if e["state"] == s)
+                for s in ("outage", "degraded", "ok")
+            },
             "gateways": sum(e["gateways"] for e in sites.values()),
             "gateways_reporting": sum(e["gateways_reporting"] for e in sites.values()),
             "open_findings": len(findings),
             "sites_in_outage": sorted(s for s, e in sites.items() if e["state"] == "outage"),
             "anomalies_last_hour": sum(anomalies_by_site.values()),
         },
-        "sites": dict(sorted(sites.items())),
+        "oldest": [
+            {"site": name, "layer": layer, **item}
+            for _, name, layer, item in heapq.nsmallest(
+                max(0, int(oldest)), shown, key=lambda x: (x[0], x[1], x[2])
+            )
+        ],
+        "sites": picked,
     }
 
 

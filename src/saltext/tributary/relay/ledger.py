@@ -322,38 +322,52 @@ class Ledger:
 
     # -- reporting --------------------------------------------------------------------------
     def summary(self, now: float | None = None) -> dict[str, dict[str, Any]]:
-        """Per gateway: epochs, last accounted sequence, heartbeat, lag, open/given-up gaps."""
+        """Per gateway: epochs, last accounted sequence, heartbeat, lag, open/given-up gaps.
+
+        Three aggregate queries whatever the fleet size (ranges and gaps are grouped by
+        SQLite, not read one (gateway, epoch) at a time)."""
         now = time.time() if now is None else now
+        db = self.db
+        accounted = {
+            (gw, ep): (last, n, count)
+            for gw, ep, last, n, count in db.execute(
+                "SELECT gateway, epoch, MAX(hi), SUM(hi - lo + 1), COUNT(*) FROM ledger_ranges"
+                " GROUP BY gateway, epoch"
+            )
+        }
         out: dict[str, dict[str, Any]] = {}
-        for gateway, epoch, hb_last, hb_at, indexed_at in self.db.execute(
+        latest: dict[str, float] = {}
+        for gateway, epoch, hb_last, hb_at, indexed_at in db.execute(
             "SELECT gateway, epoch, hb_last, hb_at, indexed_at FROM ledger_heads"
-        ).fetchall():
-            ranges = self.ranges(gateway, epoch)
+        ):
+            last, n, count = accounted.get((gateway, epoch), (0, 0, 0))
             entry = out.setdefault(gateway, {"epochs": {}})
-            last = ranges[-1][1] if ranges else 0
             entry["epochs"][epoch] = {
                 "last_seq": last,
-                "accounted": sum(hi - lo + 1 for lo, hi in ranges),
-                "ranges": len(ranges),
+                "accounted": n,
+                "ranges": count,
                 "heartbeat_last_seq": hb_last or None,
                 "heartbeat_age_s": round(now - hb_at, 1) if hb_at else None,
                 "last_indexed_age_s": round(now - indexed_at, 1) if indexed_at else None,
             }
-            latest = entry.get("_latest", 0.0)
-            if max(indexed_at, hb_at) >= latest:
-                entry["_latest"] = max(indexed_at, hb_at)
+            seen = max(indexed_at, hb_at)
+            if seen >= latest.get(gateway, 0.0):
+                latest[gateway] = seen
                 entry["epoch"] = epoch
                 entry["last_seq"] = last
                 entry["lag_s"] = round(now - indexed_at, 1) if indexed_at else None
                 entry["behind"] = max(0, hb_last - last) if hb_last else 0
-        for gap in self.gaps():
-            entry = out.setdefault(gap.gateway, {"epochs": {}})
-            key = "open_gaps" if gap.state == "open" else "given_up_gaps"
-            entry[key] = entry.get(key, 0) + 1
-            if gap.state == "open":
-                entry["missing"] = entry.get("missing", 0) + gap.size
+        for gateway, state, n, missing in db.execute(
+            "SELECT gateway, state, COUNT(*), SUM(hi - lo + 1) FROM ledger_gaps"
+            " GROUP BY gateway, state"
+        ):
+            entry = out.setdefault(gateway, {"epochs": {}})
+            if state == "open":
+                entry["open_gaps"] = entry.get("open_gaps", 0) + n
+                entry["missing"] = entry.get("missing", 0) + missing
+            else:
+                entry["given_up_gaps"] = entry.get("given_up_gaps", 0) + n
         for entry in out.values():
-            entry.pop("_latest", None)
             entry.setdefault("open_gaps", 0)
             entry.setdefault("given_up_gaps", 0)
             entry.setdefault("missing", 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import heapq
 import json
 import logging
 import os
@@ -15,6 +17,11 @@ from saltext.tributary.relay.spool import PER_GATEWAY_COUNTERS, RelaySpool
 from saltext.tributary.util.clock import now_ms
 
 log = logging.getLogger(__name__)
+
+#: How many gateways the fleet summary lists under ``worst`` by default.
+WORST_N = 10
+#: Gateway states, worst first.
+STATES = ("silent", "gaps", "ok")
 
 
 def check_elasticsearch(es_cfg: Any) -> dict[str, Any]:
@@ -72,8 +79,17 @@ def open_status_spool(opts: Mapping[str, Any]) -> tuple[RelayConfig, RelaySpool 
     return rcfg, RelaySpool(rcfg.spool_path)
 
 
-def status_from_opts(opts: Mapping[str, Any], check_es: bool = True) -> dict[str, Any]:
-    """What ``salt-run tributary.status`` reports: per gateway, fleet totals, Elasticsearch."""
+def status_from_opts(
+    opts: Mapping[str, Any],
+    check_es: bool = True,
+    detail: bool = True,
+    gateway: str | None = None,
+    site: str | None = None,
+    worst: int = WORST_N,
+) -> dict[str, Any]:
+    """What ``salt-run tributary.status`` reports: fleet totals, gateways per state and per
+    site, the ``worst`` gateways, the relay spool, Elasticsearch and, with ``detail`` (or for
+    the gateways matching the ``gateway`` / ``site`` globs), every gateway's entry."""
     cfg = engine_config(opts)
     out: dict[str, Any] = {}
     if not cfg:
@@ -97,15 +113,17 @@ def status_from_opts(opts: Mapping[str, Any], check_es: bool = True) -> dict[str
         per_gw_counters = spool.gateway_counters()
         for gw in set(per_gw_depth) | set(per_gw_counters):
             gateways.setdefault(gw, {"epochs": {}, "open_gaps": 0, "missing": 0})
+        facts = heartbeat_facts(spool)
+        silent_after_s = rcfg.health.overdue_factor * rcfg.health.heartbeat_s
         for gw, entry in gateways.items():
             b, n = per_gw_depth.get(gw, (0, 0))
             entry["relay_spool"] = {"batches": b, "readings": n or 0}
             for name in PER_GATEWAY_COUNTERS:
                 entry[name] = per_gw_counters.get(gw, {}).get(name, 0)
-            entry["gateway_spool"] = entry.pop("gateway_spool", None)
-        for gw, hb in heartbeat_facts(spool).items():
-            if gw in gateways:
-                gateways[gw]["gateway_spool"] = hb
+            hb = facts.get(gw)
+            entry["gateway_spool"] = hb
+            entry["site"] = str(hb.get("site")) if isinstance(hb, Mapping) else "None"
+            entry["state"] = gateway_state(entry, silent_after_s)
         totals = counters
         out.update(
             result=bool(out.get("elasticsearch", {}).get("reachable", True)),
@@ -115,9 +133,9 @@ def status_from_opts(opts: Mapping[str, Any], check_es: bool = True) -> dict[str
                 "spool_oldest_age_s": round((now_ms() - oldest) / 1000, 1) if oldest else 0,
                 "counters": counters,
             },
-            gateways=gateways,
             fleet={
                 "gateways": len(gateways),
+                "states": _count(e["state"] for e in gateways.values()),
                 "open_gaps": sum(g.get("open_gaps", 0) for g in gateways.values()),
                 "missing_readings": sum(g.get("missing", 0) for g in gateways.values()),
                 "given_up_gaps": sum(g.get("given_up_gaps", 0) for g in gateways.values()),
@@ -128,10 +146,81 @@ def status_from_opts(opts: Mapping[str, Any], check_es: bool = True) -> dict[str
                 "key_conflicts": spool.keyring.conflicts(),
                 "counters": totals,
             },
+            sites=site_summary(gateways),
+            worst=worst_gateways(gateways, worst),
         )
+        if detail or gateway or site:
+            out["gateways"] = {
+                gw: entry
+                for gw, entry in sorted(gateways.items())
+                if (not gateway or fnmatch.fnmatchcase(gw, str(gateway)))
+                and (not site or fnmatch.fnmatchcase(entry["site"], str(site)))
+            }
     finally:
         spool.close()
     return out
+
+
+def gateway_state(entry: Mapping[str, Any], silent_after_s: float) -> str:
+    """``silent``: nothing heard (heartbeat or indexed batch) for ``silent_after_s``;
+    ``gaps``: open gaps; ``ok`` otherwise."""
+    ages = [
+        a
+        for ep in (entry.get("epochs") or {}).values()
+        for a in (ep.get("heartbeat_age_s"), ep.get("last_indexed_age_s"))
+        if a is not None
+    ]
+    if not ages or min(ages) > silent_after_s:
+        return "silent"
+    if entry.get("open_gaps"):
+        return "gaps"
+    return "ok"
+
+
+def _count(values: Any) -> dict[str, int]:
+    out = dict.fromkeys(STATES, 0)
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def site_summary(gateways: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per site: gateways per state, open gaps, readings missing."""
+    sites: dict[str, dict[str, Any]] = {}
+    for entry in gateways.values():
+        e = sites.setdefault(
+            str(entry.get("site")),
+            {"gateways": 0, **dict.fromkeys(STATES, 0), "open_gaps": 0, "missing": 0},
+        )
+        e["gateways"] += 1
+        e[entry["state"]] = e.get(entry["state"], 0) + 1
+        e["open_gaps"] += entry.get("open_gaps", 0)
+        e["missing"] += entry.get("missing", 0)
+    return dict(sorted(sites.items()))
+
+
+def worst_gateways(gateways: Mapping[str, Mapping[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The ``n`` gateways in the worst state (silent, then gaps), most readings missing and
+    longest lag first; gateways in state ``ok`` are never listed."""
+    rank = {s: i for i, s in enumerate(STATES)}
+
+    def key(item: tuple[str, Mapping[str, Any]]) -> tuple[Any, ...]:
+        gw, e = item
+        return (rank.get(e["state"], 0), -e.get("missing", 0), -(e.get("lag_s") or 0), gw)
+
+    bad = [(gw, e) for gw, e in gateways.items() if e["state"] != "ok"]
+    return [
+        {
+            "gateway": gw,
+            "site": e.get("site"),
+            "state": e["state"],
+            "open_gaps": e.get("open_gaps", 0),
+            "missing": e.get("missing", 0),
+            "lag_s": e.get("lag_s"),
+            "behind": e.get("behind", 0),
+        }
+        for gw, e in heapq.nsmallest(max(0, int(n)), bad, key=key)
+    ]
 
 
 def heartbeat_facts(spool: RelaySpool) -> dict[str, Any]:
@@ -175,3 +264,69 @@ def retire_syndic(opts: Mapping[str, Any], syndic_id: str, undo: bool = False) -
         }
     finally:
         spool.close()
+
+
+def gaps_from_opts(
+    opts: Mapping[str, Any],
+    gateway: str | None = None,
+    given_up: bool = True,
+    site: str | None = None,
+    detail: bool = False,
+    oldest: int = WORST_N,
+) -> Any:
+    """What ``salt-run tributary.gaps`` reports: by default a fleet summary (open and given-up
+    gaps, readings missing, per site, the ``oldest`` open gaps); with ``detail``, or for the
+    gateways matching the ``gateway`` / ``site`` globs, the list of the gaps themselves."""
+    _, spool = open_status_spool(opts)
+    if spool is None:
+        return [] if detail or gateway or site else gaps_summary([], {}, time.time(), oldest)
+    try:
+        now = time.time()
+        spool.ledger.refresh(now)
+        exact = gateway if gateway and not any(c in str(gateway) for c in "*?[") else None
+        found = spool.ledger.gaps(exact, include_given_up=bool(given_up))
+        sites = {gw: str(hb.get("site")) for gw, hb in heartbeat_facts(spool).items()}
+    finally:
+        spool.close()
+    if not (detail or gateway or site):
+        return gaps_summary(found, sites, now, oldest)
+    return [
+        g.as_dict(now) | {"site": sites.get(g.gateway, "None")}
+        for g in found
+        if (not gateway or fnmatch.fnmatchcase(g.gateway, str(gateway)))
+        and (not site or fnmatch.fnmatchcase(sites.get(g.gateway, "None"), str(site)))
+    ]
+
+
+def gaps_summary(
+    gaps: list[Any], sites: Mapping[str, str], now: float, oldest: int = WORST_N
+) -> dict[str, Any]:
+    """Gaps counted for the fleet and per site, and the ``oldest`` open ones."""
+    per_site: dict[str, dict[str, Any]] = {}
+    gws: dict[str, set[str]] = {}
+    open_gaps = [g for g in gaps if g.state == "open"]
+    for g in gaps:
+        name = sites.get(g.gateway, "None")
+        e = per_site.setdefault(name, {"open": 0, "given_up": 0, "missing": 0, "gateways": 0})
+        if g.state == "open":
+            e["open"] += 1
+            e["missing"] += g.size
+            gws.setdefault(name, set()).add(g.gateway)
+        else:
+            e["given_up"] += 1
+    for name, members in gws.items():
+        per_site[name]["gateways"] = len(members)
+    return {
+        "result": True,
+        "open": len(open_gaps),
+        "given_up": len(gaps) - len(open_gaps),
+        "missing_readings": sum(g.size for g in open_gaps),
+        "gateways_with_open_gaps": len({g.gateway for g in open_gaps}),
+        "sites": dict(sorted(per_site.items())),
+        "oldest": [
+            g.as_dict(now) | {"site": sites.get(g.gateway, "None")}
+            for g in heapq.nsmallest(
+                max(0, int(oldest)), open_gaps, key=lambda g: (g.opened, g.gateway, g.lo)
+            )
+        ],
+    }
