@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import pytest
@@ -103,9 +104,12 @@ def test_state_is_bounded_and_survives_a_round_trip():
     data = m.to_bytes()
     assert len(data) == m.size() <= 16 * 1024
     again = SeriesModel.from_bytes(data)
+    pickled = pickle.loads(pickle.dumps(m))
+    assert pickled.to_bytes() == data
     a = feed(m, end + 6 * DAY + 10 * HOUR, [50.0] * 5)
     b = feed(again, end + 6 * DAY + 10 * HOUR, [50.0] * 5)
-    assert [f.as_dict() for f in a] == [f.as_dict() for f in b]
+    c = feed(pickled, end + 6 * DAY + 10 * HOUR, [50.0] * 5)
+    assert [f.as_dict() for f in a] == [f.as_dict() for f in b] == [f.as_dict() for f in c]
 
 
 def test_least_recently_seen_series_are_evicted_and_counted():
