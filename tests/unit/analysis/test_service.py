@@ -138,3 +138,24 @@ def test_saved_models_of_an_older_detector_are_discarded_and_counted(tmp_path):
     store.db.commit()
     assert store.get(("gw-b", "x", "y")) is None and store.discarded == 2
     again.close()
+
+
+def test_the_model_view_explains_what_is_expected_and_survives_an_old_saved_state(tmp_path):
+    from saltext.tributary.analysis.views import model_view
+
+    store = ModelStore(str(tmp_path / "a.db"))
+    svc = AnomalyService(DetectorConfig(), Collect().sinks(), store)
+    svc.handle(readings(MONDAY, 4 * 7 * 144))  # four weeks, every ten minutes
+    svc.save()
+    wednesday_11 = MONDAY + 4 * 7 * DAY + 2 * DAY + 11 * HOUR
+    v = model_view(store, "gw-a", "s1/power", wednesday_11, DetectorConfig())
+    assert v["result"] and v["context"] == "Wed 11:00 (hour of week)" and 45 < v["expected"] < 55
+    assert v["band"][0] < v["expected"] < v["band"][1] and v["state"] in ("ok", "quiet")
+    assert v["samples"] == 4 * 7 * 144 and v["usual_interval_s"] == 600
+    assert v["state_bytes"] == len(store.get(("gw-a", "s1", "power")).to_bytes()) <= 16 * 1024
+    update = "UPDATE models SET state=? WHERE key=?"
+    store.db.execute(update, (b"\x02" + bytes(100), '["gw-a", "s1", "power"]'))  # version 2
+    store.db.commit()
+    v = model_view(store, "gw-a", "s1/power", wednesday_11, DetectorConfig())
+    assert not v["result"] and "no model saved" in v["error"] and store.discarded == 1
+    svc.close()
