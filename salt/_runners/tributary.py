@@ -437,6 +437,9 @@ def report(site=None, since="24h", out=None):
         written = report_lib.write(rep, str(out))
     except OSError as exc:
         return {"result": False, "error": f"out: cannot write {out}: {exc}"}
+    except Exception as exc:  # pylint: disable=broad-except
+        log.exception("tributary.report: rendering failed")
+        return {"result": False, "error": f"rendering failed: {relay_status.describe_error(exc)}"}
     return {
         "result": True,
         **written,

@@ -171,6 +171,16 @@ def test_page_is_one_file_without_script_or_external_url(tmp_path):
     assert "gw-1 boiler" in text and "bad_signature" in text and "1 anomalies" in text
 
 
+@pytest.mark.skipif(not render.HAS_MATPLOTLIB, reason=render.MISSING)
+def test_anomaly_bands_off_centre_or_unknown_are_drawn(tmp_path):
+    m = _model()
+    s = m.sites[0].series[0]
+    nan = float("nan")
+    s.anomalies.append(AnomalyMark(7 * H, 7 * H, 1, 50.0, 30.0, 31.0, 40.0, 0.9))  # below band
+    s.anomalies.append(AnomalyMark(8 * H, 8 * H, 1, 50.0, nan, nan, nan, 0.9))
+    assert report.write(m, str(tmp_path / "r.html"))["html_bytes"] > 0
+
+
 def test_html_escapes_names():
     m = _model()
     m.fleet[0].gateway = "<gw>&"

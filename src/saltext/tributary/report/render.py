@@ -300,16 +300,10 @@ def _series_axes(a: Any, s: Series, chart: SiteChart, colour: str, window: Windo
         exp = np.array([m.expected for m in s.anomalies])
         lo = np.array([m.band_lo for m in s.anomalies])
         hi = np.array([m.band_hi for m in s.anomalies])
-        a.errorbar(
-            ax_,
-            exp,
-            yerr=[exp - lo, hi - exp],
-            fmt="_",
-            color="#ff7f0e",
-            capsize=2,
-            linewidth=1,
-            label="expected band",
-        )
+        # the band as a bar from its low to its high end and the expected value as a tick (not
+        # an error bar: a band need not be centred on the expected value, and may be unknown)
+        a.vlines(ax_, lo, hi, color="#ff7f0e", linewidth=1.5, label="expected band")
+        a.scatter(ax_, exp, marker="_", s=30, color="#ff7f0e", zorder=4)
         a.scatter(
             ax_,
             [m.value for m in s.anomalies],
