@@ -176,3 +176,12 @@ def test_a_second_departure_after_a_calm_spell_alerts_again():
     m, end = trained()
     found = feed(m, sunday_10am, [50.0] * 3 + calm[:5] + [50.0] * 3)
     assert sum(f.anomaly for f in found) == 1
+
+
+def test_absurd_values_never_break_the_model():
+    """Values at the ends of the float range (overflowing its statistics) are scored without
+    an exception, and the model still round-trips."""
+    m, end = trained(weeks=1)
+    found = feed(m, end, [1e308, -1e308, 1e308, 5.0, 0.0, -1e-308] + [5.0] * 10)
+    assert found[0].reason == "beyond range" and len(found) == 16
+    SeriesModel.from_bytes(m.to_bytes())

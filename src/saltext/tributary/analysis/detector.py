@@ -257,9 +257,8 @@ class SeriesModel:
             r_sd = math.sqrt(self.r_var) if self.r_var > 1e-6 else 1e-3
             tail = _tail((avg - self.r_mean) / r_sd)
             hist = self.hist
-            bi = int(avg * HIST_BINS / cfg.clip_z)
-            if bi >= HIST_BINS:
-                bi = HIST_BINS - 1
+            fb = avg * HIST_BINS / cfg.clip_z
+            bi = int(fb) if fb < HIST_BINS else HIST_BINS - 1  # (NaN: the top bin)
             hw = self.hist_w
             emp = (sum(hist[bi:]) + hw) / (sum(hist) + hw)
             if emp > tail:
@@ -292,9 +291,8 @@ class SeriesModel:
         # of the range seen so far, index one bit; a departure whose shape has been seen
         # before (its bit already set) is familiar and scores less
         rng = self.hi - self.lo
-        q = int(PATTERN_Q * (x - self.lo) / rng) if rng > 0.0 else 0
-        if q >= PATTERN_Q:
-            q = PATTERN_Q - 1
+        fq = PATTERN_Q * (x - self.lo) / rng if rng > 0.0 else 0.0
+        q = int(fq) if fq < PATTERN_Q else (PATTERN_Q - 1 if fq >= PATTERN_Q else 0)  # NaN: 0
         pat = self.pattern = (self.pattern * PATTERN_Q + q) % PATTERN_SIZE
         seen_bits = self.seen
         byte, bit = pat >> 3, 1 << (pat & 7)
