@@ -16,7 +16,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m pytest tests/integration/test_demo.py -m demo -s -q -p no:randomly --timeout 0
+	$(PY) scripts/demo.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,106 +1,57 @@
-"""`make demo`: the whole pipeline live for about a minute, then what Elasticsearch holds.
+"""`make demo` runs ``scripts/demo.py``: this runs that program as a subprocess, its output not
+a terminal, for a short scenario and checks its plain-line output, its table, the fleet report
+and its exit status.
 
-Not part of `make test` (marker ``demo``). It starts the same real topology as the tests:
-Elasticsearch (TLS + auth), a top master with the relay engine, a syndic, two gateway minions
-in two sites, each with its own Mosquitto broker and a sensor simulator publishing real MQTT
-messages. Ctrl-C stops everything it started (pytest tears the fixtures down).
+Not part of `make test` (marker ``demo``, deselected in pyproject.toml's addopts: the program
+starts its own topology, about 1.5 minutes): ``pytest tests/integration/test_demo.py -m demo``.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.support.simulator import Simulator
-from tests.support.topology import GATEWAYS, wait_for
+from tests.support.topology import GATEWAYS, REPO
 
 pytestmark = pytest.mark.demo
 
-DURATION = float(os.environ.get("DEMO_SECONDS", "60"))
+#: Gateway x sensor/metric rows the simulators produce (tests/support/simulator.py).
+SERIES = ["boiler-1/temperature", "room-1/humidity", "room-1/temperature", "tank-1/level"]
 
 
-def _out(text: str) -> None:
-    sys.__stdout__.write(text)
-    sys.__stdout__.flush()
-
-
-def _indexed(es) -> int:
-    return es.count("tributary-readings-*", {"terms": {"sensor": ["boiler-1", "room-1", "tank-1"]}})
-
-
-def test_demo(topology):
-    es, brokers = topology["es"], topology["brokers"]
-    base = _indexed(es)
-    _out(
-        f"\nTributary demo: Elasticsearch {es.version} at {es.url}; gateways "
-        + ", ".join(
-            f"{gw} (site {site}, broker :{brokers[gw].port})" for gw, site in GATEWAYS.items()
-        )
-        + "\n"
+def test_demo_program_plain_lines_table_and_report(tmp_path):
+    report = tmp_path / "report.html"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "demo.py"), "--seconds", "8", "--report", report],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "DEMO_SECONDS": "999"},  # the option wins over the variable
     )
-    sims = [Simulator(brokers[gw].port, gw, seed=n) for n, gw in enumerate(GATEWAYS)]
-    for s in sims:
-        s.start()
-    start = time.monotonic()
-    try:
-        while time.monotonic() - start < DURATION:
-            published = sum(s.published for s in sims)
-            indexed = _indexed(es) - base
-            _out(
-                f"\r  {time.monotonic() - start:5.0f}s  published {published:7d}  "
-                f"indexed {indexed:7d}  lag {published - indexed:6d}   "
-            )
-            time.sleep(1)  # the progress line's refresh period, not a wait for a condition
-    finally:
-        for s in sims:
-            s.stop()
-    published = sum(s.published for s in sims)
-    wait_for(lambda: _indexed(es) - base >= published, timeout=120, what="the backlog to drain")
-    _out(f"\r  done: published {published}, indexed {_indexed(es) - base}\n\n")
-    # Nested terms aggregations: the integ-test zip has no x-pack analytics (multi_terms).
-    leaf = {
-        "min": {"min": {"field": "value"}},
-        "max": {"max": {"field": "value"}},
-        "last": {
-            "top_hits": {
-                "size": 1,
-                "sort": [{"@timestamp": "desc"}],
-                "_source": ["value", "unit", "site"],
-            }
-        },
-    }
-    res = es.search(
-        "tributary-readings-*",
-        {
-            "size": 0,
-            "query": {"terms": {"sensor": ["boiler-1", "room-1", "tank-1"]}},
-            "aggs": {
-                "gw": {
-                    "terms": {"field": "gateway"},
-                    "aggs": {
-                        "s": {
-                            "terms": {"field": "sensor"},
-                            "aggs": {"m": {"terms": {"field": "metric"}, "aggs": leaf}},
-                        }
-                    },
-                }
-            },
-        },
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{proc.stderr[-3000:]}"
+    assert "\r" not in out  # not a terminal: plain lines only
+    lines = out.splitlines()
+    assert any("starting Elasticsearch" in line for line in lines), out
+    assert any(line.startswith("Tributary demo: Elasticsearch ") for line in lines), out
+    done = re.search(r"^  done: published (\d+), indexed (\d+)$", out, re.M)
+    assert done, out
+    published, indexed = int(done[1]), int(done[2])
+    # 8 s of three sensors (four series) per gateway at 10 Hz: well over a hundred readings
+    assert published == indexed > 100
+    header = next(i for i, line in enumerate(lines) if line.startswith("gateway "))
+    rows = [line.split() for line in lines[header + 1 : header + 1 + len(GATEWAYS) * 4]]
+    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(
+        (gw, site, series) for gw, site in GATEWAYS.items() for series in SERIES
     )
-    _out(
-        f"{'gateway':16} {'site':10} {'sensor/metric':24} {'count':>7} {'last':>9} "
-        f"{'min':>9} {'max':>9} unit\n"
-    )
-    for g in res["aggregations"]["gw"]["buckets"]:
-        for s in g["s"]["buckets"]:
-            for b in s["m"]["buckets"]:
-                src = b["last"]["hits"]["hits"][0]["_source"]
-                _out(
-                    f"{g['key']:16} {src.get('site') or '':10} {s['key'] + '/' + b['key']:24} "
-                    f"{b['doc_count']:7d} {src['value']:9.2f} {b['min']['value']:9.2f} "
-                    f"{b['max']['value']:9.2f} {src.get('unit') or ''}\n"
-                )
-    assert _indexed(es) - base == published
+    assert sum(int(r[3]) for r in rows) == indexed
+    for r in rows:  # last within [min, max]
+        assert float(r[5]) <= float(r[4]) <= float(r[6]), r
+    assert f"Fleet report: {report}" in lines
+    assert report.stat().st_size > 0
+    assert lines[-1].startswith("Done in ") and "everything it started is stopped" in lines[-1]
