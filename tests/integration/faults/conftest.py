@@ -55,6 +55,12 @@ def fault_relay_config(es_node) -> dict:
                 "match": {"sensor": "f-grain-probe", "grains": {"role": "boiler-room"}},
                 "when": {"above": 80},
             },
+            {  # test_alert_flapping.py
+                "name": "f-flappy",
+                "match": {"sensor": "f-flap-probe"},
+                "when": {"above": 80, "clear_below": 75},
+                "flap": {"changes": 3, "window_s": 120, "stable_s": 4},
+            },
         ],
         "gaps": {
             "grace_s": 8,
