@@ -188,6 +188,7 @@ def simulate(args: argparse.Namespace, spool_path: str, state_path: str) -> dict
         )
         for i in range(args.gateways)
     ]
+    by_name = {g.name: g for g in gws}
     for gw in gws:
         new_epoch(gw, rnd)
     keys = pubkeys(8)
@@ -283,9 +284,16 @@ def simulate(args: argparse.Namespace, spool_path: str, state_path: str) -> dict
             if rnd.random() < 0.3:  # now and then a gap is given up (the gateway lost it)
                 gaps = spool.ledger.gaps(include_given_up=False)
                 if gaps:
+                    gap = rnd.choice(gaps)
                     with spool.transaction():
-                        spool.ledger.give_up(rnd.choice(gaps), "gateway no longer holds range")
+                        spool.ledger.give_up(gap, "gateway no longer holds range")
                     stats["given_up"] += 1
+                    owner = by_name[gap.gateway]  # ... so it never replays it
+                    owner.pending = [
+                        p
+                        for p in owner.pending
+                        if not (p[1] == gap.epoch and p[2] <= gap.hi and p[3] >= gap.lo)
+                    ]
             t0 = time.perf_counter()
             spool.ledger.prune(args.keep_s, t)
             stats["prune_s"].append(time.perf_counter() - t0)
