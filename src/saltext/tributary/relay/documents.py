@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-log = logging.getLogger(__name__)
-
 
 #: A dead letter keeps at most this much of its original (JSON bytes), so that a huge junk
 #: event cannot make its own dead letter too large to index.
