@@ -18,6 +18,7 @@ from tests.support.es import running_elasticsearch
 from tests.support.mosquitto import running_brokers
 from tests.support.topology import (
     GATEWAYS,
+    reactor_overrides,
     running_gateways,
     running_syndic,
     running_top_master,
@@ -37,10 +38,20 @@ def salt_factories_config():
 
 
 @pytest.fixture(scope="session")
-def top_master(salt_factories, es_node):
+def upstream_broker():
+    """The ops broker the session reactor's notifications go to (tests/integration/
+    test_reactor.py)."""
+    with running_brokers(["upstream"]) as started:
+        yield started["upstream"]
+
+
+@pytest.fixture(scope="session")
+def top_master(salt_factories, es_node, upstream_broker):
     # The same top master as the demo's (tests/support/topology.py); extra settings go in as
-    # keyword arguments.
-    with running_top_master(salt_factories, es_node) as factory:
+    # keyword arguments: here Salt's reactor, on the closed loop's rule only.
+    with running_top_master(
+        salt_factories, es_node, **reactor_overrides(upstream_broker.port)
+    ) as factory:
         yield factory
 
 

@@ -80,11 +80,60 @@ def relay_engine_config(es_node, **extra) -> dict:
                 "match": {"sensor": "alert-probe", "metric": "temperature"},
                 "when": {"above": 80, "clear_below": 75},
                 "severity": "critical",
-            }
+            },
+            # the closed loop's rule: the session top master's reactor acts on it alone
+            {
+                "name": REACTOR_RULE,
+                "match": {"gateway": "gw-brisbane-1", "sensor": LOOP_DEVICE},
+                "when": {"above": 80, "clear_below": 75},
+                "severity": "critical",
+            },
         ],
     }
     cfg.update(extra)
     return cfg
+
+
+#: The closed loop (tests/integration/test_reactor.py): the rule the session top master's
+#: reactor acts on (no other rule has actions, so no other test's alert makes Salt act), and
+#: the simulated device on gw-brisbane-1 that the reaction commands.
+REACTOR_RULE = "loop-hot"
+LOOP_DEVICE = "boiler-loop"
+LOOP_SETPOINT = 60
+
+
+def reactor_overrides(notify_port: int) -> dict[str, Any]:
+    """Top-master settings for Salt's real reactor on :data:`REACTOR_RULE` with the repo's
+    ``salt/reactor/alert.sls``: the firing alert commands the device (on the alert's own
+    gateway, through the syndic) and both transitions are published to the upstream broker on
+    ``notify_port`` (``ops/<site>/<rule>/<state>``)."""
+    return {
+        "reactor": [
+            {f"tributary/alert/{REACTOR_RULE}/*": [str(REPO / "salt" / "reactor" / "alert.sls")]}
+        ],
+        "tributary_reactor": {
+            "notify": {
+                "broker": {"host": "127.0.0.1", "port": notify_port},
+                "topic": "ops/{site}/{rule}/{state}",
+            },
+            "actions": {
+                REACTOR_RULE: {
+                    "firing": [
+                        {
+                            "command": {
+                                "device": "{sensor}",
+                                "devices": [LOOP_DEVICE],
+                                "command": "setpoint",
+                                "payload": LOOP_SETPOINT,
+                            }
+                        },
+                        {"notify": {}},
+                    ],
+                    "resolved": [{"notify": {}}],
+                }
+            },
+        },
+    }
 
 
 def syndic_kwargs(syndic_id: str, logs: Mapping[str, str] = QUIET) -> dict[str, Any]:
@@ -223,7 +272,7 @@ def gateway_subscribed(factory) -> bool:
 #: boiler-1 being served by gw-brisbane-1 only and pump-1 by gw-sydney-1 only.
 GATEWAY_COMMANDS: dict[str, dict[str, Any]] = {
     "gw-brisbane-1": {
-        "devices": ["boiler-1", "valve-1"],
+        "devices": ["boiler-1", "valve-1", LOOP_DEVICE],
         "timeout_s": 5,
         "allow": [
             {

@@ -17,7 +17,14 @@ import pytest
 import salt.version
 import yaml
 
-from tests.integration.states.conftest import REPO, apply, assert_all_ok, changed, wait_for
+from tests.integration.states.conftest import (
+    REPO,
+    apply,
+    assert_all_ok,
+    changed,
+    state_results,
+    wait_for,
+)
 from tests.support.mosquitto import start_broker
 
 
@@ -240,3 +247,55 @@ def test_service_states_rendered_where_they_cannot_run_here(states_minion, pilla
         svc = _args(syndic[sid], "service")
         assert svc["name"] == name
         assert {"file": "tributary-syndic-config"} in svc["watch"]
+
+
+def test_master_state_installs_and_removes_the_reactor(states_minion, pillar, tmp_dir):
+    actions = {
+        "boiler-hot": {
+            "firing": [
+                {"command": {"device": "{sensor}", "devices": ["boiler-*"], "command": "cool"}},
+                {"notify": {}},
+            ],
+            "resolved": [{"notify": {"topic": "ops/{site}/{rule}"}}],
+        }
+    }
+    notify = {"broker": {"host": "mqtt.example", "port": 8883, "username": "u", "password": "s3"}}
+    master = {
+        "config_dir": str(tmp_dir),
+        "manage_service": False,
+        "relay": {"index_prefix": "tributary"},
+        "reactor": {
+            "enabled": True,
+            "dir": str(tmp_dir / "reactor"),
+            "actions": actions,
+            "notify": notify,
+        },
+    }
+    pillar.set({"tributary": {"master": master}})
+    res = assert_all_ok(apply(states_minion, "tributary.master"))
+    assert "s3" not in json.dumps(res)  # the broker password is never shown
+    installed = tmp_dir / "reactor" / "alert.sls"
+    assert filecmp.cmp(installed, REPO / "salt" / "reactor" / "alert.sls", shallow=False)
+    conf_path = tmp_dir / "tributary-reactor.conf"
+    assert conf_path.stat().st_mode & 0o077 == 0
+    conf = yaml.safe_load(conf_path.read_text())
+    assert conf["reactor"] == [{"tributary/alert/boiler-hot/*": [str(installed)]}]
+    assert conf["tributary_reactor"] == {"actions": actions, "renotify": False, "notify": notify}
+    assert changed(assert_all_ok(apply(states_minion, "tributary.master"))) == {}
+
+    # A bad action table: the package's validate() names the key path; nothing is written.
+    master["reactor"]["actions"] = {"boiler-hot": {"firing": [{"exec": {"fun": "cmd.run"}}]}}
+    pillar.set({"tributary": {"master": master}})
+    res = state_results(apply(states_minion, "tributary.master"))
+    valid = res["tributary-master-reactor-config-valid"]
+    assert valid["result"] is False
+    assert "tributary_reactor.actions.boiler-hot.firing[0]: unknown action" in json.dumps(valid)
+    assert yaml.safe_load(conf_path.read_text())["tributary_reactor"]["actions"] == actions
+
+    # Not asked for any more: both removed.
+    master["reactor"] = {"enabled": False, "dir": str(tmp_dir / "reactor")}
+    pillar.set({"tributary": {"master": master}})
+    res = assert_all_ok(apply(states_minion, "tributary.master"))
+    gone = {"tributary-master-reactor-config", "tributary-master-reactor-files"}
+    assert set(changed(res)) >= gone
+    assert not conf_path.exists() and not installed.parent.exists()
