@@ -450,18 +450,29 @@ def report(site=None, since="24h", out=None):
     }
 
 
-def command(device, command, payload=None, site=None, timeout=None, test=False, job_timeout=None):
+def command(
+    device,
+    command,
+    payload=None,
+    site=None,
+    timeout=None,
+    test=False,
+    job_timeout=None,
+    resolve_timeout=10,
+):
     """
     Send ``command`` to every device matching ``device`` (a glob), through the gateways that
     serve them (the ``tributary:devices`` grain), optionally only in ``site``: resolves the
     gateways with ``grains.get tributary:devices`` on ``G@tributary:devices:<device>`` (and
-    ``G@site:<site>``), then runs ``tributary.command`` for each matching device on exactly
-    the gateways that serve it, through the syndics. Each gateway checks its own allow-list
-    and rate limit and audits the command (``tributary-commands-*``). Returns, per gateway and
-    device, the outcome (``acked``, ``refused_by_device``, ``refused``, ``timeout``,
-    ``test``, ``error``, or ``no_return``) with the reason, the device's answer and the
-    latency; ``result`` is True when every device acknowledged. ``test=True`` asks each
-    gateway what it would send, and nothing is published.
+    ``G@site:<site>``), waiting ``resolve_timeout`` seconds for their answers, then runs
+    ``tributary.command`` for each matching device on exactly the gateways that serve it,
+    through the syndics, until they answered (at most ``job_timeout``, default ``timeout`` +
+    20 s). Each gateway checks its own allow-list and rate limit and audits the command
+    (``tributary-commands-*``). Returns, per gateway and device, the outcome (``acked``,
+    ``refused_by_device``, ``refused``, ``timeout``, ``test``, ``error``, or ``no_return``)
+    with the reason, the device's answer and the latency; ``result`` is True when every
+    device acknowledged. ``test=True`` asks each gateway what it would send, and nothing is
+    published.
 
     CLI Example:
 
@@ -475,10 +486,17 @@ def command(device, command, payload=None, site=None, timeout=None, test=False, 
     client = salt.client.get_local_client(mopts=dict(__opts__))
     wait = float(job_timeout) if job_timeout else float(timeout or 10) + 20.0
 
-    def cmd(tgt, fun, arg, kwarg, tgt_type, timeout_s):
-        return client.cmd(
+    def cmd(tgt, fun, arg, kwarg, tgt_type, timeout_s, expect):
+        got = {}
+        for ret in client.cmd_iter(
             tgt, fun, arg=arg, kwarg=kwarg or None, tgt_type=tgt_type, timeout=int(timeout_s)
-        )
+        ):
+            for minion, data in (ret or {}).items():
+                if isinstance(data, dict) and "ret" in data:
+                    got[minion] = data["ret"]
+            if expect and expect <= set(got):
+                break
+        return got
 
     try:
         return control_commands.send(
@@ -490,6 +508,7 @@ def command(device, command, payload=None, site=None, timeout=None, test=False, 
             timeout,
             test is True or str(test).lower() == "true",
             wait,
+            float(resolve_timeout),
         )
     finally:
         client.destroy()

@@ -34,12 +34,14 @@ class FakeSalt:
                 ok &= fnmatch.fnmatchcase(FLEET[gw]["site"], pat)
         return ok
 
-    def __call__(self, tgt, fun, arg, kwarg, tgt_type, timeout):
+    def __call__(self, tgt, fun, arg, kwarg, tgt_type, timeout, expect):
         assert tgt_type == "compound"
         self.jobs.append((tgt, fun, arg, kwarg))
         hit = [gw for gw in FLEET if self.matches(gw, tgt) and gw not in self.silent]
         if fun == "grains.get":
+            assert expect is None  # nothing tells which gateways a grain reaches
             return {gw: FLEET[gw]["devices"] for gw in hit}
+        assert expect == set(hit) | (expect & self.silent)  # the resolved gateways
         return {
             gw: {"outcome": "test" if kwarg.get("test") else "acked", "id": "c1", "extra": 1}
             for gw in hit
@@ -96,13 +98,14 @@ def test_a_silent_gateway_is_no_return_and_the_result_false():
     )
     calls = []
 
-    def flaky(tgt, fun, arg, kwarg, tgt_type, timeout):
-        calls.append(fun)
-        ret = FakeSalt()(tgt, fun, arg, kwarg, tgt_type, timeout)
+    def flaky(tgt, fun, arg, kwarg, tgt_type, timeout, expect):
+        calls.append((fun, expect))
+        ret = FakeSalt()(tgt, fun, arg, kwarg, tgt_type, timeout, expect)
         return ret if fun == "grains.get" else {}
 
     out = send(flaky, "pump-1", "stop", job_timeout=3)
     assert out["result"] is False
+    assert calls == [("grains.get", None), ("tributary.command", {"gw-sydney-1"})]
     assert out["gateways"]["gw-sydney-1"]["pump-1"] == {
         "outcome": "no_return",
         "reason": "no answer within 3 s",

@@ -12,8 +12,13 @@
    ``refused``, ``timeout``, ``test``, ``error``, or ``no_return`` when a gateway that was
    resolved did not answer).
 
-The Salt client is passed in (``cmd(tgt, fun, arg, kwarg, tgt_type, timeout) -> {id: ret}``),
-so this logic is tested without daemons; the runner gives it ``LocalClient.cmd``.
+The Salt client is passed in (``cmd(tgt, fun, arg, kwarg, tgt_type, timeout, expect) ->
+{id: ret}``, returning early once every id in ``expect`` answered), so this logic is tested
+without daemons; the runner gives it ``LocalClient.cmd_iter``. Behind a syndic the top master
+does not know which minions a grain target will reach, so the resolution waits
+``resolve_timeout`` for answers (a gateway silent that long is not sent the command), and each
+command job waits only until the gateways resolved for it have answered (at most
+``job_timeout``).
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ def send(
     timeout: float | None = None,
     test: bool = False,
     job_timeout: float = 30.0,
+    resolve_timeout: float = 10.0,
 ) -> dict[str, Any]:
     """Resolve the gateways serving devices matching ``device`` and send them the command (see
     the module docstring). ``result`` is True when every device acknowledged (or, with
@@ -94,9 +100,7 @@ def send(
     if bad:
         return {"result": False, "error": bad}
     tgt = target(device, site)
-    found = cmd(
-        tgt, "grains.get", ["tributary:devices"], {}, "compound", max(10.0, job_timeout / 2)
-    )
+    found = cmd(tgt, "grains.get", ["tributary:devices"], {}, "compound", resolve_timeout, None)
     served = resolve(found or {}, device)
     where = f" in site {site}" if site else ""
     if not served:
@@ -120,7 +124,13 @@ def send(
     out: dict[str, dict[str, Any]] = {gw: {} for gw in served}
     for d, gws in sorted(by_device.items()):
         rets = cmd(
-            target(d, site), "tributary.command", [d, command], kwarg, "compound", job_timeout
+            target(d, site),
+            "tributary.command",
+            [d, command],
+            kwarg,
+            "compound",
+            job_timeout,
+            set(gws),
         )
         rets = rets or {}
         for gw in gws:

@@ -305,7 +305,7 @@ def command(
         "device": str(device),
         "command": str(name),
         "payload": _bounded(payload),
-        "correlation_id": out.get("id") or out.get("correlation_id"),
+        "correlation_id": out.get("id"),  # only what was sent to the device
         "outcome": out.get("outcome"),
         "reason": out.get("reason"),
         "rule": out.get("rule"),
