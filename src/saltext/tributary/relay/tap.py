@@ -64,14 +64,7 @@ class Tap:
 
     def offer(self, readings: Sequence[Confirmed]) -> bool:
         """Queue readings for the subscriber; False (and counted) when the queue is full."""
-        if not readings:
-            return True
-        try:
-            self._q.put_nowait(readings)
-            return True
-        except queue.Full:
-            self.counters.inc("tap_shed", len(readings))
-            return False
+        return not readings or shed_when_full(self._q, readings, self.counters)
 
     def close(self, timeout: float = 10.0) -> None:
         try:
@@ -94,6 +87,16 @@ class Tap:
             item.token.set()
 
         serve(self._q.get, self.handler, self.idle, self.idle_s, self.counters.inc, drained)
+
+
+def shed_when_full(q: Any, readings: Sequence[Confirmed], counters: Counters) -> bool:
+    """Put ``readings`` on ``q`` without waiting; when it is full they are shed and counted."""
+    try:
+        q.put_nowait(readings)
+        return True
+    except queue.Full:
+        counters.inc("tap_shed", len(readings))
+        return False
 
 
 def serve(
@@ -216,12 +219,7 @@ class ProcessTap:
                 )
                 self.counters.inc("tap_restarts")
                 self._start()
-            try:
-                self._q.put_nowait(readings)
-                return True
-            except queue.Full:
-                self.counters.inc("tap_shed", len(readings))
-                return False
+            return shed_when_full(self._q, readings, self.counters)
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait until the child has handled everything offered so far (tests, shutdown)."""
