@@ -434,12 +434,11 @@ def report(site=None, since="24h", out=None):
         return {"result": False, "error": relay_status.describe_error(exc)}
     query_s = round(time.monotonic() - started, 2)
     try:
-        written = report_lib.write(rep, str(out))
-    except OSError as exc:
-        return {"result": False, "error": f"out: cannot write {out}: {exc}"}
+        # rendered in a Python process of its own (matplotlib and numpy out of salt-run's)
+        written = report_lib.write_isolated(rep, str(out))
     except Exception as exc:  # pylint: disable=broad-except
-        log.exception("tributary.report: rendering failed")
-        return {"result": False, "error": f"rendering failed: {relay_status.describe_error(exc)}"}
+        log.error("tributary.report: rendering failed: %s", exc)
+        return {"result": False, "error": f"rendering failed: {exc}"}
     return {
         "result": True,
         **written,

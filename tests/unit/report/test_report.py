@@ -193,3 +193,13 @@ def test_missing_matplotlib_is_named(monkeypatch):
     monkeypatch.setattr(render, "MISSING", "the fleet report needs matplotlib (x)")
     with pytest.raises(RuntimeError, match="needs matplotlib"):
         report.write(_model(), "/nonexistent/r.html")
+
+
+@pytest.mark.skipif(not render.HAS_MATPLOTLIB, reason=render.MISSING)
+def test_rendering_in_a_process_of_its_own(tmp_path):
+    out = report.write_isolated(_model(), str(tmp_path / "r.html"))
+    assert out["html"] == str(tmp_path / "r.html") and len(out["charts"]) == 3
+    assert (tmp_path / "r.html").stat().st_size == out["html_bytes"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RuntimeError, match="Error"):  # a directory that is a file
+        report.write_isolated(_model(), str(tmp_path / "file" / "r.html"))

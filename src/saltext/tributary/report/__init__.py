@@ -9,6 +9,7 @@ tributary.report`` is their Salt face.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ from typing import Any
 from saltext.tributary.report import queries
 from saltext.tributary.report.model import Report, Window, choose_interval
 
-__all__ = ["build", "span_ms", "write"]
+__all__ = ["build", "span_ms", "write", "write_isolated"]
 
 
 def span_ms(since: Any) -> int:
@@ -170,6 +171,29 @@ def write(report: Report, out: str, png: bool = True) -> dict[str, Any]:
         "charts": written,
         "render_s": round(time.monotonic() - started, 2),
     }
+
+
+def write_isolated(report: Report, out: str, timeout: float = 600) -> dict[str, Any]:
+    """:func:`write` in a Python process of its own (``python -m saltext.tributary.report``):
+    matplotlib and numpy stay out of the caller's process. In a ``salt-run`` process on the
+    test topology's top master, numpy's scalar formatting failed inside matplotlib ("NumPy
+    internal error: unable to get format_options context variable"); the same code renders
+    in a plain Python process. Raises RuntimeError with the child's error."""
+    import pickle
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "saltext.tributary.report", out],
+        input=pickle.dumps(report),
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(err[-1] if err else f"renderer exited with {proc.returncode}")
+    return dict(json.loads(proc.stdout))
 
 
 def _atomic(path: str, data: bytes) -> None:
