@@ -55,7 +55,10 @@ def test_alert_commands_the_device_through_the_syndic_and_resolves(
     assert fired[0]["value"] > 80 and fired[0]["site"] == "brisbane"
 
     # Salt's reactor on the top master sent the command down through the syndic.
-    cmds = wait_for(lambda: boiler.commands, 60, "the reactor's command at the device")
+    # On Salt 3008.5, salt-syndic passes a publication down only when its event loop is free of
+    # its stuck event forwarding (README "Versions tested"): 11-52 s were measured
+    # (BENCHMARKS.md, "Reactor"), hence the longer wait.
+    cmds = wait_for(lambda: boiler.commands, 120, "the reactor's command at the device")
     assert [(c["command"], c["payload"]) for c in cmds] == [("setpoint", LOOP_SETPOINT)]
     assert boiler.target == LOOP_SETPOINT
 
