@@ -26,9 +26,10 @@ Figures (issue 4 targets in brackets; benchmarks, never test assertions):
 
 Environment: ``TRIBUTARY_BENCH_N`` (default 100000), ``TRIBUTARY_BENCH_E2E_N`` (MQTT readings
 for the end-to-end rate, default 20000), ``TRIBUTARY_BENCH_SOAK_S``,
-``TRIBUTARY_BENCH_ANOMALIES=0`` turns the detector off, ``TRIBUTARY_BENCH_RULES=100`` adds that many
-alert rules, ``TRIBUTARY_BENCH_SKIP_GATEWAY=1`` skips ``bench/gateway.py``, ``TRIBUTARY_BENCH_STOP_AFTER``
-(``relay``, ``end_to_end`` or ``latency``) ends the pipeline after that section.
+``TRIBUTARY_BENCH_ANOMALIES=0`` turns the detector off, ``TRIBUTARY_BENCH_RULES=100`` adds
+that many alert rules, ``TRIBUTARY_BENCH_SKIP_GATEWAY=1`` skips ``bench/gateway.py``,
+``TRIBUTARY_BENCH_STOP_AFTER`` (``relay``, ``end_to_end`` or ``latency``) ends the pipeline
+after that section.
 """
 
 from __future__ import annotations
