@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.support.topology import es_readings
+from tests.support.topology import es_readings, wait_for
 
 
 class Stream:
@@ -45,6 +45,17 @@ class Stream:
         self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
         return self
+
+    def wait_ticks(self, n: int, timeout: float = 60) -> None:
+        """Wait until every gateway has been sent ``n`` more ticks of readings (the stream
+        going on through a fault), with a deadline."""
+        goal = {gw: len(v) + n * self.per_tick for gw, v in self.sent.items()}
+        wait_for(
+            lambda: all(len(self.sent[gw]) >= g for gw, g in goal.items()) or self.errors,
+            timeout,
+            what=f"{n} more ticks of {self.sensor}",
+        )
+        assert not self.errors, self.errors
 
     def stop(self) -> None:
         self._stop.set()

@@ -211,14 +211,14 @@ def test_elasticsearch_down_two_minutes(faults):
 def test_syndic_sigkill_mid_stream(faults):
     es, syndic, brokers = faults["es"], faults["syndic"], faults["brokers"]
     stream = Stream(brokers, "f3-syndic-kill", per_tick=10, every=0.5).start()
-    time.sleep(3)  # mid-stream
+    stream.wait_ticks(6)  # mid-stream
     os.kill(syndic.pid, signal.SIGKILL)
     wait_for(lambda: not syndic.is_running(), timeout=30, what="salt-syndic gone")
-    time.sleep(3)  # the stream goes on while the syndic is dead
+    stream.wait_ticks(6)  # the stream goes on while the syndic is dead
     syndic.terminate()
     syndic.start()
     back = time.monotonic()
-    time.sleep(3)
+    stream.wait_ticks(6)
     stream.stop()
     stream.tick()
     assert_exactly(es, stream, recovered_from=back)
