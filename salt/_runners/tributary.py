@@ -457,21 +457,23 @@ def command(
     timeout=None,
     test=False,
     job_timeout=None,
-    resolve_timeout=10,
+    resolve_timeout=90,
+    resolve_settle=3,
 ):
     """
     Send ``command`` to every device matching ``device`` (a glob), through the gateways that
     serve them (the ``tributary:devices`` grain), optionally only in ``site``: resolves the
     gateways with ``grains.get tributary:devices`` on ``G@tributary:devices:<device>`` (and
-    ``G@site:<site>``), waiting ``resolve_timeout`` seconds for their answers, then runs
-    ``tributary.command`` for each matching device on exactly the gateways that serve it,
-    through the syndics, until they answered (at most ``job_timeout``, default ``timeout`` +
-    20 s). Each gateway checks its own allow-list and rate limit and audits the command
-    (``tributary-commands-*``). Returns, per gateway and device, the outcome (``acked``,
-    ``refused_by_device``, ``refused``, ``timeout``, ``test``, ``error``, or ``no_return``)
-    with the reason, the device's answer and the latency; ``result`` is True when every
-    device acknowledged. ``test=True`` asks each gateway what it would send, and nothing is
-    published.
+    ``G@site:<site>``), then runs ``tributary.command`` for each matching device on exactly
+    the gateways that serve it, through the syndics, until they answered (at most
+    ``job_timeout``, default ``timeout`` + 60 s). Behind a syndic the top master cannot know
+    which minions a grain target reaches: the resolution ends ``resolve_settle`` seconds after
+    the last answer (at most ``resolve_timeout``). Each gateway checks its own allow-list and
+    rate limit and audits the command (``tributary-commands-*``). Returns, per gateway and
+    device, the outcome (``acked``, ``refused_by_device``, ``refused``, ``timeout``,
+    ``test``, ``error``, or ``no_return``) with the reason, the device's answer and the
+    latency; ``result`` is True when every device acknowledged. ``test=True`` asks each
+    gateway what it would send, and nothing is published.
 
     CLI Example:
 
@@ -483,17 +485,22 @@ def command(
     import salt.client
 
     client = salt.client.get_local_client(mopts=dict(__opts__))
-    wait = float(job_timeout) if job_timeout else float(timeout or 10) + 20.0
+    wait = float(job_timeout) if job_timeout else float(timeout or 10) + 60.0
+    settle = float(resolve_settle)
 
     def cmd(tgt, fun, arg, kwarg, tgt_type, timeout_s, expect):
         got = {}
-        for ret in client.cmd_iter(
+        last = None
+        for ret in client.cmd_iter_no_block(
             tgt, fun, arg=arg, kwarg=kwarg or None, tgt_type=tgt_type, timeout=int(timeout_s)
         ):
             for minion, data in (ret or {}).items():
                 if isinstance(data, dict) and "ret" in data:
                     got[minion] = data["ret"]
+                    last = time.monotonic()
             if expect and expect <= set(got):
+                break
+            if not expect and last is not None and time.monotonic() - last > settle:
                 break
         return got
 
