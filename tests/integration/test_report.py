@@ -1,4 +1,5 @@
-"""The fleet report against a real Elasticsearch and in a real headless Chromium.
+"""The fleet report against a real Elasticsearch, in a real headless Chromium, and from
+``salt-run tributary.report`` on the session topology's top master.
 
 Known documents go into their own index prefix (``rpt*``), so they never meet other tests'
 data, and the numbers behind every chart are checked against them: bucket counts, minima and
@@ -17,6 +18,7 @@ import saltext.tributary.report as report
 from saltext.tributary.report import queries, render
 from tests.support.browser import Browser, chromium_path
 from tests.support.reportdata import Known
+from tests.support.topology import es_count, wait_for
 
 pytestmark = pytest.mark.skipif(not render.HAS_MATPLOTLIB, reason=render.MISSING)
 
@@ -225,3 +227,25 @@ def test_page_loads_offline_in_chromium_and_shows_the_charts(known, tmp_path):
         from tests.support.browser import main as shoot
 
         assert shoot([out["html"], shot, "1100", "1500", "0.7"]) == 0
+
+
+GW = "gw-brisbane-1"
+SENSOR = "report-probe"
+
+
+def test_salt_run_report_writes_the_page_and_charts(topology, tmp_path):
+    es, top, brokers = topology["es"], topology["top"], topology["brokers"]
+    brokers[GW].publish(f"sensors/{SENSOR}/temperature", ["21.5", "22.0", "22.5"])
+    wait_for(lambda: es_count(es, GW, SENSOR) >= 3, 90, "the probe readings indexed")
+    out = tmp_path / "fleet" / "report.html"
+    ret = top.salt_run_cli(timeout=120).run("tributary.report", since="1h", out=str(out))
+    assert ret.returncode == 0 and ret.data["result"] is True, (ret.data, ret.stdout, ret.stderr)
+    assert ret.data["html"] == str(out) and out.stat().st_size == ret.data["html_bytes"]
+    assert "brisbane" in ret.data["sites"] and ret.data["interval"] == "1m"
+    for path in ret.data["charts"]:
+        assert os.path.dirname(path) == str(out.parent) and os.path.getsize(path) > 1000
+    page = out.read_text()
+    assert f"{GW} {SENSOR}" in page and "<script" not in page
+    assert "The relay&#x27;s status store was not read" not in page  # the top master's was
+    ret = top.salt_run_cli(timeout=60).run("tributary.report", since="yesterday")
+    assert ret.data["result"] is False and "since" in ret.data["error"]
