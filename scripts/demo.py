@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             status = status or 1
             progress.line(f"demo failed while stopping: {exc}")
+        left = _reap(root)
+        if left:
+            progress.line(f"  stopped {left} process(es) still running after their daemon's stop")
     _drop_salt_console_handler()
     logging.getLogger().removeHandler(handler)
     handler.close()
@@ -123,6 +126,27 @@ def main(argv: list[str] | None = None) -> int:
     else:
         progress.line(f"Everything it started is stopped. Daemon logs and warnings: {root}")
     return status
+
+
+def _reap(root: str, timeout: float = 30) -> int:
+    """Salt daemons' children still shutting down after their daemon stopped (their command
+    line names the run directory): wait for them within ``timeout``, then kill the rest.
+    Returns how many had to be killed."""
+    import psutil
+
+    def ours() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            if proc.pid != os.getpid() and any(root in a for a in proc.info["cmdline"] or ()):
+                found.append(proc)
+        return found
+
+    _gone, alive = psutil.wait_procs(ours(), timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return len(alive)
 
 
 def _drop_salt_console_handler() -> None:
