@@ -39,7 +39,7 @@ def log(msg: str) -> None:
 
 
 def events(now: int, n_series: int, days: float) -> tuple[list[dict], list[dict]]:
-    """Anomalies on every 10th series (three each) and a firing/resolved alert on every 25th."""
+    """Anomalies on every 10th series (three each), a firing and a resolved alert on every 50th."""
     anomalies, alerts = [], []
     span = int(days * 86_400_000)
     for s in range(0, n_series, 10):
