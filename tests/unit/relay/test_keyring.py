@@ -98,6 +98,18 @@ def test_a_gateway_attached_to_the_top_master_is_bound_to_it(tmp_path, master_pk
     assert verdicts(relay, "gw-a", "gw-b") == {"gw-a": "indexed", "gw-b": "indexed"}
 
 
+def test_a_syndic_listing_its_own_id_is_not_a_conflict(tmp_path, master_pki, keys):
+    """The syndic host's minion shares the syndic's id, which the top master accepted."""
+    with open(os.path.join(master_pki, "minions", "syndic-1"), "w") as fh:
+        fh.write(keys["syndic-1"][1])
+    relay = make(tmp_path, master_pki, keys)
+    vouch = {"syndic-1": "syndic-1", "gw-b": "gw-b"}
+    assert send(relay, "syndic-1", keyset(keys, "syndic-1", vouch))
+    assert relay.counters["keyset_conflicts"] == 0
+    assert relay.spool.keyring.conflicts() == []
+    assert verdicts(relay, "gw-b") == {"gw-b": "indexed"}
+
+
 def test_an_older_key_set_never_replaces_a_newer_one(tmp_path, master_pki, keys):
     relay = make(tmp_path, master_pki, keys)
     old = keyset(keys, "syndic-1", {"gw-a": "gw-a", "gw-b": "gw-b"}, ts_ms=1_000)

@@ -98,7 +98,12 @@ class Keyring:
         out = KeysetResult()
         accepted: dict[str, str] = {}
         for gw, pem in keys.items():
-            owner = "top master" if is_local(gw) else bound.get(gw)
+            local = is_local(gw)
+            if gw == source and local:
+                # the syndic host's own minion: attached to the top master as the syndic
+                # itself and verified by the key the top master accepted; not a claim
+                continue
+            owner = "top master" if local else bound.get(gw)
             if owner is not None:
                 out.conflicts += 1
                 seen = self.db.execute(
