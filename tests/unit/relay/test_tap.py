@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from saltext.tributary.relay.counters import Counters
-from saltext.tributary.relay.tap import ProcessTap
+from saltext.tributary.relay.tap import CHILD_NICE, ProcessTap
 from tests.support.topology import wait_for
 
 
@@ -28,7 +28,7 @@ class Recorder:
             raise ValueError("a subscriber bug")
         with open(self.path, "a") as fh:
             for r in readings:
-                fh.write(json.dumps([r[0], r[4]["seq"], os.getpid()]) + "\n")
+                fh.write(json.dumps([r[0], r[4]["seq"], os.getpid(), os.nice(0)]) + "\n")
         self.count("recorded", len(readings))
         self.count("recorded_by_gw", len(readings), gateway=readings[0][0])
         if any(r[4].get("slow") for r in readings):
@@ -76,14 +76,16 @@ def test_readings_reach_the_child_and_its_counts_come_back(tmp_path):
         assert tap.offer(batch("gw-2", 1, 2))
         assert tap.drain()
         got = lines(out)
-        assert [(g, s) for g, s, _ in got] == [
+        assert [(g, s) for g, s, _, _ in got] == [
             ("gw-1", 1),
             ("gw-1", 2),
             ("gw-1", 3),
             ("gw-2", 1),
             ("gw-2", 2),
         ]
-        assert {pid for _, _, pid in got} == {tap._proc.pid} != {os.getpid()}
+        assert {pid for _, _, pid, _ in got} == {tap._proc.pid} != {os.getpid()}
+        # the child yields the CPU to the relay under contention
+        assert {nice for *_, nice in got} == {os.nice(0) + CHILD_NICE}
         assert counters["recorded"] == 5
         assert counters[("recorded_by_gw", "gw-1")] == 3
         # the child's log records are handled by the parent's loggers
@@ -108,7 +110,7 @@ def test_a_failing_batch_is_counted_and_the_next_one_handled(tmp_path):
         tap.offer(batch("gw-1", 3, 1))
         assert tap.drain()
         assert counters["tap_failed"] == 2
-        assert [s for _, s, _ in lines(out)] == [3]
+        assert [row[1] for row in lines(out)] == [3]
     finally:
         tap.close()
 
@@ -140,7 +142,7 @@ def test_a_child_that_dies_is_started_again_and_counted(tmp_path):
         assert tap.drain()
         assert counters["tap_restarts"] == 1
         got = lines(out)
-        assert [s for _, s, _ in got] == [2]
+        assert [row[1] for row in got] == [2]
         assert got[0][2] != first
     finally:
         tap.close()

@@ -143,6 +143,10 @@ class Subscriber(Protocol):
     def close(self) -> None: ...
 
 
+#: The child's niceness: when the relay and Elasticsearch need every core, the subscriber
+#: gets what is left; its queue absorbs bursts, and what does not fit is shed and counted.
+CHILD_NICE = 10
+
 #: ``factory(*args, count=count) -> Subscriber``: module-level, so the child can import it.
 Factory = Callable[..., Subscriber]
 
@@ -308,6 +312,10 @@ def _child(
     level: int,
 ) -> None:
     """The child process: build the subscriber, serve the queue, save at the end."""
+    try:
+        os.nice(CHILD_NICE)  # under CPU contention, intake and shipping come first
+    except OSError:
+        pass
     root = logging.getLogger()
     root.handlers[:] = [_BackLog(back)]
     root.setLevel(level)
