@@ -85,7 +85,7 @@ def test_readings_reach_the_child_and_its_counts_come_back(tmp_path):
         ]
         assert {pid for _, _, pid, _ in got} == {tap._proc.pid} != {os.getpid()}
         # the child yields the CPU to the relay under contention
-        assert {nice for *_, nice in got} == {os.nice(0) + CHILD_NICE}
+        assert {nice for *_, nice in got} == {min(19, os.nice(0) + CHILD_NICE)}
         assert counters["recorded"] == 5
         assert counters[("recorded_by_gw", "gw-1")] == 3
         # the child's log records are handled by the parent's loggers

@@ -144,8 +144,9 @@ class Subscriber(Protocol):
 
 
 #: The child's niceness: when the relay and Elasticsearch need every core, the subscriber
-#: gets what is left; its queue absorbs bursts, and what does not fit is shed and counted.
-CHILD_NICE = 10
+#: gets what is left; its queue absorbs bursts, and what does not fit is shed and counted
+#: (BENCHMARKS.md: at 10 the relay lost 14-22 % of its rate on 2 cores, at 19 it did not).
+CHILD_NICE = 19
 
 #: ``factory(*args, count=count) -> Subscriber``: module-level, so the child can import it.
 Factory = Callable[..., Subscriber]
