@@ -42,8 +42,11 @@ compat: setup
 unit: setup
 	$(PY) -m pytest tests/unit tests/functional -q
 
+# `make bench` runs every section; `make bench BENCH="run fleet_state"` runs the ones named
+# (each is bench/<section>.py and prints its figures as JSON).
+BENCH ?= run fleet_state report nab reaction rules
 bench: setup
-	$(PY) bench/run.py
+	@set -e; for s in $(BENCH); do echo "== bench/$$s.py"; $(PY) bench/$$s.py; done
 
 clean:
 	rm -rf .venv .venv-* .pytest_cache .mypy_cache .ruff_cache .run

@@ -227,9 +227,11 @@ def split_check(paths: list[Path], windows: dict, cfg: DetectorConfig, grid: lis
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True, type=Path)
-    ap.add_argument("--windows", required=True, type=Path)
-    ap.add_argument("--out", required=True, type=Path)
+    # defaults: the labelled data beside the project (../shared/data/nab), results in .run/
+    nab = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "nab"
+    ap.add_argument("--data", default=nab, type=Path)
+    ap.add_argument("--windows", default=nab / "combined_windows.json", type=Path)
+    ap.add_argument("--out", default=Path(".run") / "nab-results", type=Path)
     ap.add_argument("--detector", default="tributary")
     ap.add_argument("--set", action="append", default=[], help="detector option, key=value")
     ap.add_argument(
