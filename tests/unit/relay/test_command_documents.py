@@ -11,7 +11,7 @@ import msgpack
 from saltext.tributary.protocol import signing
 from saltext.tributary.protocol.wire import SpooledReading, encode_batch
 from saltext.tributary.relay.documents import command_doc
-from saltext.tributary.relay.elasticsearch import MAPPINGS
+from saltext.tributary.relay.elasticsearch import KINDS
 from tests.unit.relay.test_relay import TAG, bulk_ops, make_relay, publish_keys
 
 NOW = int(time.time() * 1000)
@@ -61,7 +61,7 @@ def test_a_command_record_becomes_a_commands_document(tmp_path, master_pki, keys
     assert doc["answer"] == {"id": "0123456789abcdef", "status": "ok"}
     assert doc["user"] == "root" and doc["jid"] == "20261130113000123456"
     # every field it writes is mapped (the commands mapping is not dynamic)
-    assert set(doc) - {"relayed_at"} <= set(MAPPINGS["commands"])
+    assert set(doc) - {"relayed_at"} <= set(KINDS["commands"].properties)
 
 
 def test_an_unknown_record_kind_is_dead_lettered_with_its_reason(tmp_path, master_pki, keys):

@@ -8,20 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
-
-KINDS = (
-    "readings",
-    "health",
-    "deadletter",
-    "metrics",
-    "anomalies",
-    "findings",
-    "alerts",
-    "commands",
-)
-#: Kinds whose mappings are strict about what is indexed (other fields stay in ``_source``).
-UNDYNAMIC = ("deadletter", "commands")
 
 
 def validate_es_config(cfg: Any) -> list[str]:
@@ -80,132 +68,117 @@ def index_name(prefix: str, kind: str, ts_ms: int, daily: bool = True) -> str:
 
 
 _DATE = {"type": "date", "format": "epoch_millis||strict_date_optional_time"}
-_KW = {"type": "keyword"}
+#: kept in ``_source``, not indexed (its inner types cannot conflict across gateways)
+_OPAQUE = {"type": "object", "enabled": False}
 
-MAPPINGS: dict[str, dict[str, Any]] = {
-    "readings": {
-        "@timestamp": _DATE,
-        "gateway": _KW,
-        "site": _KW,
-        "sensor": _KW,
-        "metric": _KW,
-        "value": {"type": "double"},
-        "unit": _KW,
-        "seq": {"type": "long"},
-        "epoch": _KW,
-        "agg": {
-            "properties": {
-                "window_s": {"type": "double"},
-                "min": {"type": "double"},
-                "max": {"type": "double"},
-                "count": {"type": "long"},
-                "first": _DATE,
-                "last": _DATE,
-            }
-        },
-        "location": {"type": "geo_point"},
-        "relayed_at": _DATE,
-    },
-    "health": {
-        "@timestamp": _DATE,
-        "gateway": _KW,
-        "site": _KW,
-        "last_seq": {"type": "long"},
-        "epoch": _KW,
-        "location": {"type": "geo_point"},
-        # grain paths chosen per fleet: kept, not mapped (one gateway's types cannot conflict)
-        "grains": {"type": "object", "enabled": False},
-    },
-    "deadletter": {
-        "@timestamp": _DATE,
-        "gateway": _KW,
-        "reason": _KW,
-        "detail": {"type": "text"},
-        "stage": _KW,
-        "doc_id": _KW,
-        "original": {"type": "object", "enabled": False},
-    },
-    "metrics": {
-        "@timestamp": _DATE,
-        "relay": _KW,
-        "counters": {"type": "object", "dynamic": True},
-    },
-    "anomalies": {
-        "@timestamp": _DATE,
-        "gateway": _KW,
-        "site": _KW,
-        "sensor": _KW,
-        "metric": _KW,
-        "value": {"type": "double"},
-        "score": {"type": "double"},
-        "anomaly": {"type": "boolean"},
-        "expected": {"type": "double"},
-        "band": {"type": "double"},
-        "deviation": {"type": "double"},
-        "context": _KW,
-        "context_samples": {"type": "long"},
-        "samples": {"type": "long"},
-        "state": _KW,
-        "detected_at": _DATE,
-        "location": {"type": "geo_point"},
-    },
-    "findings": {
-        "@timestamp": _DATE,
-        "kind": _KW,
-        "layer": _KW,
-        "state": _KW,
-        "site": _KW,
-        "gateway": _KW,
-        "sensor": _KW,
-        "metric": _KW,
-        "detail": {"type": "object", "enabled": False},
-        "raised_at": _DATE,
-        "duration_s": {"type": "double"},
-    },
-    "alerts": {
-        "@timestamp": _DATE,
-        "rule": _KW,
-        "state": _KW,
-        "kind": _KW,
-        "severity": _KW,
-        "site": _KW,
-        "gateway": _KW,
-        "sensor": _KW,
-        "metric": _KW,
-        "value": {"type": "double"},
-        "since": _DATE,
-        "duration_s": {"type": "double"},
-        "renotify": {"type": "boolean"},
-        "silenced": {"type": "boolean"},
-    },
+
+def _props(special: dict[str, Any] | None = None, **by_type: str) -> dict[str, Any]:
+    """Field mappings: ``by_type`` names the fields of each Elasticsearch type (space-separated;
+    ``date`` fields take epoch milliseconds or ISO 8601), ``special`` maps the others whole."""
+    props: dict[str, Any] = {
+        name: _DATE if kind == "date" else {"type": kind}
+        for kind, names in by_type.items()
+        for name in names.split()
+    }
+    props.update(special or {})
+    return props
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of document: the fields its index template maps and how it is written."""
+
+    properties: dict[str, Any]
+    #: only the mapped fields are indexed (the others stay in ``_source``)
+    strict: bool = False
+    #: written as a data stream when ``indices: data_stream`` (append-only, time-stamped)
+    data_stream: bool = True
+
+
+#: Every kind of document the relay and the analysis write, in one table.
+KINDS: dict[str, Kind] = {
+    "readings": Kind(
+        _props(
+            {
+                "agg": {
+                    "properties": _props(double="window_s min max", long="count", date="first last")
+                }
+            },
+            date="@timestamp relayed_at",
+            keyword="gateway site sensor metric unit epoch",
+            double="value",
+            long="seq",
+            geo_point="location",
+        )
+    ),
+    "health": Kind(
+        _props(
+            {"grains": _OPAQUE},  # grain paths chosen per fleet
+            date="@timestamp",
+            keyword="gateway site epoch",
+            long="last_seq",
+            geo_point="location",
+        )
+    ),
+    "deadletter": Kind(
+        _props(
+            {"original": _OPAQUE},
+            date="@timestamp",
+            keyword="gateway reason stage doc_id",
+            text="detail",
+        ),
+        strict=True,
+        data_stream=False,
+    ),
+    "metrics": Kind(
+        _props(
+            {"counters": {"type": "object", "dynamic": True}}, date="@timestamp", keyword="relay"
+        )
+    ),
+    "anomalies": Kind(
+        _props(
+            date="@timestamp detected_at",
+            keyword="gateway site sensor metric context state",
+            double="value score expected band deviation",
+            long="context_samples samples",
+            boolean="anomaly",
+            geo_point="location",
+        )
+    ),
+    "findings": Kind(
+        _props(
+            {"detail": _OPAQUE},
+            date="@timestamp raised_at",
+            keyword="kind layer state site gateway sensor metric",
+            double="duration_s",
+        )
+    ),
+    "alerts": Kind(
+        _props(
+            date="@timestamp since",
+            keyword="rule state kind severity site gateway sensor metric",
+            double="value duration_s",
+            boolean="renotify silenced",
+        )
+    ),
     # the audit of commands sent to devices (gateway records, relay/documents.command_doc)
-    "commands": {
-        "@timestamp": _DATE,
-        "gateway": _KW,
-        "site": _KW,
-        "device": _KW,
-        "command": _KW,
-        "payload": {"type": "keyword", "ignore_above": 4096},
-        "payload_value": {"type": "double"},
-        "correlation_id": _KW,
-        "outcome": _KW,
-        "reason": {"type": "keyword", "ignore_above": 2048},
-        "rule": _KW,
-        "answer": {"type": "object", "enabled": False},
-        "latency_ms": {"type": "double"},
-        "user": _KW,
-        "jid": _KW,
-        "topic": _KW,
-        "qos": {"type": "integer"},
-        "epoch": _KW,
-        "seq": {"type": "long"},
-        "relayed_at": _DATE,
-    },
+    "commands": Kind(
+        _props(
+            {
+                "payload": {"type": "keyword", "ignore_above": 4096},
+                "reason": {"type": "keyword", "ignore_above": 2048},
+                "answer": _OPAQUE,
+            },
+            date="@timestamp relayed_at",
+            keyword="gateway site device command correlation_id outcome rule user jid topic epoch",
+            double="payload_value latency_ms",
+            integer="qos",
+            long="seq",
+        ),
+        strict=True,
+        data_stream=False,
+    ),
 }
-
-
-#: Kinds written as data streams when ``indices: data_stream`` (append-only, time-stamped).
-DATA_STREAM_KINDS = ("readings", "health", "metrics", "anomalies", "findings", "alerts")
 
 
 def install_templates(
@@ -213,7 +186,7 @@ def install_templates(
 ) -> None:
     """Component template for shared settings plus one index template per kind.
 
-    With ``data_streams`` the readings, health, metrics and anomalies templates declare a data
+    With ``data_streams`` the templates of the kinds marked ``data_stream`` declare a data
     stream named ``<prefix>-<kind>`` (documents are still bulk ``create``d with their id). This
     needs the data-streams module of a full Elasticsearch distribution; the integ-test zip used
     by the test suite lacks it, so that mode is untested here.
@@ -228,18 +201,18 @@ def install_templates(
             }
         },
     )
-    for kind in KINDS:
+    for kind, spec in KINDS.items():
         client.cluster.put_component_template(
             name=f"{prefix}-{kind}-mappings",
             template={
                 "mappings": {
-                    "dynamic": "false" if kind in UNDYNAMIC else True,
-                    "properties": MAPPINGS[kind],
+                    "dynamic": "false" if spec.strict else True,
+                    "properties": spec.properties,
                 }
             },
         )
         extra: dict[str, Any] = {}
-        if data_streams and kind in DATA_STREAM_KINDS:
+        if data_streams and spec.data_stream:
             extra["data_stream"] = {}
         client.indices.put_index_template(
             name=f"{prefix}-{kind}",
