@@ -108,8 +108,9 @@ class Planner:
         for bad in batch.rejected:
             self.counters.inc(f"rejected:{bad['reason']}")
             did = doc_id(row.gateway, batch.epoch, bad["seq"])
-            self._deadletter(
-                plan, row.id, row.gateway, bad["reason"], bad["detail"], "wire", did, bad
+            plan.add(
+                row.id,
+                *self.deadletter(row.gateway, bad["reason"], bad["detail"], "wire", did, bad),
             )
         self.counters.inc("readings_in", len(batch.readings))
         self._reading_ops(plan, row.id, row.gateway, batch, now)
@@ -131,7 +132,9 @@ class Planner:
             if not lo <= ts <= hi:
                 self.counters.inc("rejected:out_of_window")
                 detail = f"timestamp {ts} ms is outside now-max_age_s..now+max_future_s"
-                self._deadletter(plan, row_id, gateway, "out_of_window", detail, "relay", did, doc)
+                plan.add(
+                    row_id, *self.deadletter(gateway, "out_of_window", detail, "relay", did, doc)
+                )
                 continue
             self.counters.inc(f"records_in:{rec['kind']}")
             idx = index_name(cfg.index_prefix, "commands", ts, cfg.daily)
@@ -176,13 +179,13 @@ class Planner:
         who = row.gateway if stage != "origin" or reason in KNOWN_ID_REASONS else UNVERIFIED
         self.counters.inc("rejected", 1, gateway=who)
         plan.rows[row.id] = RowPlan(row.attempts)
-        self._deadletter(plan, row.id, row.gateway, reason, detail, stage, None, row.data, who)
+        plan.add(row.id, *self.deadletter(row.gateway, reason, detail, stage, None, row.data, who))
 
     def _set_aside(
         self, plan: BulkPlan, row: SpoolRow, reason: str, detail: str, stage: str
     ) -> None:
         plan.rows[row.id] = RowPlan(row.attempts)
-        self._deadletter(plan, row.id, row.gateway, reason, detail, stage, None, row.data)
+        plan.add(row.id, *self.deadletter(row.gateway, reason, detail, stage, None, row.data))
 
     def _plan_heartbeat(self, plan: BulkPlan, row: SpoolRow, now: int) -> None:
         data = {k: v for k, v in row.data.items() if k != "sig"}
@@ -228,15 +231,16 @@ class Planner:
             ts = r["ts_ms"]
             if not lo <= ts <= hi:  # a broken clock must not create an index per day it claims
                 self.counters.inc("rejected:out_of_window")
-                self._deadletter(
-                    plan,
+                plan.add(
                     row_id,
-                    gateway,
-                    "out_of_window",
-                    f"timestamp {ts} ms is outside now-max_age_s..now+max_future_s",
-                    "relay",
-                    doc_id(gateway, batch.epoch, r["seq"]),
-                    reading_doc((gateway, batch.site, batch.epoch, now, r)),
+                    *self.deadletter(
+                        gateway,
+                        "out_of_window",
+                        f"timestamp {ts} ms is outside now-max_age_s..now+max_future_s",
+                        "relay",
+                        doc_id(gateway, batch.epoch, r["seq"]),
+                        reading_doc((gateway, batch.site, batch.epoch, now, r)),
+                    ),
                 )
                 continue
             day = ts // 86_400_000
@@ -274,15 +278,16 @@ class Planner:
             action, source = plan.lines[2 * n], plan.lines[2 * n + 1]
             if len(action) + len(source) + 2 > budget:
                 self.counters.inc("rejected:oversized_document")
-                self._deadletter(
-                    kept,
+                kept.add(
                     row.id,
-                    row.gateway,
-                    "oversized_document",
-                    f"{len(source)} bytes, over bulk.max_bytes={budget}",
-                    "relay",
-                    None,
-                    plan.ops[n][1],
+                    *self.deadletter(
+                        row.gateway,
+                        "oversized_document",
+                        f"{len(source)} bytes, over bulk.max_bytes={budget}",
+                        "relay",
+                        None,
+                        plan.ops[n][1],
+                    ),
                 )
             else:
                 kept.add(row.id, action, source, plan.ops[n][1])
@@ -320,20 +325,3 @@ class Planner:
         self.counters.inc("dead_lettered")
         self.counters.inc("dead_lettered", 1, gateway=count_as or gateway)
         return json.dumps({"create": meta}), json.dumps(doc, default=str), doc
-
-    def _deadletter(
-        self,
-        plan: BulkPlan,
-        row_id: int,
-        gateway: str,
-        reason: str,
-        detail: str,
-        stage: str,
-        did: str | None,
-        original: Any,
-        count_as: str | None = None,
-    ) -> None:
-        action, source, doc = self.deadletter(
-            gateway, reason, detail, stage, did, original, count_as
-        )
-        plan.add(row_id, action, source, doc)
