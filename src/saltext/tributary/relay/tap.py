@@ -228,14 +228,16 @@ class ProcessTap:
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait until the child has handled everything offered so far (tests, shutdown)."""
-        with self._lock:
+        with self._lock:  # offer() never waits behind a drain's full queue
             self._tokens += 1
             token = self._tokens
             done = self._drained[token] = threading.Event()
-            try:
-                self._q.put(Drain(token), timeout=timeout)
-            except queue.Full:
-                return False
+            q = self._q
+        try:
+            q.put(Drain(token), timeout=timeout)
+        except queue.Full:
+            self._drained.pop(token, None)
+            return False
         return done.wait(timeout)
 
     def close(self, timeout: float = 30.0) -> None:
