@@ -194,3 +194,38 @@ def test_look_alike_key_events_do_not_make_the_syndic_sign(tmp_path, keys):
     assert set(pub.next_set()["keys"]) == {"gw-a"}
     now[0] += 60
     assert pub.next_set() is not None  # the periodic full set
+
+
+def test_the_top_masters_own_keys_are_read_once_until_they_change(
+    tmp_path, master_pki, keys, monkeypatch
+):
+    """A directly attached gateway's key is read from ``pki_dir/minions`` once; the file is
+    read again only after it changed, and a deleted key stops verifying at once."""
+    from saltext.tributary.relay import origin as origin_mod
+
+    path = os.path.join(master_pki, "minions", "gw-a")
+    with open(path, "w", encoding="ascii") as fh:
+        fh.write(keys["gw-a"][1])
+    reads: list[str] = []
+
+    def counting_open(file, *args, **kwargs):
+        reads.append(os.path.basename(file))
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(origin_mod, "open", counting_open, raising=False)
+    relay = make(tmp_path, master_pki, keys)
+    for _ in range(50):
+        assert verdicts(relay, "gw-a") == {"gw-a": "indexed"}
+        assert relay.origin.local_key("gw-b") is None  # not attached here: never opened
+    assert reads.count("gw-a") == 1 and "gw-b" not in reads
+    # the key replaced (re-accepted with another key): read again, the old one stops
+    with open(path, "w", encoding="ascii") as fh:
+        fh.write(keys["gw-b"][1] + "\n")  # another size, another mtime
+    assert verdicts(relay, "gw-a") == {"gw-a": "bad_signature"}
+    assert reads.count("gw-a") == 2
+    # deleted: no key, and a key accepted later is found without waiting
+    os.unlink(path)
+    assert relay.origin.local_key("gw-a") is None
+    with open(os.path.join(master_pki, "minions", "gw-b"), "w", encoding="ascii") as fh:
+        fh.write(keys["gw-b"][1])
+    assert relay.origin.local_key("gw-b") == keys["gw-b"][1]
