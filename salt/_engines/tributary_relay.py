@@ -18,6 +18,13 @@ Unsigned, mis-signed or unknown-key batches go to the dead-letter index with the
 A gap-repair thread (``saltext.tributary.relay.repair``) asks gateways to replay what the ledger
 shows missing, through LocalClient (it works through syndics).
 
+Scale-out (``scaleout``, see ``saltext.tributary.relay.scaleout`` and README "Scale-out"): the
+relay can also run on each syndic master (``role: syndic``), indexing its own gateways
+(verified against that master's accepted keys) and sending signed receipts of the confirmed
+sequence ranges up; the top master's relay (``role: top``) then skips the gateways of live
+syndic relays, records their receipts in its ledger (gap repair stays on the top) and indexes
+a syndic relay's gateways itself while that relay is silent for ``takeover_s``.
+
 Configuration (master config)::
 
     engines:
@@ -83,12 +90,45 @@ Configuration (master config)::
             outage_min: 2            # silent gateways of one site make a site outage
             depart_k: 6              # MADs from its siblings: a sensor departs
             check_s: 15
+          scaleout:                  # README: Scale-out
+            role: single             # single | top | syndic
+            takeover_s: 60           # (top) a syndic relay silent this long: taken over
+            receipt_s: 5             # (syndic) confirmed ranges go up this often
+            full_receipt_s: 300      # (syndic) all ranges of recent epochs again
+            full_window_s: 86400     # (syndic) ... active within this long
           # rules: alert rules (README: Alerts), for example
           #   - name: boiler-hot
           #     match: {site: brisbane, sensor: 'boiler-*', metric: temperature}
           #     when: {above: 80, for_s: 60, clear_below: 75}
           #     severity: critical
           # alerts_path: /var/cache/salt/master/tributary/alerts.db
+
+Scale-out, the top master's relay (the rest as above)::
+
+    engines:
+      - tributary_relay:
+          elasticsearch: {hosts: ["https://es.example.net:9200"], username: tributary,
+                          password: secret, ca_certs: /etc/salt/pki/es-ca.crt}
+          trusted_syndics: [syndic-1, syndic-2, syndic-3]
+          scaleout:
+            role: top
+            syndic_relays: [syndic-1, syndic-2]   # each must be in trusted_syndics; syndic-3's
+                                                  # gateways are still indexed here
+            takeover_s: 60
+
+and on syndic master syndic-1 (beside ``tributary_keys``; gap repair runs on the top)::
+
+    engines:
+      - tributary_relay:
+          elasticsearch: {hosts: ["https://es.example.net:9200"], username: tributary,
+                          password: secret, ca_certs: /etc/salt/pki/es-ca.crt}
+          anomalies: {enabled: false}   # detector, health and rules run where readings are
+          health: {enabled: false}      # indexed: here, or off (README: Scale-out)
+          scaleout:
+            role: syndic
+            syndic_id: syndic-1         # as the top master knows it (its trusted_syndics)
+            # signing_key: /etc/salt/pki/minion/minion.pem   (as tributary_keys)
+            receipt_s: 5
 """
 
 import logging
@@ -101,7 +141,7 @@ try:
     from saltext.tributary.reaction import rules as reaction_rules
     from saltext.tributary.relay import config as relay_config
     from saltext.tributary.relay import elasticsearch as es_lib
-    from saltext.tributary.relay import pipeline
+    from saltext.tributary.relay import pipeline, scaleout
     from saltext.tributary.relay import repair as repair_lib
     from saltext.tributary.relay import spool as relay_spool
     from saltext.tributary.relay import status as relay_status
@@ -173,8 +213,9 @@ def start(**config):
             es_cfg.get("hosts"),
             relay_status.describe_error(exc),
         )
+    receipts = _scaleout(relay, rcfg)
     repairer = None
-    if rcfg.gaps.enabled:
+    if rcfg.gaps.enabled and rcfg.scaleout.role != "syndic":  # the top repairs for the fleet
         repairer = repair_lib.GapRepairer(
             lambda: relay_spool.RelaySpool(rcfg.spool_path).ledger,
             repair_lib.local_client_replay(__opts__, rcfg.gaps.timeout_s),
@@ -196,8 +237,26 @@ def start(**config):
     finally:
         if repairer is not None:
             repairer.stop()
+        if receipts is not None:
+            receipts.stop()
         for sub in subscribers:
             sub.close()
+
+
+def _scaleout(relay, rcfg):
+    """Scale-out: a top relay skips what live syndic relays own and takes their receipts; a
+    syndic relay sends its receipts up (returns their thread, to stop)."""
+    if rcfg.scaleout.role == "top":
+        scaleout.attach_top(relay)
+        return None
+    if rcfg.scaleout.role != "syndic":
+        return None
+    key = scaleout.default_signing_key(__opts__["pki_dir"], rcfg.scaleout.signing_key)
+    bus = salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=False)
+    loop = scaleout.ReceiptLoop(rcfg.spool_path, rcfg.scaleout, key, bus.fire_event)
+    loop.start()
+    log.info("tributary relay: syndic relay %s, receipts signed with %s", loop.cfg.syndic_id, key)
+    return loop
 
 
 def _subscribers(relay, es_cfg, rcfg):

@@ -84,6 +84,40 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class ScaleoutConfig:
+    """Scale-out mode (``saltext.tributary.relay.scaleout``): relays on the syndic masters
+    index their own gateways; the top master's relay keeps the ledger and gap repair."""
+
+    role: str = option(
+        "single",
+        choices=("single", "top", "syndic"),
+        doc="single: one relay for the fleet; top: skips gateways a syndic relay owns;"
+        " syndic: this relay runs on a syndic master and sends receipts up",
+    )
+    syndic_relays: list[str] | None = option(
+        None, doc="(top) trusted syndics whose own relay indexes the gateways they vouch for"
+    )
+    takeover_s: float = option(
+        60.0, range=(1, 86400), doc="(top) no receipt this long: the top indexes them itself"
+    )
+    syndic_id: str | None = option(None, doc="(syndic) this syndic's id as the top master knows it")
+    signing_key: str | None = option(
+        None,
+        doc="(syndic) the syndic's minion key; default <pki_dir>/minion.pem, then"
+        " /etc/salt/pki/minion/minion.pem",
+    )
+    receipt_s: float = option(
+        5.0, range=(0.5, 3600), doc="(syndic) confirmed ranges go up this often (its liveness)"
+    )
+    full_receipt_s: float = option(
+        300.0, range=(10, 86400), doc="(syndic) every recent range again (heals lost receipts)"
+    )
+    full_window_s: float = option(
+        86400.0, range=(60, 86400 * 30), doc="(syndic) a full receipt covers epochs active so long"
+    )
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     """The ``tributary_relay`` engine's configuration, under its YAML names."""
 
@@ -122,6 +156,7 @@ class RelayConfig:
     gaps: GapsConfig = option(GapsConfig)
     anomalies: AnomaliesConfig = option(AnomaliesConfig)
     health: HealthConfig = option(HealthConfig)
+    scaleout: ScaleoutConfig = option(ScaleoutConfig)
     #: checked by :func:`saltext.tributary.reaction.rules.parse_rules` (the engine's validate)
     rules: list[dict[str, Any]] | None = option(None, doc="alert rules (README: Alerts)")
     alerts_path: str | None = option(None, doc="default: <cachedir>/tributary/alerts.db")
@@ -152,7 +187,32 @@ def parse_relay(config: Any) -> tuple[RelayConfig | None, list[str]]:
         return None, ["configuration must be a mapping"]
     cfg, errors = schema.parse(RelayConfig, config)
     errors = validate_es_config(config.get("elasticsearch")) + errors
+    if cfg is not None:
+        errors += scaleout_errors(cfg)
     return (None if errors else cfg), errors
+
+
+def scaleout_errors(cfg: RelayConfig) -> list[str]:
+    """What the ``scaleout`` block's options say about each other, by key path."""
+    so = cfg.scaleout
+    errors = []
+    if so.role == "top":
+        if not so.syndic_relays:
+            errors.append("scaleout.syndic_relays: required when scaleout.role is top")
+        for i, sid in enumerate(so.syndic_relays or ()):
+            if sid not in (cfg.trusted_syndics or ()):
+                errors.append(
+                    f"scaleout.syndic_relays[{i}]: {sid!r} is not in trusted_syndics (a syndic"
+                    " relay owns the gateways its key sets vouch for)"
+                )
+    elif so.syndic_relays:
+        errors.append(f"scaleout.syndic_relays: only for scaleout.role top, not {so.role}")
+    if so.role == "syndic":
+        if not so.syndic_id:
+            errors.append("scaleout.syndic_id: required when scaleout.role is syndic")
+    elif so.syndic_id:
+        errors.append(f"scaleout.syndic_id: only for scaleout.role syndic, not {so.role}")
+    return errors
 
 
 def validate_relay(config: Any) -> tuple[bool, str]:

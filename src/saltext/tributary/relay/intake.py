@@ -11,7 +11,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from saltext.tributary.protocol import signing
@@ -28,6 +28,7 @@ TAG_RE = re.compile(
     r"^(?:syndic/[^/]+/)*salt/beacon/(?P<gw>[^/]+)/(?P<beacon>[^/]+)/(?P<kind>batch|health)$"
 )
 KEYS_RE = re.compile(r"^(?:syndic/[^/]+/)*tributary/keys/(?P<syndic>[^/]+)$")
+RECEIPT_RE = re.compile(r"^(?:syndic/[^/]+/)*tributary/receipt/(?P<syndic>[^/]+)$")
 #: Past this many puts the spool's disk budget is checked again.
 BUDGET_EVERY = 64
 
@@ -58,6 +59,12 @@ class Intake:
         self._wake = wake
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._puts = 0
+        #: scale-out (``relay.scaleout``): on the top relay, ``owned(gateway)`` says a live
+        #: syndic relay indexes that gateway (its events are skipped) and ``receipts`` takes
+        #: the syndic relays' receipts; a syndic relay takes no key sets (``keysets``)
+        self.owned: Callable[[str], bool] | None = None
+        self.receipts: Callable[[str, Any], bool] | None = None
+        self.keysets = config.scaleout.role != "syndic"
 
     def _seen(self, key: str) -> bool:
         """True if ``key`` was seen within the de-duplication window (and remember it)."""
@@ -74,10 +81,16 @@ class Intake:
         if m is None:
             k = KEYS_RE.match(tag)
             if k is not None:
-                return self.accept_keys(k.group("syndic"), data)
+                return self.keysets and self.accept_keys(k.group("syndic"), data)
+            r = RECEIPT_RE.match(tag) if self.receipts is not None else None
+            if r is not None and self.receipts is not None:
+                return self.receipts(r.group("syndic"), unwrap(data, "ranges"))
             return False
         gateway, kind = m.group("gw"), m.group("kind")
         self.counters.inc("events_in")
+        if self.owned is not None and self.owned(gateway):
+            self.counters.inc("owned_skipped")  # its syndic relay indexes it
+            return False
         data = unwrap(data, "v")
         if not isinstance(data, Mapping):
             data = {"_raw": repr(data)[:4096]}

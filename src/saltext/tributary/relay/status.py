@@ -149,6 +149,10 @@ def status_from_opts(
             sites=site_summary(gateways),
             worst=worst_gateways(gateways, worst),
         )
+        if rcfg.scaleout.role == "top":  # scale-out: the syndic relays, their receipts
+            from saltext.tributary.relay.scaleout import relays_view
+
+            out["fleet"]["syndic_relays"] = relays_view(spool.db, rcfg.scaleout)
         if detail or gateway or site:
             out["gateways"] = {
                 gw: entry

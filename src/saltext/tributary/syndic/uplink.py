@@ -5,8 +5,9 @@ README, "Versions tested"). The ``tributary_uplink`` engine runs on each syndic 
 its event bus and carries to the top master, over a request channel of its own authenticated
 with the syndic's identity (the key the top master accepted for the syndic):
 
-* Tributary events: gateway batches and heartbeats (``salt/beacon/<gw>/tributary_*/...``) and
-  the key sets of ``tributary_keys`` (``tributary/keys/<syndic>``), as ``_minion_event``
+* Tributary events: gateway batches and heartbeats (``salt/beacon/<gw>/tributary_*/...``),
+  the key sets of ``tributary_keys`` (``tributary/keys/<syndic>``) and a syndic relay's
+  receipts (``tributary/receipt/<syndic>``, scale-out), as ``_minion_event``
   requests, so they reach the top master's bus under their own tags as salt-syndic would put
   them there (the relay verifies each batch's gateway signature, whoever carried it);
 * job returns (``salt/job/<jid>/ret/<minion>``), as ``_syndic_return`` requests, so replay
@@ -30,7 +31,9 @@ from typing import Any
 from saltext.tributary.util import schema
 from saltext.tributary.util.schema import Backoff, option
 
-EVENT_RE = re.compile(r"^(salt/beacon/[^/]+/tributary_[A-Za-z0-9_]+/[^/]+|tributary/keys/[^/]+)$")
+EVENT_RE = re.compile(
+    r"^(salt/beacon/[^/]+/tributary_[A-Za-z0-9_]+/[^/]+|tributary/(?:keys|receipt)/[^/]+)$"
+)
 log = logging.getLogger(__name__)
 RETURN_RE = re.compile(r"^salt/job/(?P<jid>\d+)/ret/(?P<minion>[^/]+)$")
 #: what a job return carries up, as salt-syndic's own forwarding keeps it
