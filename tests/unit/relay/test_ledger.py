@@ -228,3 +228,30 @@ def test_repairer_rate_limit(ledger):
     )
     rep.run_once(ledger, now=100)
     assert len(calls) == 3
+
+
+def test_refresh_counts_gaps_opened_repaired_and_filled_once(tmp_path):
+    path = tmp_path / "l.db"
+    ledger = Ledger(sqlite3.connect(path, isolation_level=None))
+    ledger.add_range("gw", "e", 1, 10)
+    ledger.add_range("gw", "e", 21, 30)
+    ledger.add_range("gw", "e", 41, 50)
+    assert len(ledger.refresh(now=100)) == 2  # 11..20 and 31..40
+    assert ledger.counts() == {"gaps_opened": 2}
+    assert len(ledger.refresh(now=101)) == 2  # the same gaps: not opened again
+    ledger.requested(ledger.gaps()[0], backoff_s=10, backoff_max_s=100, now=102)
+    ledger.add_range("gw", "e", 11, 15)  # partly filled: still the same gap
+    ledger.refresh(now=103)
+    assert ledger.counts() == {"gaps_opened": 2}
+    ledger.add_range("gw", "e", 16, 20)  # after a replay request: repaired
+    ledger.add_range("gw", "e", 31, 40)  # never requested: filled late
+    ledger.heartbeat("gw", "e", 55)  # a lost tail opens a gap
+    # another connection (salt-run tributary.status refreshes too) counts in the same file
+    other = Ledger(sqlite3.connect(path, isolation_level=None))
+    assert [(g.lo, g.hi) for g in other.refresh(now=104)] == [(51, 55)]
+    assert ledger.refresh(now=105) != []
+    assert ledger.counts() == {"gaps_opened": 3, "gaps_repaired": 1, "gaps_filled": 1}
+    ledger.give_up(ledger.gaps()[0], "gone")
+    ledger.add_range("gw", "e", 51, 55)  # a given-up gap whose readings came after all
+    assert ledger.refresh(now=106) == []
+    assert ledger.counts() == {"gaps_opened": 3, "gaps_repaired": 2, "gaps_filled": 1}

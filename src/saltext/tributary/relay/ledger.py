@@ -11,6 +11,13 @@ with their repair state:
   exponentially (capped); a gap is given up with a recorded reason when the gateway says it no
   longer holds the range, or after ``max_attempts`` requests went unanswered.
 
+Each refresh counts, in the ``counters`` table of the same file and in the same transaction
+(so exactly once, whichever process refreshes), the gaps it saw open (``gaps_opened``: a hole
+overlapping no earlier gap) and close: ``gaps_repaired`` when every reading of the gap arrived
+after at least one replay request (or after it was given up), ``gaps_filled`` when they arrived
+late without one (out of order, a slow path). The relay's self-metrics documents carry these
+counters, and the fleet report charts their deltas.
+
 Pure logic over an ``sqlite3`` connection: no Salt, no Elasticsearch; unit tested directly.
 """
 
@@ -23,7 +30,9 @@ from typing import Any
 
 from saltext.tributary.util import sqlite
 
-SCHEMA = """
+SCHEMA = (
+    sqlite.COUNTERS_TABLE
+    + """
 CREATE TABLE IF NOT EXISTS ledger_ranges (gateway TEXT NOT NULL, epoch TEXT NOT NULL,
     lo INTEGER NOT NULL, hi INTEGER NOT NULL, PRIMARY KEY (gateway, epoch, lo));
 CREATE TABLE IF NOT EXISTS ledger_heads (gateway TEXT NOT NULL, epoch TEXT NOT NULL,
@@ -34,6 +43,7 @@ CREATE TABLE IF NOT EXISTS ledger_gaps (gateway TEXT NOT NULL, epoch TEXT NOT NU
     attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'open', reason TEXT, PRIMARY KEY (gateway, epoch, lo));
 """
+)
 #: Columns added to ``ledger_gaps`` after its first release (migrated in place): how many
 #: requests the gateway answered (re-emitted), and the outcome of the last one.
 GAP_COLUMNS = {
@@ -180,10 +190,18 @@ class Ledger:
             ):
                 ranges.setdefault((gw, ep), []).append((lo, hi))
             new: list[Gap] = []
+            counts = {"gaps_opened": 0, "gaps_repaired": 0, "gaps_filled": 0}
             for key, hb_last in heads.items():
                 before = old.get(key, ())
-                for lo, hi in _holes(ranges.get(key, []), hb_last):
+                holes = _holes(ranges.get(key, []), hb_last)
+                for o in before:  # an earlier gap that no hole overlaps any more has closed
+                    if not any(o.lo <= hi and o.hi >= lo for lo, hi in holes):
+                        replayed = o.attempts > 0 or o.state == "given_up"
+                        counts["gaps_repaired" if replayed else "gaps_filled"] += 1
+                for lo, hi in holes:
                     gap = Gap(key[0], key[1], lo, hi, opened=now)
+                    if not any(o.lo <= hi and o.hi >= lo for o in before):
+                        counts["gaps_opened"] += 1
                     for o in before:
                         if o.lo <= hi and o.hi >= lo:
                             gap.opened = min(gap.opened, o.opened)
@@ -214,7 +232,14 @@ class Ledger:
                     for g in new
                 ],
             )
+            sqlite.bump(db, counts)
         return new
+
+    def counts(self) -> dict[str, int]:
+        """The gap counters so far (``gaps_opened``, ``gaps_repaired``, ``gaps_filled``)."""
+        return dict(
+            self.db.execute("SELECT name, n FROM counters WHERE name LIKE 'gaps_%'").fetchall()
+        )
 
     def prune(self, keep_s: float, now: float | None = None) -> int:
         """Forget epochs with no open gap and no activity for ``keep_s`` (a gateway's
