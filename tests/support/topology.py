@@ -71,7 +71,8 @@ def relay_engine_config(es_node, **extra) -> dict:
         "elasticsearch": es_node.client_config,
         "index_prefix": "tributary",
         "bulk": {"max_docs": 5000, "max_wait_s": 0.1},
-        "trusted_syndics": ["syndic-1"],
+        # syndic-2: the second syndic tests/integration/test_fleet.py starts below "top"
+        "trusted_syndics": ["syndic-1", "syndic-2"],
         "anomalies": {"persist_s": 2},  # models saved soon after they learn (tests read them)
         "health": {"check_s": 1, "min_silent_s": 4},  # findings within seconds
         "rules": [
