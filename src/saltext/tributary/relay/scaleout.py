@@ -329,7 +329,7 @@ class ReceiptIntake:
         self.local_key = local_key
         self.counters = counters
         self._recent: OrderedDict[str, None] = OrderedDict()
-        with spool.transaction():
+        with spool.write_lock:
             spool.db.executescript(SCHEMA)
         ownership.load(spool.db)
 
