@@ -61,6 +61,8 @@ from saltext.tributary.relay.ledger import Ledger  # noqa: E402
 from tests.support.topology import NEEDS_UPLINK  # noqa: E402
 
 N = int(os.environ.get("TRIBUTARY_BENCH_N", "100000"))
+#: Raw/relay (and raw/end-to-end) pairs measured one after the other in one run.
+ROUNDS = int(os.environ.get("TRIBUTARY_BENCH_ROUNDS", "3"))
 SOAK_S = float(os.environ.get("TRIBUTARY_BENCH_SOAK_S", "60"))
 #: Stop after one section ("relay", "end_to_end", "latency"): quicker runs while tuning.
 STOP_AFTER = os.environ.get("TRIBUTARY_BENCH_STOP_AFTER", "")
@@ -212,6 +214,8 @@ class Daemons:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
         self.env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+        # the relay's CPU per stage (saltext.tributary.relay.stagecpu); =0 turns it off
+        self.env.setdefault("TRIBUTARY_RELAY_STAGE_CPU", "1")
 
     def start(self, prog: str, confdir: pathlib.Path) -> subprocess.Popen:
         p = subprocess.Popen(
@@ -333,6 +337,62 @@ class Counters:
             db.close()
 
 
+def cpu_counters(counters: Counters) -> dict[str, int]:
+    """The relay's ``cpu_ns:<stage>`` counters (``TRIBUTARY_RELAY_STAGE_CPU``)."""
+    return {k: v for k, v in counters.get().items() if k.startswith("cpu_ns:")}
+
+
+def relay_burst(bus: Any, counters: Counters, eng: int | None, pki: str, epoch: str) -> dict:
+    """N readings as 1,000-reading signed batches fired on the top master's bus at once,
+    until the relay has indexed all of them; the engine's CPU during the burst, by stage."""
+    from saltext.tributary.relay.stagecpu import per_reading
+
+    rows = readings(N)
+    batches = [
+        signing.sign_batch(
+            encode_batch(epoch, rows[i : i + 1000]), {"id": "bench-pub", "pki_dir": pki}
+        )
+        for i in range(0, N, 1000)
+    ]
+    base = counters.get().get("indexed", 0)
+    stages0 = cpu_counters(counters)
+    cpu0 = tree_cpu_s(eng) if eng is not None else 0.0
+    t = time.perf_counter()
+    for b in batches:
+        bus.fire_event(b, "salt/beacon/bench-pub/tributary_mqtt/batch")
+    fired_s = time.perf_counter() - t
+    timeline = []
+
+    def indexed_all() -> bool:
+        got = counters.get().get("indexed", 0) - base
+        timeline.append((round(time.perf_counter() - t, 2), counters.depth(), got))
+        return got >= N
+
+    wait(indexed_all, 600, "relay indexed N")
+    dt = time.perf_counter() - t
+    cpu_s = tree_cpu_s(eng) - cpu0 if eng is not None else 0.0
+    # the counters of the last bulk reach the spool with the next one: a 10-reading batch
+    flush = signing.sign_batch(
+        encode_batch(f"{epoch}-flush", readings(10)), {"id": "bench-pub", "pki_dir": pki}
+    )
+    bus.fire_event(flush, "salt/beacon/bench-pub/tributary_mqtt/batch")
+    wait(lambda: counters.get().get("indexed", 0) - base >= N + 10, 60, "the flush batch")
+    stages1 = cpu_counters(counters)
+    diff = {k: v - stages0.get(k, 0) for k, v in stages1.items()}
+    return {
+        "readings": N,
+        "seconds": round(dt, 2),
+        "readings_per_s": round(N / dt),
+        "events_fired_s": round(fired_s, 2),
+        # the engine and its subscriber process, during the burst
+        "engine_cpu_s": round(cpu_s, 2) if eng is not None else None,
+        "engine_cpu_us_per_reading": round(cpu_s / N * 1e6, 2) if eng is not None else None,
+        # by stage (thread CPU, TRIBUTARY_RELAY_STAGE_CPU=1), the burst and the flush batch
+        "cpu_us_per_reading": per_reading(diff, N),
+        "timeline_s_spooled_indexed": timeline[:: max(1, len(timeline) // 12)],
+    }
+
+
 def es_down(node: Any, master_pid: int, bus: Any, counters: Counters, pki: str, spool: str):
     """Relay engine memory while Elasticsearch is down and the backlog grows, then catch-up."""
     n_batches, rows_per = int(os.environ.get("TRIBUTARY_BENCH_DOWN_BATCHES", "300")), 1000
@@ -452,15 +512,9 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
         wait(lambda: client.indices.exists_index_template(name="bench-readings"), 60, "templates")
         out["signing"] = signing_cost(pki, pub)
 
-        # relay: N readings as signed batches of 1000 on the top master's bus
-        log(f"relay: {N} readings on the bus")
-        rows = readings(N)
-        batches = [
-            signing.sign_batch(
-                encode_batch("relay-epoch", rows[i : i + 1000]), {"id": "bench-pub", "pki_dir": pki}
-            )
-            for i in range(0, N, 1000)
-        ]
+        # relay: N readings as signed batches of 1000 on the top master's bus, alternating with
+        # raw _bulk of the same N readings ROUNDS times (the raw figure itself drifts with
+        # Elasticsearch from run to run and within one: each relay burst has its own raw)
         bus = salt.utils.event.get_master_event(mopts, mopts["sock_dir"], listen=False)
         # The engine subscribes to the bus a moment after its spool and templates exist, and
         # the bus does not keep events for late subscribers: a small warm-up batch, fired
@@ -478,33 +532,33 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
         eng = engine_pid(top.pid)
         if eng is not None:
             wait(lambda: settled(eng), 60, "the relay engine to settle")
-        base = counters.get().get("indexed", 0)
-        cpu0 = tree_cpu_s(eng) if eng is not None else 0.0
-        t = time.perf_counter()
-        for b in batches:
-            bus.fire_event(b, "salt/beacon/bench-pub/tributary_mqtt/batch")
-        fired_s = time.perf_counter() - t
-        timeline = []
-
-        def indexed_all() -> bool:
-            got = counters.get().get("indexed", 0) - base
-            timeline.append((round(time.perf_counter() - t, 2), counters.depth(), got))
-            return got >= N
-
-        wait(indexed_all, 600, "relay indexed N")
-        dt = time.perf_counter() - t
+        pairs = []
+        for k in range(ROUNDS):
+            install_templates(client, f"benchraw{k}", replicas=0)
+            log(f"round {k + 1}/{ROUNDS}: raw _bulk, then relay: {N} readings each")
+            raw = raw_bulk(client, N, prefix=f"benchraw{k}")
+            rel = relay_burst(bus, counters, eng, pki, f"relay-{k}")
+            pairs.append(
+                {
+                    "raw_per_s": raw["readings_per_s"],
+                    "relay_per_s": rel["readings_per_s"],
+                    "ratio": round(rel["readings_per_s"] / raw["readings_per_s"], 3),
+                    "relay": rel,
+                }
+            )
+        ratios = [p["ratio"] for p in pairs]
         out["relay"] = {
             "readings": N,
-            "seconds": round(dt, 2),
-            "readings_per_s": round(N / dt),
-            "events_fired_s": round(fired_s, 2),
-            # the engine and its subscriber process, during the burst
-            "engine_cpu_s": round(tree_cpu_s(eng) - cpu0, 2) if eng is not None else None,
-            "timeline_s_spooled_indexed": timeline[:: max(1, len(timeline) // 12)],
+            "rounds": ROUNDS,
+            "pairs": pairs,
+            "readings_per_s": round(statistics.median(p["relay_per_s"] for p in pairs)),
+            "raw_readings_per_s": round(statistics.median(p["raw_per_s"] for p in pairs)),
+            "ratio_to_raw": statistics.median(ratios),
+            "cpu_us_per_reading": {
+                k: statistics.median(p["relay"]["cpu_us_per_reading"][k] for p in pairs)
+                for k in pairs[0]["relay"]["cpu_us_per_reading"]
+            },
         }
-        out["relay"]["ratio_to_raw"] = round(
-            out["relay"]["readings_per_s"] / out["raw_bulk"]["readings_per_s"], 3
-        )
         if STOP_AFTER == "relay":
             return
 
@@ -538,7 +592,7 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
         th.start()
         time.sleep(0.5)
         t = time.perf_counter()
-        for r in rows[:m]:
+        for r in readings(m):
             bus.fire_event(
                 {"gateway": "naive", "seq": r.seq, "@timestamp": r.ts_ms, "value": r.value},
                 "bench/naive",
@@ -676,38 +730,76 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
         wait(warm, 300, "a first MQTT reading through the syndic", 1)
 
         # end to end: N readings into the broker as fast as the broker takes them (QoS 1), by
-        # the real mosquitto_pub client (C, one message per stdin line, 1000 in flight)
+        # the real mosquitto_pub client (C, one message per stdin line, 1000 in flight),
+        # alternating with raw _bulk ROUNDS times
         n_e2e = int(os.environ.get("TRIBUTARY_BENCH_E2E_N", "100000"))
-        log(f"end to end: {n_e2e} readings into the gateway's broker")
-        base = indexed_gw()
-        t = time.perf_counter()
-        # (tests.support.mosquitto.Broker.publish runs mosquitto_pub in chunks: one run given
-        # 100k lines sends only about a third of them)
-        broker.publish(
-            "sensors/e2e/temperature", [f"{20 + (i % 997) / 100:.2f}" for i in range(n_e2e)]
-        )
-        pub_s = time.perf_counter() - t
-        # until everything is indexed, or nothing more arrives for 20 s (loss is reported)
-        last, last_t = indexed_gw(), time.perf_counter()
-        while last - base < n_e2e and time.perf_counter() - last_t < 20:
-            time.sleep(0.2)
-            now_n = indexed_gw()
-            if now_n != last:
-                last, last_t = now_n, time.perf_counter()
-        got = last - base
-        dt = last_t - t
+
+        def e2e_once(k: int) -> dict[str, Any]:
+            log(f"end to end {k + 1}/{ROUNDS}: {n_e2e} readings into the gateway's broker")
+            base = indexed_gw()
+            stages0 = cpu_counters(counters)
+            eng = engine_pid(top.pid)
+            cpu0 = tree_cpu_s(eng) if eng is not None else 0.0
+            t = time.perf_counter()
+            # (tests.support.mosquitto.Broker.publish runs mosquitto_pub in chunks: one run
+            # given 100k lines sends only about a third of them)
+            broker.publish(
+                f"sensors/e2e{k}/temperature",
+                [f"{20 + (i % 997) / 100:.2f}" for i in range(n_e2e)],
+            )
+            pub_s = time.perf_counter() - t
+            # until everything is indexed, or nothing more arrives for 20 s (loss is reported)
+            last, last_t = indexed_gw(), time.perf_counter()
+            while last - base < n_e2e and time.perf_counter() - last_t < 20:
+                time.sleep(0.2)
+                now_n = indexed_gw()
+                if now_n != last:
+                    last, last_t = now_n, time.perf_counter()
+            got = last - base
+            dt = last_t - t
+            cpu_s = tree_cpu_s(eng) - cpu0 if eng is not None else 0.0
+            # the relay's counters of the last bulk reach the spool with the next: one more
+            n0 = indexed_gw()
+            pubc.publish("sensors/warm/temperature", b"1", qos=1)
+            wait(lambda: indexed_gw() > n0, 60, "a flush reading through the syndic", 0.2)
+            stages = {k: v - stages0.get(k, 0) for k, v in cpu_counters(counters).items()}
+            from saltext.tributary.relay.stagecpu import per_reading
+
+            return {
+                "readings_published": n_e2e,
+                "readings_indexed": got,
+                "publish_seconds": round(pub_s, 2),
+                "seconds": round(dt, 2),
+                "readings_per_s": round(got / dt),
+                "relay_engine_cpu_us_per_reading": round(cpu_s / max(1, got) * 1e6, 2),
+                "relay_cpu_us_per_reading": per_reading(stages, got),
+            }
+
+        e2e_pairs = []
+        for k in range(ROUNDS):
+            install_templates(client, f"benchrawe{k}", replicas=0)
+            log(f"end to end round {k + 1}/{ROUNDS}: raw _bulk {N}")
+            raw = raw_bulk(client, N, prefix=f"benchrawe{k}")
+            e2e = e2e_once(k)
+            e2e_pairs.append(
+                {
+                    "raw_per_s": raw["readings_per_s"],
+                    "end_to_end_per_s": e2e["readings_per_s"],
+                    "ratio": round(e2e["readings_per_s"] / raw["readings_per_s"], 3),
+                    "end_to_end": e2e,
+                }
+            )
         out["end_to_end"] = {
-            "readings_published": n_e2e,
-            "readings_indexed": got,
-            "publish_seconds": round(pub_s, 2),
-            "seconds": round(dt, 2),
-            "readings_per_s": round(got / dt),
+            "rounds": ROUNDS,
+            "pairs": e2e_pairs,
+            "readings_published": n_e2e * ROUNDS,
+            "readings_indexed": sum(p["end_to_end"]["readings_indexed"] for p in e2e_pairs),
+            "readings_per_s": round(statistics.median(p["end_to_end_per_s"] for p in e2e_pairs)),
+            "raw_readings_per_s": round(statistics.median(p["raw_per_s"] for p in e2e_pairs)),
+            "ratio_to_raw": statistics.median(p["ratio"] for p in e2e_pairs),
             "relay_open_gaps": counters.open_gaps(),
             "gateway_spool": gateway_spool_state(gwd),
         }
-        out["end_to_end"]["ratio_to_raw"] = round(
-            out["end_to_end"]["readings_per_s"] / out["raw_bulk"]["readings_per_s"], 3
-        )
         if STOP_AFTER == "end_to_end":
             return
 

@@ -1,0 +1,31 @@
+"""CPU per relay stage (the bench's ``TRIBUTARY_RELAY_STAGE_CPU``)."""
+
+from __future__ import annotations
+
+import time
+
+from saltext.tributary.relay.counters import Counters
+from saltext.tributary.relay.stagecpu import StageCPU, per_reading
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_a_nested_stage_is_counted_once_under_its_own_name():
+    counters = Counters()
+    stages = StageCPU(counters)
+    inner = stages.wrap("origin", _burn)
+    with stages.stage("intake"):
+        _burn(0.02)
+        inner(0.03)
+    intake, origin = counters["cpu_ns:intake"], counters["cpu_ns:origin"]
+    assert 0.03e9 <= origin < 0.05e9
+    assert 0.02e9 <= intake < 0.03e9  # the origin check inside it is not counted twice
+
+
+def test_per_reading_is_microseconds_by_stage_and_their_total():
+    out = per_reading({"cpu_ns:intake": 2_000_000, "cpu_ns:ship": 1_000_000}, 1000)
+    assert out == {"intake": 2.0, "origin": 0.0, "build": 0.0, "ship": 1.0, "total": 3.0}
