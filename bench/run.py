@@ -28,6 +28,9 @@ Environment: ``TRIBUTARY_BENCH_N`` (default 100000), ``TRIBUTARY_BENCH_E2E_N`` (
 for the end-to-end rate, default 20000), ``TRIBUTARY_BENCH_SOAK_S``,
 ``TRIBUTARY_BENCH_ANOMALIES=0`` turns the detector off, ``TRIBUTARY_BENCH_RULES=100`` adds
 that many alert rules, ``TRIBUTARY_BENCH_SKIP_GATEWAY=1`` skips ``bench/gateway.py``,
+``TRIBUTARY_BENCH_ROUNDS`` (default 3: raw/relay and raw/end-to-end pairs, medians),
+``TRIBUTARY_BENCH_SKIP`` (``es_down,naive_relay``) leaves those sections out,
+``TRIBUTARY_RELAY_STAGE_CPU=0`` turns the relay's CPU-per-stage counters off,
 ``TRIBUTARY_BENCH_STOP_AFTER`` (``relay``, ``end_to_end`` or ``latency``) ends the pipeline
 after that section.
 """
@@ -66,6 +69,8 @@ ROUNDS = int(os.environ.get("TRIBUTARY_BENCH_ROUNDS", "3"))
 SOAK_S = float(os.environ.get("TRIBUTARY_BENCH_SOAK_S", "60"))
 #: Stop after one section ("relay", "end_to_end", "latency"): quicker runs while tuning.
 STOP_AFTER = os.environ.get("TRIBUTARY_BENCH_STOP_AFTER", "")
+#: Sections to leave out ("es_down,naive_relay"): quicker relay and end-to-end runs.
+SKIP = set(os.environ.get("TRIBUTARY_BENCH_SKIP", "").split(","))
 GW = "bench-gw-1"
 VENV_BIN = pathlib.Path(sys.executable).parent
 
@@ -452,6 +457,50 @@ def gateway_spool_state(gwd: pathlib.Path) -> dict[str, Any]:
         sp.close()
 
 
+def naive_relay(client: Any, mopts: dict, bus: Any, out: dict[str, Any]) -> None:
+    """One event, one document, one index request (Salt's old Elasticsearch returner)."""
+    import salt.utils.event
+
+    m = min(N, 5000)
+    log(f"naive relay: {m} single-reading events")
+    listen = salt.utils.event.get_master_event(mopts, mopts["sock_dir"], listen=True)
+    done = threading.Event()
+    got = [0]
+
+    def naive() -> None:
+        while got[0] < m:
+            ev = listen.get_event(wait=5, tag="bench/naive", full=True)
+            if ev is None:
+                continue
+            r = ev["data"]
+            client.index(
+                index="benchnaive-readings-x",
+                id=f"naive:{r['seq']}",
+                document=r,
+                op_type="create",
+            )
+            got[0] += 1
+        done.set()
+
+    th = threading.Thread(target=naive, daemon=True)
+    th.start()
+    time.sleep(0.5)
+    t = time.perf_counter()
+    for r in readings(m):
+        bus.fire_event(
+            {"gateway": "naive", "seq": r.seq, "@timestamp": r.ts_ms, "value": r.value},
+            "bench/naive",
+        )
+    done.wait(600)
+    dt = time.perf_counter() - t
+    out["naive_relay"] = {
+        "readings": got[0],
+        "seconds": round(dt, 2),
+        "readings_per_s": round(got[0] / dt),
+        "relay_speedup": round(out["relay"]["readings_per_s"] / max(1, got[0] / dt), 1),
+    }
+
+
 def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]) -> None:
     import paho.mqtt.client as mqtt
     import salt.config
@@ -562,49 +611,14 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
         if STOP_AFTER == "relay":
             return
 
-        out["es_down"] = es_down(node, top.pid, bus, counters, pki, spool)
+        if "es_down" not in SKIP:
+            out["es_down"] = es_down(node, top.pid, bus, counters, pki, spool)
         if STOP_AFTER == "es_down":
             return
 
         # naive relay: one event, one document, one request
-        m = min(N, 5000)
-        log(f"naive relay: {m} single-reading events")
-        listen = salt.utils.event.get_master_event(mopts, mopts["sock_dir"], listen=True)
-        done = threading.Event()
-        got = [0]
-
-        def naive() -> None:
-            while got[0] < m:
-                ev = listen.get_event(wait=5, tag="bench/naive", full=True)
-                if ev is None:
-                    continue
-                r = ev["data"]
-                client.index(
-                    index="benchnaive-readings-x",
-                    id=f"naive:{r['seq']}",
-                    document=r,
-                    op_type="create",
-                )
-                got[0] += 1
-            done.set()
-
-        th = threading.Thread(target=naive, daemon=True)
-        th.start()
-        time.sleep(0.5)
-        t = time.perf_counter()
-        for r in readings(m):
-            bus.fire_event(
-                {"gateway": "naive", "seq": r.seq, "@timestamp": r.ts_ms, "value": r.value},
-                "bench/naive",
-            )
-        done.wait(600)
-        dt = time.perf_counter() - t
-        out["naive_relay"] = {
-            "readings": got[0],
-            "seconds": round(dt, 2),
-            "readings_per_s": round(got[0] / dt),
-            "relay_speedup": round(out["relay"]["readings_per_s"] / max(1, got[0] / dt), 1),
-        }
+        if "naive_relay" not in SKIP:
+            naive_relay(client, mopts, bus, out)
 
         # syndic master + salt-syndic + one gateway below the top master
         syn_pub, syn_ret = free_port(), free_port()
