@@ -101,3 +101,20 @@ def test_closing_one_beacon_leaves_the_others_running(tmp_path):
     assert gw_beacons.sysfs_source(b, opts) is source_b  # not restarted
     assert gw_beacons.emitting_spool(b, opts) is shared  # the shared spool stays open
     shared.status()
+
+
+def test_the_heartbeat_reports_what_was_emitted_not_a_held_backlog(cfg, opts):
+    """A backlog the bandwidth budget holds back is not a gap: the heartbeat's ``last_seq``
+    is the last sequence emitted (the relay chases only that), ``numbered_seq`` the last one
+    numbered."""
+    limited = dict(cfg, bandwidth={"bytes_per_s": 1, "window_s": 60, "burst_s": 1})
+    gw_beacons.spool_readings(limited, {}, [make_reading("a", "t", 1, T0, "C")], [])
+    (ev,) = gw_beacons.emit(limited, opts, {})  # spends the bucket
+    rs = [make_reading("a", "t", i % 3, T0 + 1000 + i, "C") for i in range(500)]
+    gw_beacons.spool_readings(limited, {}, rs, [])
+    health = dict(cfg, _beacon_name="health", spool_metrics=False)
+    out = gw_beacons.run_health_beacon(health, opts, {})
+    hb = out[-1]
+    assert hb["tag"] == "health" and [e for e in out[:-1] if e["tag"] == "batch"] == []
+    assert hb["last_seq"] == ev["last"] == 1  # emitted
+    assert hb["numbered_seq"] == 501  # numbered, held back by the budget
