@@ -1,6 +1,6 @@
 """The batch wire format: one Salt event carries many readings, compactly.
 
-Version 1 (the two size refinements over the original design are in README's "Wire format")::
+Version 1 (README's "Wire format" shows a batch and what each field costs on the wire)::
 
     {"v": 1, "epoch": "<id>", "first": <seq>, "last": <seq>,
      "sensors": ["t1/temperature", ...],   # dictionary for this batch
