@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
 from saltext.tributary.protocol import signing
-from saltext.tributary.protocol.wire import SpooledReading, encode_batch
+from saltext.tributary.protocol.wire import SpooledReading, decode_batch, encode_batch
 from saltext.tributary.relay.config import RelayConfig, relay_config, validate_relay
 from saltext.tributary.relay.pipeline import Relay
 from saltext.tributary.relay.spool import RelaySpool
@@ -274,8 +275,10 @@ def test_reading_lines_are_the_documents(tmp_path, master_pki, keys):
     # one daily index per UTC day of the reading's timestamp
     assert ops[0]["create"]["_index"].endswith("2023.11.14")
     assert ops[1]["create"]["_index"].endswith("2023.11.15")
-    for body, orig in zip(bodies, (o for _, o in docs.ops), strict=True):
-        assert body == reading_doc(orig)
+    for body, (row, orig) in zip(bodies, docs.ops, strict=True):
+        assert body == reading_doc(orig, docs.rows[row].hops)
+    # no emit time in this batch: of the hops only the relay's own is known
+    assert set(bodies[0]["hop_ms"]) == {"relay"} and bodies[0]["hop_ms"]["relay"] >= 0
     assert bodies[0]["sensor"] == 't"1' and bodies[0]["metric"] == "temp\\x"
     assert bodies[0]["unit"] == "°C" and bodies[0]["value"] == 20.25
     assert bodies[1]["unit"] is None and bodies[1]["site"] is None
@@ -299,6 +302,41 @@ def test_aggregated_readings_keep_their_statistics(tmp_path, master_pki, keys):
     assert agg["count"] == 10 and agg["min"] == 20.0 and agg["max"] == 29.0
     assert bodies[0]["value"] == pytest.approx(24.5)
     assert next(iter(docs.rows.values())).range == ("gw-a", "ep1", 1, 10)
+
+
+def test_readings_carry_their_lag_per_hop(tmp_path, master_pki, keys):
+    """The gateway stamps its emit time (signed); the relay adds when it took the batch in and
+    when it sent the bulk: each reading's ``hop_ms`` adds up to relayed_at - @timestamp."""
+    from saltext.tributary.gateway.beacons import finalize_batch
+    from saltext.tributary.relay.documents import reading_doc
+
+    relay = make_relay(tmp_path, master_pki)
+    publish_keys(relay, keys)
+    now = int(time.time() * 1000)
+    rows = [
+        SpooledReading(i + 1, "t1/temperature", "C", now - 5000 + i * 1000, 20.0) for i in (0, 1)
+    ]
+    b = finalize_batch(encode_batch("ep1", rows), {"id": "gw-a", "pki_dir": keys["gw-a"][0]})
+    assert now <= b["emit_ms"] <= int(time.time() * 1000)
+    relay.accept(TAG.format("gw-a"), b)
+    docs, _ops, bodies = bulk_ops(relay)
+    ((row, plan),) = docs.rows.items()
+    received = plan.hops[1]
+    assert plan.hops[0] == b["emit_ms"] and b["emit_ms"] <= received <= bodies[0]["relayed_at"]
+    for body, (_, orig) in zip(bodies, docs.ops, strict=True):
+        hop = body["hop_ms"]
+        assert hop == {
+            "gateway": b["emit_ms"] - body["@timestamp"],
+            "uplink": received - b["emit_ms"],
+            "relay": body["relayed_at"] - received,
+        }
+        assert sum(hop.values()) == body["relayed_at"] - body["@timestamp"]
+        assert body == reading_doc(orig, docs.rows[row].hops)
+    assert [body["hop_ms"]["gateway"] for body in bodies] == [b["emit_ms"] - r.ts_ms for r in rows]
+    # an implausible emit time is ignored, never a reason to refuse the batch
+    bad = encode_batch("ep2", rows)
+    bad["emit_ms"] = "soon"
+    assert decode_batch(bad).emit_ms is None and len(decode_batch(bad).readings) == 2
 
 
 def test_take_bounds_documents_and_skips_rows_in_flight(tmp_path, master_pki, keys):

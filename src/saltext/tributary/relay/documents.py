@@ -27,8 +27,26 @@ def jnum(value: float) -> str:
     return json.dumps(value)
 
 
-def reading_doc(original: Any) -> dict[str, Any]:
-    """The Elasticsearch document of a bulk op's original (a reading tuple or a dict)."""
+def hops(ts: int, emit: int | None, received: int, relayed: int) -> dict[str, int]:
+    """A reading's lag per hop (ms), as indexed in its ``hop_ms``: ``gateway`` (its timestamp
+    to the gateway emitting its batch), ``uplink`` (that emission to the relay's intake: the
+    gateway's master, syndics, the top master's event bus; two clocks), ``relay`` (intake to
+    the bulk request that indexes it). Without an emit time only ``relay`` is known."""
+    if emit is None:
+        return {"relay": relayed - received}
+    return {"gateway": emit - ts, "uplink": received - emit, "relay": relayed - received}
+
+
+def hops_tail(emit: int | None, received: int, relayed: int) -> str:
+    """The part of ``hop_ms``'s JSON shared by every reading of a batch (after ``gateway``)."""
+    if emit is None:
+        return f'"relay":{relayed - received}}},'
+    return f'"uplink":{received - emit},"relay":{relayed - received}}},'
+
+
+def reading_doc(original: Any, hops_of: tuple[int | None, int] | None = None) -> dict[str, Any]:
+    """The Elasticsearch document of a bulk op's original (a reading tuple or a dict); with
+    ``hops_of`` (its row's :attr:`RowPlan.hops`), its ``hop_ms`` as indexed."""
     if not isinstance(original, tuple):
         return original
     gateway, site, epoch, now, r = original
@@ -46,6 +64,8 @@ def reading_doc(original: Any) -> dict[str, Any]:
     }
     if r.get("agg"):
         doc["agg"] = r["agg"]
+    if hops_of is not None:
+        doc["hop_ms"] = hops(r["ts_ms"], hops_of[0], hops_of[1] or now, now)
     return doc
 
 
@@ -110,6 +130,8 @@ class RowPlan:
     heartbeat: tuple[str, str, int] | None = None
     #: (gateway, heartbeat) kept as the gateway's last known facts
     facts: tuple[str, Mapping[str, Any]] | None = None
+    #: (the batch's emit_ms, when intake spooled it): its readings' ``hop_ms``
+    hops: tuple[int | None, int] | None = None
 
 
 @dataclass

@@ -102,7 +102,9 @@ KINDS: dict[str, Kind] = {
             {
                 "agg": {
                     "properties": _props(double="window_s min max", long="count", date="first last")
-                }
+                },
+                # lag per hop in ms (relay/documents.hops)
+                "hop_ms": {"properties": _props(long="gateway uplink relay")},
             },
             date="@timestamp relayed_at",
             keyword="gateway site sensor metric unit epoch",

@@ -28,6 +28,7 @@ from saltext.tributary.relay.documents import (
     RowPlan,
     bounded,
     command_doc,
+    hops_tail,
     jnum,
     jstr,
     reading_doc,
@@ -105,6 +106,7 @@ class Planner:
             return
         rp = plan.rows[row.id] = RowPlan(row.attempts)
         rp.range = (row.gateway, batch.epoch, batch.first, batch.last)
+        rp.hops = (batch.emit_ms, row.received)
         for bad in batch.rejected:
             self.counters.inc(f"rejected:{bad['reason']}")
             did = doc_id(row.gateway, batch.epoch, bad["seq"])
@@ -113,7 +115,7 @@ class Planner:
                 *self.deadletter(row.gateway, bad["reason"], bad["detail"], "wire", did, bad),
             )
         self.counters.inc("readings_in", len(batch.readings))
-        self._reading_ops(plan, row.id, row.gateway, batch, now)
+        self._reading_ops(plan, row.id, row.gateway, batch, now, row.received)
         if batch.records:
             self._record_ops(plan, row.id, row.gateway, batch, now)
 
@@ -212,15 +214,25 @@ class Planner:
         plan.add(row.id, json.dumps({"create": {"_index": idx}}), json.dumps(doc, default=str), doc)
 
     def _reading_ops(
-        self, plan: BulkPlan, row_id: int, gateway: str, batch: DecodedBatch, now: int
+        self,
+        plan: BulkPlan,
+        row_id: int,
+        gateway: str,
+        batch: DecodedBatch,
+        now: int,
+        received: int = 0,
     ) -> None:
         """One create op + document per reading (the hot loop: JSON built from cached
-        fragments; the document dict is only materialised for a dead letter)."""
+        fragments; the document dict is only materialised for a dead letter). ``received``:
+        when intake spooled the batch (the hops in ``hop_ms``, see :func:`hops`)."""
         cfg = self.config
+        emit = batch.emit_ms
         head = (
-            f'"gateway":{jstr(gateway)},"site":{jstr(batch.site)},'
+            hops_tail(emit, received or now, now)
+            + f'"gateway":{jstr(gateway)},"site":{jstr(batch.site)},'
             f'"epoch":{jstr(batch.epoch)},"relayed_at":{now}}}'
         )
+        hop_open = '"hop_ms":{"gateway":' if emit is not None else '"hop_ms":{'
         id_head = json.dumps(f"{gateway}:{batch.epoch}:")[:-1]
         lines, ops = plan.lines, plan.ops
         names = self._index_names
@@ -239,7 +251,7 @@ class Planner:
                         f"timestamp {ts} ms is outside now-max_age_s..now+max_future_s",
                         "relay",
                         doc_id(gateway, batch.epoch, r["seq"]),
-                        reading_doc((gateway, batch.site, batch.epoch, now, r)),
+                        reading_doc((gateway, batch.site, batch.epoch, now, r), (emit, received)),
                     ),
                 )
                 continue
@@ -265,6 +277,7 @@ class Planner:
             lines.append(
                 f'{{"@timestamp":{ts},{frag},"value":{jnum(r["value"])},"seq":{seq},'
                 + (f'"agg":{json.dumps(agg)},' if agg else "")
+                + (f"{hop_open}{emit - ts}," if emit is not None else hop_open)
                 + head
             )
             ops.append((row_id, (gateway, batch.site, batch.epoch, now, r)))
