@@ -53,6 +53,14 @@ def test_byte_cap_splits_batches(spool):
     assert all(b2["first"] == b1["last"] + 1 for b1, b2 in itertools.pairwise(batches))
 
 
+def test_a_reading_over_the_batch_cap_goes_alone_and_never_stops_emission(spool):
+    big = make_reading("s" * 60, "m" * 60, 1.5, T0, "u" * 30)  # alone, over a 64-byte cap
+    spool.append([*readings(2), big, *readings(2, start=10)])
+    batches = spool.next_batches(max_batch_bytes=64, max_run_bytes=10_000)
+    assert [(b["first"], b["last"]) for b in batches] == [(n, n) for n in range(1, 6)]
+    assert spool.status()["unsent"] == 0
+
+
 def test_epoch_survives_reopen(tmp_path):
     path = str(tmp_path / "s.db")
     a = GatewaySpool(path)
