@@ -1,6 +1,6 @@
 """The batch wire format: one Salt event carries many readings, compactly.
 
-Version 1 (the two size refinements over the original design are in README's "Wire format")::
+Version 1 (README's "Wire format" shows a batch and what each field costs on the wire)::
 
     {"v": 1, "epoch": "<id>", "first": <seq>, "last": <seq>,
      "sensors": ["t1/temperature", ...],   # dictionary for this batch
@@ -355,14 +355,7 @@ def decode_batch(data: dict[str, Any]) -> DecodedBatch:
     for u in units:
         if u is not None and (not isinstance(u, str) or len(u) > MAX_KEY_CHARS):
             raise WireError("bad_field", f"unit {str(u)[:40]!r} is not a short string")
-    keys: list[tuple[str, str] | None] = []
-    kinds: list[str | None] = [s[1:] if is_record_key(s) else None for s in sensors]
-    for s in sensors:
-        if isinstance(s, str) and s.count("/") >= 1 and len(s) <= MAX_KEY_CHARS:
-            sensor, metric = s.rsplit("/", 1)
-            keys.append((sensor, metric))
-        else:
-            keys.append(None)
+    entries = [_entry_of(s, u, d) for s, u, d in zip(sensors, units, decs, strict=True)]
     site = data.get("site")
     dropped = data.get("dropped") or 0
     if isinstance(dropped, bool) or not isinstance(dropped, int) or not 0 <= dropped < MAX_INT:
@@ -372,18 +365,7 @@ def decode_batch(data: dict[str, Any]) -> DecodedBatch:
     records: list[dict[str, Any]] = []
     if is_agg:
         _decode_agg(
-            rows,
-            first,
-            last,
-            t0,
-            keys,
-            sensors,
-            units,
-            decs,
-            float(agg or 0),
-            out,
-            rejected,
-            (kinds, records),
+            rows, first, last, t0, entries, sensors, float(agg or 0), out, rejected, records
         )
     for n, row in enumerate(rows if not is_agg else []):
         seq = first + n
@@ -391,33 +373,11 @@ def decode_batch(data: dict[str, Any]) -> DecodedBatch:
             if not isinstance(row, (list, tuple)) or len(row) != 3:
                 raise WireError("bad_row", "row is not [sensor, dt, value]")
             idx, dt, val = row
-            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(keys):
-                raise WireError("bad_row", f"sensor index {idx!r} out of range")
-            if kinds[idx] is not None:
-                records.append(_record(str(kinds[idx]), seq, t0, dt, val))
-                continue
-            key = keys[idx]
-            if key is None:
-                raise WireError("bad_sensor", f"sensor entry {sensors[idx]!r} is not sensor/metric")
-            if isinstance(dt, bool) or not isinstance(dt, int) or not -MAX_INT < dt < MAX_INT:
-                raise WireError("bad_timestamp", f"time offset {dt!r} is not an integer")
-            ts = t0 + dt
-            if not TS_MIN_MS <= ts < TS_MAX_MS:
-                raise WireError("bad_timestamp", f"timestamp {ts} ms is outside 2000..2100")
-            if isinstance(val, bool) or not isinstance(val, (int, float)):
-                raise WireError("not_numeric", f"value {val!r} is not a number")
-            value = _scaled(val, decs[idx])
-            unit = units[idx] if isinstance(units[idx], str) else ""
-            out.append(
-                {
-                    "seq": seq,
-                    "sensor": key[0],
-                    "metric": key[1],
-                    "unit": unit or None,
-                    "ts_ms": ts,
-                    "value": value,
-                }
-            )
+            entry = _entry(entries, sensors, idx)
+            if isinstance(entry, str):
+                records.append(_record(entry, seq, t0, dt, val))
+            else:
+                out.append(_reading(seq, entry, t0, dt, val))
         except WireError as exc:
             rejected.append({"seq": seq, "reason": exc.reason, "detail": exc.detail, "row": row})
     emit = data.get("emit_ms")
@@ -437,15 +397,62 @@ def decode_batch(data: dict[str, Any]) -> DecodedBatch:
     )
 
 
-def _record(kind: str, seq: int, t0: int, dt: Any, body: Any) -> dict[str, Any]:
-    """One record row, validated (WireError with the reason otherwise)."""
-    if kind not in RECORD_KINDS:
-        raise WireError("unknown_kind", f"record kind {kind[:40]!r} is not known to this relay")
-    if isinstance(dt, bool) or not isinstance(dt, int) or not -MAX_INT < dt < MAX_INT:
+#: A reading's dictionary entry as its rows use it: sensor, metric, unit or None, and the
+#: divisor of its row values (``10**decimals``; None for plain floats).
+Key = tuple[str, str, str | None, int | None]
+#: A dictionary entry: a reading's :data:`Key`, a record's kind, or None when it is neither.
+Entry = Key | str | None
+
+
+def _entry_of(key: Any, unit: Any, decimals: Any) -> Entry:
+    """One dictionary entry, read once per batch."""
+    if is_record_key(key):
+        return str(key[1:])
+    scale = 10**decimals if decimals else None
+    if isinstance(key, str) and "/" in key and len(key) <= MAX_KEY_CHARS:
+        sensor, metric = key.rsplit("/", 1)
+        return (sensor, metric, unit if isinstance(unit, str) and unit else None, scale)
+    return None
+
+
+def _entry(entries: list[Entry], sensors: list[Any], idx: Any) -> Key | str:
+    """The entry a row names (a reading's or a record's); WireError when there is none."""
+    if type(idx) is not int or not 0 <= idx < len(entries):  # exactly int: never a bool
+        raise WireError("bad_row", f"sensor index {idx!r} out of range")
+    entry = entries[idx]
+    if entry is None:
+        raise WireError("bad_sensor", f"sensor entry {sensors[idx]!r} is not sensor/metric")
+    return entry
+
+
+def _ts(t0: int, dt: Any) -> int:
+    """A row's timestamp from its offset; WireError when either is out of range."""
+    if type(dt) is not int or not -MAX_INT < dt < MAX_INT:
         raise WireError("bad_timestamp", f"time offset {dt!r} is not an integer")
     ts = t0 + dt
     if not TS_MIN_MS <= ts < TS_MAX_MS:
         raise WireError("bad_timestamp", f"timestamp {ts} ms is outside 2000..2100")
+    return ts
+
+
+def _reading(seq: int, entry: Key, t0: int, dt: Any, val: Any) -> dict[str, Any]:
+    """One reading row, validated (WireError with the reason otherwise)."""
+    ts = _ts(t0, dt)
+    return {
+        "seq": seq,
+        "sensor": entry[0],
+        "metric": entry[1],
+        "unit": entry[2],
+        "ts_ms": ts,
+        "value": _scaled(val, entry[3]),
+    }
+
+
+def _record(kind: str, seq: int, t0: int, dt: Any, body: Any) -> dict[str, Any]:
+    """One record row, validated (WireError with the reason otherwise)."""
+    if kind not in RECORD_KINDS:
+        raise WireError("unknown_kind", f"record kind {kind[:40]!r} is not known to this relay")
+    ts = _ts(t0, dt)
     if not isinstance(body, dict) or not all(isinstance(k, str) for k in body):
         raise WireError("bad_record", f"a {kind} record is not a mapping")
     if packed_size(body) > MAX_RECORD_BYTES:
@@ -458,16 +465,14 @@ def _decode_agg(
     first: int,
     last: int,
     t0: int,
-    keys: list[tuple[str, str] | None],
+    entries: list[Entry],
     sensors: list[Any],
-    units: list[Any],
-    decs: list[Any],
     window_s: float,
     out: list[dict[str, Any]],
     rejected: list[dict[str, Any]],
-    recs: tuple[list[str | None], list[dict[str, Any]]] = ([], []),
+    records: list[dict[str, Any]],
 ) -> None:
-    kinds, records = recs
+    """Aggregate rows: each a reading (its mean) with an ``agg`` summary, or a record."""
     for row in rows:
         seq = first
         try:
@@ -482,48 +487,23 @@ def _decode_agg(
             seq = first + seq_off
             if not first <= seq <= last:
                 raise WireError("bad_row", f"seq offset {seq_off} outside the batch")
-            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(keys):
-                raise WireError("bad_row", f"sensor index {idx!r} out of range")
-            if idx < len(kinds) and kinds[idx] is not None:
-                records.append(_record(str(kinds[idx]), seq, t0, dt, mean))
+            entry = _entry(entries, sensors, idx)
+            if isinstance(entry, str):
+                records.append(_record(entry, seq, t0, dt, mean))
                 continue
-            key = keys[idx]
-            if key is None:
-                raise WireError("bad_sensor", f"sensor entry {sensors[idx]!r} is not sensor/metric")
             if isinstance(count, bool) or not isinstance(count, int) or not 0 < count < MAX_INT:
                 raise WireError("bad_row", f"aggregate count {count!r} is not a positive integer")
-            for t in (dt, dt_last):
-                if isinstance(t, bool) or not isinstance(t, int) or not -MAX_INT < t < MAX_INT:
-                    raise WireError("bad_timestamp", f"time offset {t!r} is not an integer")
-            ts, ts_last = t0 + dt, t0 + dt_last
-            for t in (ts, ts_last):
-                if not TS_MIN_MS <= t < TS_MAX_MS:
-                    raise WireError("bad_timestamp", f"timestamp {t} ms is outside 2000..2100")
-            d = decs[idx]
-            vals = []
-            for v in (mean, lo, hi):
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise WireError("not_numeric", f"value {v!r} is not a number")
-                vals.append(_scaled(v, d))
-            unit = units[idx] if isinstance(units[idx], str) else ""
-            out.append(
-                {
-                    "seq": seq,
-                    "sensor": key[0],
-                    "metric": key[1],
-                    "unit": unit or None,
-                    "ts_ms": ts,
-                    "value": vals[0],
-                    "agg": {
-                        "window_s": window_s,
-                        "min": vals[1],
-                        "max": vals[2],
-                        "count": count,
-                        "first": ts,
-                        "last": ts_last,
-                    },
-                }
-            )
+            ts_last = _ts(t0, dt_last)
+            reading = _reading(seq, entry, t0, dt, mean)
+            reading["agg"] = {
+                "window_s": window_s,
+                "min": _scaled(lo, entry[3]),
+                "max": _scaled(hi, entry[3]),
+                "count": count,
+                "first": reading["ts_ms"],
+                "last": ts_last,
+            }
+            out.append(reading)
         except (WireError, ValueError) as exc:
             reason = getattr(exc, "reason", "bad_row")
             rejected.append(
@@ -531,11 +511,13 @@ def _decode_agg(
             )
 
 
-def _scaled(val: int | float, decimals: int | None) -> float:
-    """A row's number as a float (scaled down by its sensor's decimals); WireError when it is
-    not finite or too large for a float."""
+def _scaled(val: Any, scale: int | None) -> float:
+    """A row's number as a float (divided by its sensor's ``10**decimals``); WireError when it
+    is not a number, not finite or too large for a float."""
+    if type(val) is not float and type(val) is not int:
+        raise WireError("not_numeric", f"value {val!r} is not a number")
     try:
-        value = float(val) / 10**decimals if decimals else float(val)
+        value = float(val) / scale if scale else float(val)
     except OverflowError:
         raise WireError("not_finite", f"value {val!r} does not fit a float") from None
     if not math.isfinite(value):
