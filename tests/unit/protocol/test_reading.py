@@ -54,3 +54,22 @@ def test_doc_id_round_trip_with_colons_in_the_gateway_id():
 def test_doc_ids_are_unique_per_gateway_epoch_seq():
     ids = {doc_id(g, e, s) for g in ("gw-1", "gw-2") for e in ("e1", "e2") for s in range(100)}
     assert len(ids) == 400
+
+
+def test_an_epoch_with_a_colon_is_refused_so_ids_stay_unambiguous():
+    """``site1`` + epoch ``gw2:ab12`` and ``site1:gw2`` + ``ab12`` would give one id: an epoch
+    may hold no ``:``, so only the second is a valid pair and ids parse back to one pair."""
+    from saltext.tributary.protocol.wire import (
+        SpooledReading,
+        WireError,
+        decode_batch,
+        encode_batch,
+    )
+
+    assert doc_id("site1", "gw2:ab12", 1) == doc_id("site1:gw2", "ab12", 1)  # the trap
+    rows = [SpooledReading(1, "t/temperature", "C", 1_700_000_000_000, 20.0)]
+    with pytest.raises(WireError) as exc:
+        decode_batch(encode_batch("gw2:ab12", rows))
+    assert exc.value.reason == "bad_field"
+    assert decode_batch(encode_batch("ab12", rows)).epoch == "ab12"
+    assert parse_doc_id(doc_id("site1:gw2", "ab12", 1)) == ("site1:gw2", "ab12", 1)
