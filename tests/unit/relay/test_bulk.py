@@ -91,3 +91,35 @@ def test_a_mixed_answer_sorts_every_item():
 def test_an_answer_of_the_wrong_length_is_refused():
     with pytest.raises(ValueError, match="2 items for 3 ops"):
         classify_bulk_response([item(201), item(201)], plan([1, 1, 1]), "tributary")
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, None), (1, 4), (2, 5)])
+def test_an_answer_without_errors_counts_as_item_by_item(start, stop):
+    """``errors: false`` (every item created) counts readings per gateway from the plan: the
+    same counts as reading each item, also for a split bulk's part and for non-reading ops."""
+    originals = [
+        READING,
+        ("gw-b", "sydney", "ep", 0, {"seq": 2}),
+        {"gateway": "gw-a"},  # a heartbeat document
+        READING,
+        {"gateway": "gw-c", "reason": "x"},  # a dead letter
+    ]
+    indices = [
+        "tributary-readings-2026.11.30",
+        "tributary-readings-2026.11.30",
+        "tributary-health-2026.11.30",
+        "tributary-readings-2026.11.30",
+        "tributary-deadletter-2026.11.30",
+    ]
+    p = plan([1, 1, 2, 2, 3], originals)
+    end = len(originals) if stop is None else stop
+    items = [item(201, indices[n]) for n in range(start, end)]
+    fast = classify_bulk_response(items, p, "tributary", start, stop, errors=False)
+    slow = classify_bulk_response(items, p, "tributary", start, stop)
+    assert fast.counts == slow.counts and fast.counts["indexed"] >= 1
+    assert not fast.retry_rows and not fast.rejected and not fast.present_ops
+
+
+def test_an_answer_without_errors_must_still_have_one_item_per_op():
+    with pytest.raises(ValueError, match="2 items for 3 ops"):
+        classify_bulk_response([item(201)] * 2, plan([1, 1, 1]), "tributary", errors=False)

@@ -58,16 +58,23 @@ def classify_bulk_response(
     prefix: str,
     start: int = 0,
     stop: int | None = None,
+    errors: Any = None,
 ) -> BulkOutcome:
     """Interpret a bulk answer's ``items`` for the operations ``start..stop`` of ``plan``
     (raises ValueError when the answer does not have one item per operation: nothing of it can
-    be trusted then). :attr:`Rejected.op` indexes ``plan.ops``."""
-    sent = (len(plan.ops) if stop is None else stop) - start
+    be trusted then). :attr:`Rejected.op` indexes ``plan.ops``. ``errors``: the answer's own
+    ``errors`` flag; ``False`` (no item failed, the usual answer) lets the readings be counted
+    per gateway from the plan instead of item by item."""
+    stop = len(plan.ops) if stop is None else stop
+    sent = stop - start
     if len(items) != sent:
         raise ValueError(f"bulk answered {len(items)} items for {sent} ops")
     out = BulkOutcome()
     readings_idx = f"{prefix}-readings"
     deadletter_idx = f"{prefix}-deadletter"
+    if errors is False:
+        _count_created(out, items, plan, readings_idx, start, stop)
+        return out
     for n, item in enumerate(items, start):
         ((_op, res),) = item.items()
         row, original = plan.ops[n]
@@ -100,6 +107,38 @@ def classify_bulk_response(
                 reason, detail = str(err), ""
             out.rejected.append(Rejected(n, reason, detail))
     return out
+
+
+def _count_created(
+    out: BulkOutcome,
+    items: Sequence[Mapping[str, Any]],
+    plan: BulkPlan,
+    readings_idx: str,
+    start: int,
+    stop: int,
+) -> None:
+    """Every operation created (``errors: false``): a reading op (a tuple original) is always
+    a create in the readings index, so they are counted per gateway in one pass; the few other
+    operations (heartbeats, records, dead letters) are looked at one by one, as
+    :func:`classify_bulk_response` does."""
+    ops = plan.ops[start:stop] if start or stop != len(plan.ops) else plan.ops
+    gateways = [o[0] for _, o in ops if type(o) is tuple]
+    if gateways:
+        out.counts["indexed"] += len(gateways)
+        for gw, k in Counter(gateways).items():
+            out.counts[("indexed", str(gw))] += k
+    if len(gateways) == len(ops):
+        return
+    for n, (_row, original) in enumerate(ops):
+        if type(original) is tuple:
+            continue
+        ((_op, res),) = items[n].items()
+        index = str(res.get("_index", ""))
+        if readings_idx in index:
+            out.counts["indexed"] += 1
+            out.counts[("indexed", _gateway(original))] += 1
+        elif "-health" in index:
+            out.counts["health_indexed"] += 1
 
 
 def merge(a: BulkOutcome, b: BulkOutcome) -> BulkOutcome:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005
 #: Only what the relay reads from a bulk answer (a third of the full answer's bytes).
-BULK_FILTER = "items.*._index,items.*.status,items.*.error"
+BULK_FILTER = "errors,items.*._index,items.*.status,items.*.error"
 #: Rows taken per bulk at most (each is one spooled batch).
 ROWS_PER_BULK = 256
 #: What makes a reading the same reading (a 409 with other values is an id collision).
@@ -308,7 +308,7 @@ class Shipper:
             out.rejected.append(Rejected(start, f"request_refused_{status}", str(exc)[:2048]))
             return out
         return classify_bulk_response(
-            resp.get("items") or [], plan, self.config.index_prefix, start, stop
+            resp.get("items") or [], plan, self.config.index_prefix, start, stop, resp.get("errors")
         )
 
     def _write_deadletters(self, lines: list[str]) -> None:
