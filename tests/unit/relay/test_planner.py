@@ -143,3 +143,56 @@ def test_spool_rows_count_their_attempts(tmp_path, master_pki, keys):
     relay.spool.attempted([row.id])
     assert relay.spool.take(10)[0].attempts == 2
     assert msgpack.packb(row.data)  # still what was spooled
+
+
+def _agg_batch(keys, first: int, n: int) -> dict:
+    from saltext.tributary.protocol.wire import encode_agg_batch
+
+    t0 = NOW - NOW % 60_000 - 60_000  # all in one 60 s window: one group per sensor
+    rows = [
+        SpooledReading(first + i, f"t{i % 2}/temperature", "C", t0 + i * 100, 20.0 + i % 5)
+        for i in range(n)
+    ]
+    b = encode_agg_batch("ep1", rows, 60.0, site="x")
+    signing.sign_batch(b, {"id": "gw-a", "pki_dir": keys["gw-a"][0]})
+    return b
+
+
+def _confirm(relay) -> list[dict]:
+    """Plan what is spooled and account for it as Elasticsearch-confirmed: the readings."""
+    plan, ops, docs = planned(relay)
+    relay.finish(relay.spool, plan, set())
+    return [d for o, d in zip(ops, docs, strict=True) if "_id" in o["create"]]
+
+
+@pytest.mark.parametrize("agg_first", [True, False])
+def test_aggregates_and_raw_readings_never_count_a_sequence_twice(
+    tmp_path, master_pki, keys, agg_first
+):
+    """A replay (raw) and a late batch (aggregated) of the same range, in either order: only
+    the first to arrive is indexed, the other counts as already present (no id collision)."""
+    relay = make_relay(tmp_path, master_pki)
+    publish_keys(relay, keys)
+    agg, raw = _agg_batch(keys, 1, 100), signed("gw-a", keys, first=1, n=100)
+    first, second = (agg, raw) if agg_first else (raw, agg)
+    relay.accept(TAG.format("gw-a"), first)
+    indexed = _confirm(relay)
+    assert len(indexed) == (2 if agg_first else 100)  # two sensors' groups, or 100 readings
+    relay.accept(TAG.format("gw-a"), second)
+    assert _confirm(relay) == []
+    expected = 100 if agg_first else 2
+    counted = relay.counters["already_present"] + relay.spool.counters().get("already_present", 0)
+    assert counted == expected
+    assert relay.spool.ledger.holes("gw-a", "ep1") == []
+
+
+def test_a_raw_replay_over_raw_readings_is_left_to_the_ids(tmp_path, master_pki, keys):
+    """Re-sending raw readings already indexed recreates what Elasticsearch lost (a restored
+    index): the ledger does not filter it; the ids answer 409 for what is still there."""
+    relay = make_relay(tmp_path, master_pki)
+    publish_keys(relay, keys)
+    relay.accept(TAG.format("gw-a"), signed("gw-a", keys, first=1, n=10))
+    assert len(_confirm(relay)) == 10
+    relay.intake._recent.clear()
+    relay.accept(TAG.format("gw-a"), signed("gw-a", keys, first=1, n=10, ts=NOW + 5))
+    assert len(_confirm(relay)) == 10

@@ -124,8 +124,9 @@ class RowPlan:
     """What one spool row moves once all its documents are confirmed."""
 
     attempts: int = 0
-    #: (gateway, epoch, first, last): the sequence range the ledger records
-    range: tuple[str, str, int, int] | None = None
+    #: (gateway, epoch, first, last[, now, agg]): the sequence range the ledger records
+    #: (:meth:`~saltext.tributary.relay.ledger.Ledger.add_range`'s arguments)
+    range: tuple[Any, ...] | None = None
     #: (gateway, epoch, last_seq) from a health heartbeat
     heartbeat: tuple[str, str, int] | None = None
     #: (gateway, heartbeat) kept as the gateway's last known facts

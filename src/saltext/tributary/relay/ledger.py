@@ -35,6 +35,8 @@ SCHEMA = (
     + """
 CREATE TABLE IF NOT EXISTS ledger_ranges (gateway TEXT NOT NULL, epoch TEXT NOT NULL,
     lo INTEGER NOT NULL, hi INTEGER NOT NULL, PRIMARY KEY (gateway, epoch, lo));
+CREATE TABLE IF NOT EXISTS ledger_agg (gateway TEXT NOT NULL, epoch TEXT NOT NULL,
+    lo INTEGER NOT NULL, hi INTEGER NOT NULL, PRIMARY KEY (gateway, epoch, lo));
 CREATE TABLE IF NOT EXISTS ledger_heads (gateway TEXT NOT NULL, epoch TEXT NOT NULL,
     hb_last INTEGER NOT NULL DEFAULT 0, hb_at REAL NOT NULL DEFAULT 0,
     indexed_at REAL NOT NULL DEFAULT 0, PRIMARY KEY (gateway, epoch));
@@ -105,14 +107,25 @@ class Ledger:
 
     # -- facts ------------------------------------------------------------------------------
     def add_range(
-        self, gateway: str, epoch: str, lo: int, hi: int, now: float | None = None
+        self,
+        gateway: str,
+        epoch: str,
+        lo: int,
+        hi: int,
+        now: float | None = None,
+        agg: bool = False,
     ) -> None:
-        """Record that ``lo..hi`` of (gateway, epoch) is accounted for (merges neighbours)."""
+        """Record that ``lo..hi`` of (gateway, epoch) is accounted for (merges neighbours);
+        ``agg``: by an aggregated batch (its sequences are summarised, not one document each)."""
         if hi < lo:
             return
         now = time.time() if now is None else now
         db = self.db
         with sqlite.transaction(db):
+            if agg:
+                db.execute(
+                    "INSERT OR REPLACE INTO ledger_agg VALUES (?,?,?,?)", (gateway, epoch, lo, hi)
+                )
             rows = db.execute(
                 "SELECT lo, hi FROM ledger_ranges WHERE gateway=? AND epoch=? AND lo<=? AND hi>=?",
                 (gateway, epoch, hi + 1, lo - 1),
@@ -149,6 +162,17 @@ class Ledger:
             (gateway, epoch, int(last_seq), now),
         )
         self._alive(gateway)
+
+    def covering(
+        self, gateway: str, epoch: str, lo: int, hi: int, agg: bool = False
+    ) -> list[tuple[int, int]]:
+        """The recorded ranges of (gateway, epoch) that overlap ``lo..hi`` (an index seek);
+        with ``agg`` only those recorded by aggregated batches."""
+        table = "ledger_agg" if agg else "ledger_ranges"
+        return self.db.execute(
+            f"SELECT lo, hi FROM {table} WHERE gateway=? AND epoch=? AND lo<=? AND hi>=?",
+            (gateway, epoch, hi, lo),
+        ).fetchall()
 
     def ranges(self, gateway: str, epoch: str) -> list[tuple[int, int]]:
         return [
@@ -268,7 +292,7 @@ class Ledger:
                 db.execute("SELECT DISTINCT gateway, epoch FROM ledger_gaps WHERE state='open'")
             )
             stale = [p for p in stale if p not in open_pairs]
-            for table in ("ledger_ranges", "ledger_heads", "ledger_gaps"):
+            for table in ("ledger_ranges", "ledger_agg", "ledger_heads", "ledger_gaps"):
                 db.executemany(f"DELETE FROM {table} WHERE gateway=? AND epoch=?", stale)
             db.execute("DELETE FROM ledger_gaps WHERE state='given_up' AND opened < ?", (cut,))
         return len(stale)

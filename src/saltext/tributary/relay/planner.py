@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from saltext.tributary.protocol import signing
@@ -115,9 +116,37 @@ class Planner:
                 *self.deadletter(row.gateway, bad["reason"], bad["detail"], "wire", did, bad),
             )
         self.counters.inc("readings_in", len(batch.readings))
+        # An aggregate never lands over sequences already indexed, and raw readings never over
+        # an aggregate of them (a replay crossing a late batch of the same range): Elasticsearch
+        # would hold both, counting those sequences twice. (A raw replay over raw readings is
+        # left to the document ids: it re-creates what Elasticsearch lost, 409 for the rest.)
+        agg = batch.agg is not None
+        if agg:
+            rp.range = (row.gateway, batch.epoch, batch.first, batch.last, None, True)
+        covered = spool.ledger.covering(
+            row.gateway, batch.epoch, batch.first, batch.last, agg=not agg
+        )
+        if covered:
+            batch = self._uncovered(batch, covered)
         self._reading_ops(plan, row.id, row.gateway, batch, now, row.received)
         if batch.records:
             self._record_ops(plan, row.id, row.gateway, batch, now)
+
+    def _uncovered(self, batch: DecodedBatch, covered: list[tuple[int, int]]) -> DecodedBatch:
+        """``batch`` without the readings and records in ``covered`` (counted as already
+        present): a late aggregate is neither indexed beside the raw replay of its range nor
+        taken for an id collision, and a raw replay adds nothing beside an aggregate."""
+
+        def new(seq: int) -> bool:
+            return not any(lo <= seq <= hi for lo, hi in covered)
+
+        readings = [r for r in batch.readings if new(r["seq"])]
+        records = [r for r in batch.records if new(r["seq"])]
+        skipped = len(batch.readings) - len(readings) + len(batch.records) - len(records)
+        if not skipped:
+            return batch
+        self.counters.inc("already_present", skipped)
+        return replace(batch, readings=readings, records=records)
 
     def _record_ops(
         self, plan: BulkPlan, row_id: int, gateway: str, batch: DecodedBatch, now: int
