@@ -227,6 +227,17 @@ def test_unit_conversions(convert, raw, value, unit):
             "topics[0].timestamp.format",
         ),
         ({"topic": "a/b", "sensor": 5}, "topics[0].sensor"),
+        # unknown keys are refused at every level, with their path
+        ({"topic": "a/b", "formatt": "json"}, "topics[0].formatt: unknown option"),
+        (
+            {"topic": "a/b", "format": "json", "fields": {"t": {"metric": "t", "unitt": "C"}}},
+            "topics[0].fields.t.unitt: unknown option",
+        ),
+        (
+            {"topic": "a/b", "format": "flat", "timestamp": {"field": "t", "fmt": "s"}},
+            "topics[0].timestamp.fmt: unknown option",
+        ),
+        ({"topic": "a/b", "convert": {"scale": 2, "ofset": 1}}, "topics[0].convert.ofset"),
     ],
 )
 def test_bad_rules_name_the_key(rule, key):

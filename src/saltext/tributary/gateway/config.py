@@ -78,13 +78,10 @@ def spool_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def validate_common(cfg: Mapping[str, Any], own_keys: frozenset[str] = frozenset()) -> list[str]:
     """Checks shared by the beacons: unknown keys, spool, batch, site, filters, bandwidth."""
-    errors = [
-        f"{k}: unknown option"
-        for k in cfg
-        if isinstance(k, str)
-        and not k.startswith("_")
-        and k not in SALT_BEACON_KEYS | COMMON_KEYS | own_keys
-    ]
+    errors = schema.unknown_options(
+        (k for k in cfg if not (isinstance(k, str) and k.startswith("_"))),
+        SALT_BEACON_KEYS | COMMON_KEYS | own_keys,
+    )
     errors += schema.parse(SpoolOptions, cfg.get("spool"), "spool")[1]
     errors += schema.parse(BatchOptions, cfg.get("batch"), "batch")[1]
     if "site" in cfg and (
@@ -99,22 +96,22 @@ def validate_common(cfg: Mapping[str, Any], own_keys: frozenset[str] = frozenset
     return errors
 
 
+BANDWIDTH_KEYS = ("bytes_per_s", "window_s", "burst_s", "max_window_s")
+
+
 def validate_bandwidth(bw: Any) -> list[str]:
     if bw is None:
         return []
     if not isinstance(bw, Mapping):
         return ["bandwidth: must be a mapping (bytes_per_s, window_s, burst_s)"]
-    errors = []
+    errors = schema.unknown_options(bw, BANDWIDTH_KEYS, "bandwidth")
     if "bytes_per_s" not in bw:
         errors.append("bandwidth.bytes_per_s: required")
-    for key in ("bytes_per_s", "window_s", "burst_s", "max_window_s"):
+    for key in BANDWIDTH_KEYS:
         val = bw.get(key)
         err = None if val is None else number_error(val, f"bandwidth.{key}", positive=True)
         if err:
             errors.append(err)
-    unknown = sorted(set(bw) - {"bytes_per_s", "window_s", "burst_s", "max_window_s"})
-    if unknown:
-        errors.append(f"bandwidth.{unknown[0]}: unknown key")
     return errors
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from saltext.tributary.protocol.reading import Reading
-from saltext.tributary.util.schema import number_error
+from saltext.tributary.util.schema import number_error, unknown_options
 
 KEYS = ("match", "deadband", "min_interval_s", "max_interval_s", "min", "max")
 
@@ -66,9 +66,9 @@ def compile_filters(raw: Any, where: str = "filters") -> list[FilterRule]:
         w = f"{where}[{i}]"
         if not isinstance(rule, Mapping):
             raise FilterConfigError(f"{w}: must be a mapping")
-        unknown = sorted(set(rule) - set(KEYS))
+        unknown = unknown_options(rule, KEYS, w)
         if unknown:
-            raise FilterConfigError(f"{w}.{unknown[0]}: unknown key (known: {', '.join(KEYS)})")
+            raise FilterConfigError(f"{unknown[0]} (known: {', '.join(KEYS)})")
         match = rule.get("match", "*")
         if not isinstance(match, str) or not match:
             raise FilterConfigError(f"{w}.match: must be a non-empty string pattern")

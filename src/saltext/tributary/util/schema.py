@@ -13,7 +13,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -53,6 +53,13 @@ def number_error(
         hi_s = "" if hi is None else f"{hi:g}"
         return f"{name}: must be {what} in {lo_s}..{hi_s}, got {value!r}"
     return None
+
+
+def unknown_options(keys: Iterable[Any], known: Collection[Any], path: str = "") -> list[str]:
+    """The one unknown-key check of every config: an error naming the key path of each of
+    ``keys`` not in ``known``."""
+    prefix = f"{path}." if path else ""
+    return [f"{prefix}{k}: unknown option" for k in keys if k not in known]
 
 
 def _check(value: Any, kind: Any, name: str, meta: Mapping[str, Any]) -> tuple[Any, str | None]:
@@ -112,7 +119,7 @@ def parse(cls: type[T], data: Any, path: str = "") -> tuple[T | None, list[str]]
         return None, [f"{where}: must be a mapping"]
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    errors = [f"{path + '.' if path else ''}{k}: unknown option" for k in data if k not in fields]
+    errors = unknown_options(data, fields, path)
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         if name not in data:

@@ -40,6 +40,7 @@ from saltext.tributary.protocol.reading import (
     check_ts,
     make_reading,
 )
+from saltext.tributary.util.schema import unknown_options
 
 FORMATS = ("number", "json", "senml", "flat")
 MAX_PAYLOAD = 65_536
@@ -99,6 +100,16 @@ class FieldSpec:
     offset: float = 0.0
 
 
+#: The keys of a topic rule (see the module docstring).
+RULE_KEYS = ("topic", "sensor", "metric", "unit", "format", "convert", "fields", "timestamp")
+
+
+def _refuse_unknown(cfg: Mapping[Any, Any], known: tuple[str, ...], where: str) -> None:
+    unknown = unknown_options(cfg, known, where)
+    if unknown:
+        raise ConfigError(unknown[0])
+
+
 def _conversion(value: Any, where: str) -> tuple[float, float, str | None]:
     if value is None:
         return 1.0, 0.0, None
@@ -109,6 +120,7 @@ def _conversion(value: Any, where: str) -> tuple[float, float, str | None]:
             )
         return CONVERSIONS[value]
     if isinstance(value, Mapping):
+        _refuse_unknown(value, ("scale", "offset", "unit"), where)
         try:
             return (
                 float(value.get("scale", 1.0)),
@@ -141,6 +153,7 @@ class TopicRule:
     def from_config(cls, cfg: Any, where: str = "topics") -> TopicRule:
         if not isinstance(cfg, Mapping):
             raise ConfigError(f"{where}: each rule must be a mapping")
+        _refuse_unknown(cfg, RULE_KEYS, where)
         topic = cfg.get("topic")
         if not isinstance(topic, str) or not topic:
             raise ConfigError(f"{where}.topic: required string")
@@ -160,6 +173,7 @@ class TopicRule:
                 spec = {"metric": spec}
             if not isinstance(spec, Mapping) or not isinstance(spec.get("metric", path), str):
                 raise ConfigError(f"{fwhere}: must be a metric name or {{metric, unit}}")
+            _refuse_unknown(spec, ("metric", "unit", "convert"), fwhere)
             fs, fo, fu = _conversion(spec.get("convert"), f"{fwhere}.convert")
             try:
                 check_name("metric", spec.get("metric", str(path).rsplit(".", 1)[-1]))
@@ -184,6 +198,7 @@ class TopicRule:
                 ts = {"field": ts}
             if not isinstance(ts, Mapping) or not isinstance(ts.get("field"), str):
                 raise ConfigError(f"{where}.timestamp: needs a field name")
+            _refuse_unknown(ts, ("field", "format"), f"{where}.timestamp")
             ts_field = ts["field"].split(".")
             ts_format = ts.get("format", "ms")
             if ts_format not in ("ms", "s", "iso"):

@@ -31,7 +31,7 @@ from functools import partial
 from typing import Any
 
 from saltext.tributary.protocol.reading import Reading, RejectedReading, make_reading
-from saltext.tributary.util.schema import number_error
+from saltext.tributary.util.schema import number_error, unknown_options
 
 KINDS = ("hwmon", "thermal", "iio", "w1")
 _SAFE = re.compile(r"[^A-Za-z0-9_.:@-]+")
@@ -119,6 +119,9 @@ def compile_sources(raw: Any, where: str = "sources") -> list[SourceSpec]:
         w = f"{where}[{i}]"
         if not isinstance(item, Mapping):
             raise SysfsConfigError(f"{w}: must be a mapping with a kind")
+        unknown = unknown_options(item, ("kind", "interval_s", "match"), w)
+        if unknown:
+            raise SysfsConfigError(unknown[0])
         kind = item.get("kind")
         if kind not in KINDS:
             raise SysfsConfigError(f"{w}.kind: {kind!r} is not one of {', '.join(KINDS)}")
@@ -129,9 +132,6 @@ def compile_sources(raw: Any, where: str = "sources") -> list[SourceSpec]:
         match = item.get("match", "*")
         if not isinstance(match, str):
             raise SysfsConfigError(f"{w}.match: must be a string pattern")
-        unknown = sorted(set(item) - {"kind", "interval_s", "match"})
-        if unknown:
-            raise SysfsConfigError(f"{w}.{unknown[0]}: unknown key")
         out.append(SourceSpec(kind=str(kind), interval_s=float(interval), match=match))
     return out
 
