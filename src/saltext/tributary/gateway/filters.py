@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from saltext.tributary.protocol.reading import Reading
-from saltext.tributary.util.schema import number_error, unknown_options
+from saltext.tributary.util.schema import mappings, number_error
 
 KEYS = ("match", "deadband", "min_interval_s", "max_interval_s", "min", "max")
 
@@ -62,13 +62,7 @@ def compile_filters(raw: Any, where: str = "filters") -> list[FilterRule]:
     if not isinstance(raw, list):
         raise FilterConfigError(f"{where}: must be a list of filter rules")
     out = []
-    for i, rule in enumerate(raw):
-        w = f"{where}[{i}]"
-        if not isinstance(rule, Mapping):
-            raise FilterConfigError(f"{w}: must be a mapping")
-        unknown = unknown_options(rule, KEYS, w)
-        if unknown:
-            raise FilterConfigError(f"{unknown[0]} (known: {', '.join(KEYS)})")
+    for w, rule in mappings(raw, where, KEYS, FilterConfigError):
         match = rule.get("match", "*")
         if not isinstance(match, str) or not match:
             raise FilterConfigError(f"{w}.match: must be a non-empty string pattern")

@@ -13,7 +13,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -60,6 +60,21 @@ def unknown_options(keys: Iterable[Any], known: Collection[Any], path: str = "")
     ``keys`` not in ``known``."""
     prefix = f"{path}." if path else ""
     return [f"{prefix}{k}: unknown option" for k in keys if k not in known]
+
+
+def mappings(
+    items: list[Any], where: str, known: Collection[str], error: type[Exception]
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """Each mapping of a config list with its key path (``<where>[i]``); raises ``error``
+    naming the path of an item that is not a mapping or has a key not in ``known``."""
+    for i, item in enumerate(items):
+        path = f"{where}[{i}]"
+        if not isinstance(item, Mapping):
+            raise error(f"{path}: must be a mapping")
+        unknown = unknown_options(item, known, path)
+        if unknown:
+            raise error(f"{unknown[0]} (known: {', '.join(known)})")
+        yield path, item
 
 
 def _check(value: Any, kind: Any, name: str, meta: Mapping[str, Any]) -> tuple[Any, str | None]:

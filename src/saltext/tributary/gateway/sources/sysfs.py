@@ -25,13 +25,13 @@ import glob
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from saltext.tributary.protocol.reading import Reading, RejectedReading, make_reading
-from saltext.tributary.util.schema import number_error, unknown_options
+from saltext.tributary.util.schema import mappings, number_error
 
 KINDS = ("hwmon", "thermal", "iio", "w1")
 _SAFE = re.compile(r"[^A-Za-z0-9_.:@-]+")
@@ -115,13 +115,7 @@ def compile_sources(raw: Any, where: str = "sources") -> list[SourceSpec]:
     if not isinstance(raw, list) or not raw:
         raise SysfsConfigError(f"{where}: a non-empty list of sources is required")
     out = []
-    for i, item in enumerate(raw):
-        w = f"{where}[{i}]"
-        if not isinstance(item, Mapping):
-            raise SysfsConfigError(f"{w}: must be a mapping with a kind")
-        unknown = unknown_options(item, ("kind", "interval_s", "match"), w)
-        if unknown:
-            raise SysfsConfigError(unknown[0])
+    for w, item in mappings(raw, where, ("kind", "interval_s", "match"), SysfsConfigError):
         kind = item.get("kind")
         if kind not in KINDS:
             raise SysfsConfigError(f"{w}.kind: {kind!r} is not one of {', '.join(KINDS)}")
