@@ -201,6 +201,8 @@ def raw_bulk(client: Any, n: int, prefix: str = "benchraw") -> dict[str, Any]:
                     "unit": "C",
                     "seq": r.seq,
                     "epoch": "raw",
+                    # the relay's documents carry their lag per hop (see relay.documents.hops)
+                    "hop_ms": {"relay": 20},
                     "relayed_at": now,
                 }
             )

@@ -196,3 +196,33 @@ def test_a_raw_replay_over_raw_readings_is_left_to_the_ids(tmp_path, master_pki,
     relay.intake._recent.clear()
     relay.accept(TAG.format("gw-a"), signed("gw-a", keys, first=1, n=10, ts=NOW + 5))
     assert len(_confirm(relay)) == 10
+
+
+@pytest.mark.parametrize("emit", [None, NOW + 50])
+def test_each_reading_line_is_its_document_as_json(tmp_path, master_pki, keys, emit):
+    """The hot loop writes each document as text from cached fragments: it must say exactly
+    what :func:`reading_doc` says of the same reading (with and without the gateway's emit
+    time, integer and float values, several sensors and days; aggregates:
+    test_relay.test_aggregated_readings_keep_their_statistics)."""
+    from saltext.tributary.relay.documents import reading_doc
+
+    relay = make_relay(tmp_path, master_pki, max_age_s=86_400.0 * 30)
+    publish_keys(relay, keys)
+    day = 86_400_000
+    values: list[float] = [20.5, 3, -7, 1e-7, 123456789012, 0.1 + 0.2]
+    rows = [
+        SpooledReading(1 + i, f"s{i % 3}/m{i % 2}", "C" if i % 2 else "", NOW - (i % 3) * day, v)
+        for i, v in enumerate(values)
+    ]
+    b = encode_batch("ep1", rows, site="x")
+    if emit is not None:
+        b["emit_ms"] = emit
+    signing.sign_batch(b, {"id": "gw-a", "pki_dir": keys["gw-a"][0]})
+    relay.accept(TAG.format("gw-a"), b)
+    plan, ops, bodies = planned(relay)
+    (rp,) = plan.rows.values()
+    assert len(bodies) == len(values)
+    for (_row, original), op, body in zip(plan.ops, ops, bodies, strict=True):
+        assert body == reading_doc(original, rp.hops)
+        assert op["create"]["_id"] == f"gw-a:ep1:{body['seq']}"
+        assert op["create"]["_index"].startswith("tributary-readings-")

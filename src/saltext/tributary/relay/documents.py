@@ -24,6 +24,8 @@ def jnum(value: float) -> str:
     """JSON for a finite number (decode_batch has already refused non-finite values)."""
     if type(value) is float:
         return repr(value)
+    if type(value) is int:  # json.dumps writes an int as its repr, at many times the cost
+        return repr(value)
     return json.dumps(value)
 
 

@@ -262,12 +262,16 @@ class Planner:
             f'"epoch":{jstr(batch.epoch)},"relayed_at":{now}}}'
         )
         hop_open = '"hop_ms":{"gateway":' if emit is not None else '"hop_ms":{'
+        # without emit_ms every document ends the same way after its seq
+        tail = hop_open + head
         id_head = json.dumps(f"{gateway}:{batch.epoch}:")[:-1]
-        lines, ops = plan.lines, plan.ops
+        add_line, add_op = plan.lines.append, plan.ops.append
+        site, epoch = batch.site, batch.epoch
         names = self._index_names
         frags = self._fragments
         lo = now - int(cfg.max_age_s * 1000)
         hi = now + int(cfg.max_future_s * 1000)
+        last_day, idx = None, ""
         for r in batch.readings:
             ts = r["ts_ms"]
             if not lo <= ts <= hi:  # a broken clock must not create an index per day it claims
@@ -279,19 +283,21 @@ class Planner:
                         "out_of_window",
                         f"timestamp {ts} ms is outside now-max_age_s..now+max_future_s",
                         "relay",
-                        doc_id(gateway, batch.epoch, r["seq"]),
-                        reading_doc((gateway, batch.site, batch.epoch, now, r), (emit, received)),
+                        doc_id(gateway, epoch, r["seq"]),
+                        reading_doc((gateway, site, epoch, now, r), (emit, received)),
                     ),
                 )
                 continue
             day = ts // 86_400_000
-            idx = names.get(day)
-            if idx is None:
-                if len(names) > 64:
-                    names.clear()
-                idx = names[day] = json.dumps(
-                    index_name(cfg.index_prefix, "readings", ts, cfg.daily)
-                )
+            if day != last_day:
+                idx = names.get(day) or ""
+                if not idx:
+                    if len(names) > 64:
+                        names.clear()
+                    idx = names[day] = json.dumps(
+                        index_name(cfg.index_prefix, "readings", ts, cfg.daily)
+                    )
+                last_day = day
             key = (r["sensor"], r["metric"], r["unit"])
             frag = frags.get(key)
             if frag is None:
@@ -301,15 +307,25 @@ class Planner:
                     f'"sensor":{jstr(key[0])},"metric":{jstr(key[1])},"unit":{jstr(key[2])}'
                 )
             seq = r["seq"]
+            value = r["value"]
+            num = repr(value) if type(value) is float else jnum(value)
+            add_line(f'{{"create":{{"_index":{idx},"_id":{id_head}{seq}"}}}}')
             agg = r.get("agg")
-            lines.append(f'{{"create":{{"_index":{idx},"_id":{id_head}{seq}"}}}}')
-            lines.append(
-                f'{{"@timestamp":{ts},{frag},"value":{jnum(r["value"])},"seq":{seq},'
-                + (f'"agg":{json.dumps(agg)},' if agg else "")
-                + (f"{hop_open}{emit - ts}," if emit is not None else hop_open)
-                + head
-            )
-            ops.append((row_id, (gateway, batch.site, batch.epoch, now, r)))
+            if agg:
+                add_line(
+                    f'{{"@timestamp":{ts},{frag},"value":{num},"seq":{seq},'
+                    f'"agg":{json.dumps(agg)},'
+                    + (f"{hop_open}{emit - ts}," if emit is not None else hop_open)
+                    + head
+                )
+            elif emit is None:
+                add_line(f'{{"@timestamp":{ts},{frag},"value":{num},"seq":{seq},{tail}')
+            else:
+                add_line(
+                    f'{{"@timestamp":{ts},{frag},"value":{num},"seq":{seq},'
+                    f"{hop_open}{emit - ts},{head}"
+                )
+            add_op((row_id, (gateway, site, epoch, now, r)))
 
     def _split_oversized(self, plan: BulkPlan, row: SpoolRow, first_op: int) -> None:
         """A lone row whose operations exceed ``bulk.max_bytes``: dead-letter each document
