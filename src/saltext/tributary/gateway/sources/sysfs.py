@@ -68,6 +68,14 @@ def _read(path: str) -> str:
         return fh.read(4096)
 
 
+def _text(path: str, fallback: str) -> str:
+    """A sysfs text attribute (a chip's name, a zone's type), or ``fallback`` when unreadable."""
+    try:
+        return _read(path).strip()
+    except OSError:
+        return fallback
+
+
 def _scaled(path: str, factor: float) -> float:
     return _read_num(path) * factor
 
@@ -134,18 +142,11 @@ def compile_sources(raw: Any, where: str = "sources") -> list[SourceSpec]:
 def discover_hwmon(root: str, interval_s: float) -> list[SysfsSensor]:
     out = []
     for d in sorted(glob.glob(os.path.join(root, "sys/class/hwmon/hwmon*"))):
-        try:
-            chip = _read(os.path.join(d, "name")).strip()
-        except OSError:
-            chip = os.path.basename(d)
+        chip = _text(os.path.join(d, "name"), os.path.basename(d))
         for prefix, (metric, unit, factor) in HWMON_TYPES.items():
             for inp in sorted(glob.glob(os.path.join(d, f"{prefix}[0-9]*_input"))):
                 chan = os.path.basename(inp)[: -len("_input")]
-                label_path = os.path.join(d, f"{chan}_label")
-                try:
-                    label = _read(label_path).strip() or chan
-                except OSError:
-                    label = chan
+                label = _text(os.path.join(d, f"{chan}_label"), chan) or chan
                 out.append(
                     SysfsSensor(
                         "hwmon",
@@ -167,10 +168,7 @@ def discover_thermal(root: str, interval_s: float) -> list[SysfsSensor]:
         temp = os.path.join(d, "temp")
         if not os.path.exists(temp):
             continue
-        try:
-            ztype = _read(os.path.join(d, "type")).strip()
-        except OSError:
-            ztype = os.path.basename(d)
+        ztype = _text(os.path.join(d, "type"), os.path.basename(d))
         out.append(
             SysfsSensor(
                 "thermal",
@@ -193,27 +191,24 @@ def _iio_value(dev: str, chan: str, ctype: str, kind: str, factor: float) -> flo
     if kind == "input":
         return _read_num(os.path.join(dev, f"in_{chan}_input")) * factor
     raw = _read_num(os.path.join(dev, f"in_{chan}_raw"))
-    scale, offset = 1.0, 0.0
-    for name in (f"in_{chan}_scale", f"in_{ctype}_scale"):
-        p = os.path.join(dev, name)
-        if os.path.exists(p):
-            scale = _read_num(p)
-            break
-    for name in (f"in_{chan}_offset", f"in_{ctype}_offset"):
-        p = os.path.join(dev, name)
-        if os.path.exists(p):
-            offset = _read_num(p)
-            break
+    scale = _first_num(dev, (f"in_{chan}_scale", f"in_{ctype}_scale"), 1.0)
+    offset = _first_num(dev, (f"in_{chan}_offset", f"in_{ctype}_offset"), 0.0)
     return (raw + offset) * scale * factor
+
+
+def _first_num(dev: str, names: tuple[str, ...], default: float) -> float:
+    """The number in the first of ``names`` that exists in ``dev`` (channel before type)."""
+    for name in names:
+        path = os.path.join(dev, name)
+        if os.path.exists(path):
+            return _read_num(path)
+    return default
 
 
 def discover_iio(root: str, interval_s: float) -> list[SysfsSensor]:
     out = []
     for dev in sorted(glob.glob(os.path.join(root, "sys/bus/iio/devices/iio:device*"))):
-        try:
-            name = _read(os.path.join(dev, "name")).strip()
-        except OSError:
-            name = os.path.basename(dev).replace(":", "")
+        name = _text(os.path.join(dev, "name"), os.path.basename(dev).replace(":", ""))
         chans: dict[str, tuple[str, str]] = {}
         for f in sorted(os.listdir(dev)):
             m = _IIO_CHAN.match(f)
