@@ -21,6 +21,7 @@ from saltext.tributary.analysis.detector import Detector, DetectorConfig, Findin
 from saltext.tributary.analysis.health import HealthMonitor
 from saltext.tributary.analysis.health import event_tag as health_tag
 from saltext.tributary.analysis.store import ModelStore
+from saltext.tributary.util.clock import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def anomaly_doc(gateway: str, site: Any, sensor: str, metric: str, ts_ms: int, f
         "sensor": sensor,
         "metric": metric,
         **f.as_dict(),
-        "detected_at": int(time.time() * 1000),
+        "detected_at": now_ms(),
     }
 
 
@@ -105,7 +106,7 @@ class AnomalyService:
         dirty = self._dirty
         found: list[dict[str, Any]] = []
         evicted = self.detector.evicted
-        now = int(time.time() * 1000)
+        now = now_ms()
         models = self.detector.models
         for gateway, site, _epoch, _now, r in readings:
             key = (gateway, r["sensor"], r["metric"])
@@ -184,7 +185,7 @@ class AnomalyService:
         if h is None or (not force and time.monotonic() - h.last_check < h.config.check_s):
             return []
         h.last_check = time.monotonic()
-        docs = h.check(self.detector.models.items(), self.sites, int(time.time() * 1000))
+        docs = h.check(self.detector.models.items(), self.sites, now_ms())
         for doc in docs:
             if self.on_finding is not None:
                 self.on_finding(doc)

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from saltext.tributary.util import clock
+
 
 def validate_es_config(cfg: Any) -> list[str]:
     if not isinstance(cfg, Mapping):
@@ -232,7 +234,7 @@ def precreate_indices(
     """Create today's and tomorrow's readings index ahead of the first bulk that needs it
     (index creation stalled the first bulk of the day by up to a second in ``make bench``).
     Indices that exist are left alone; returns the ones created."""
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    now_ms = clock.now_ms() if now_ms is None else now_ms
     names = (
         [index_name(prefix, "readings", now_ms + d * 86_400_000, True) for d in (0, 1)]
         if daily

@@ -26,7 +26,7 @@ from saltext.tributary.gateway.filters import Filters
 from saltext.tributary.gateway.sources.payload import Mapper
 from saltext.tributary.gateway.spool import GatewaySpool, SpoolFull
 from saltext.tributary.protocol.reading import TS_MAX_MS, TS_MIN_MS, Reading, RejectedReading
-from saltext.tributary.util import schema
+from saltext.tributary.util import clock, schema
 from saltext.tributary.util.schema import option
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class MqttSource:
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         # Hot path (one call per MQTT message): plain dict counting, one lock round.
-        now_ms = int(time.time() * 1000)
+        now_ms = clock.now_ms()
         digest = b""
         if msg.qos > 0:
             digest = hashlib.blake2b(

@@ -31,6 +31,7 @@ from functools import partial
 from typing import Any
 
 from saltext.tributary.protocol.reading import Reading, RejectedReading, make_reading
+from saltext.tributary.util import clock
 from saltext.tributary.util.schema import mappings, number_error
 
 KINDS = ("hwmon", "thermal", "iio", "w1")
@@ -342,7 +343,7 @@ class SysfsSource:
         match: str | None = None,
     ) -> tuple[list[Reading], list[RejectedReading]]:
         """Read the sensors that are due (all with ``force``); returns (readings, rejects)."""
-        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        now_ms = now_ms if now_ms is not None else clock.now_ms()
         mono = mono if mono is not None else time.monotonic()
         self._refresh(mono)
         readings: list[Reading] = []
