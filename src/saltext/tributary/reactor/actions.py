@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from saltext.tributary.gateway.sources.mqtt import BrokerConfig, parse_broker
+from saltext.tributary.util.schema import number_error
 
 CONFIG_KEY = "tributary_reactor"
 STATES = ("firing", "resolved")
@@ -175,10 +176,8 @@ def _parse_action(item: Any, path: str) -> tuple[Action | None, list[str]]:
         if isinstance(device, str) and "{" in device and not devices:
             errors.append(f"{p}.devices: required when the device comes from the event")
         timeout = opts.get("timeout_s")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
-        ):
-            errors.append(f"{p}.timeout_s: must be a positive number, got {timeout!r}")
+        err = None if timeout is None else number_error(timeout, f"{p}.timeout_s", positive=True)
+        errors += [err] if err else []
         try:
             json.dumps(opts.get("payload"))
         except (TypeError, ValueError):
@@ -254,8 +253,8 @@ def parse_config(data: Any, path: str = CONFIG_KEY) -> tuple[ReactorConfig | Non
             if qos not in (0, 1, 2) or isinstance(qos, bool):
                 errors.append(f"{np}.qos: must be 0, 1 or 2, got {qos!r}")
             timeout = raw_notify.get("timeout_s", 10)
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-                errors.append(f"{np}.timeout_s: must be a positive number, got {timeout!r}")
+            err = number_error(timeout, f"{np}.timeout_s", positive=True)
+            errors += [err] if err else []
             if broker is not None and not errors:
                 notify = NotifyConfig(broker, topic, int(qos), float(timeout))
     actions: dict[str, dict[str, tuple[Action, ...]]] = {}

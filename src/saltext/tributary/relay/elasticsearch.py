@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from saltext.tributary.util import clock
+from saltext.tributary.util.schema import number_error
 
 
 def validate_es_config(cfg: Any) -> list[str]:
@@ -34,8 +35,8 @@ def validate_es_config(cfg: Any) -> list[str]:
             errors.append(f"elasticsearch.{key}: must be a string")
     for key in ("replicas", "shards"):
         val = cfg.get(key)
-        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
-            errors.append(f"elasticsearch.{key}: must be a non-negative integer")
+        err = None if val is None else number_error(val, f"elasticsearch.{key}", integer=True, lo=0)
+        errors += [err] if err else []
     return errors
 
 
