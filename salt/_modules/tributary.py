@@ -101,9 +101,11 @@ def read(sensor=None):
     return gw_ops.read_now(__opts__, __pillar__, sensor)
 
 
-def tail(n=10):
+def tail(n=10, aside=False):
     """
-    The last ``n`` readings in the gateway spool (sequence, sensor key, unit, time, value).
+    The last ``n`` readings in the gateway spool (sequence, sensor key, unit, time, value);
+    with ``aside=True`` the last ``n`` readings set aside as implausible (sensor key, time,
+    value, reason).
 
     CLI Example:
 
@@ -111,8 +113,9 @@ def tail(n=10):
 
         salt-call tributary.tail
         salt-call tributary.tail 50
+        salt-call tributary.tail 20 aside=True
     """
-    return gw_ops.tail(__opts__, __pillar__, int(n))
+    return gw_ops.tail(__opts__, __pillar__, int(n), aside=bool(aside))
 
 
 def trim():

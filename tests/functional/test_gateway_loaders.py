@@ -243,6 +243,8 @@ def test_implausible_and_power_on_values_are_counted(beacons, env, loaders):
         st = loaders.modules.tributary.status()
         assert st["counters"]["rejected:implausible"] >= 1
         assert st["counters"]["rejected:w1_power_on"] >= 1
+        (aside,) = loaders.modules.tributary.tail(1, aside=True)  # kept with its reason
+        assert aside["value"] == 150.0 and aside["reason"].startswith("implausible:above_max")
     finally:
         make_tree(env["tree"])
 

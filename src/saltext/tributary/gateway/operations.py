@@ -180,10 +180,15 @@ def read_now(
     return result
 
 
-def tail(opts: Mapping[str, Any], pillar: Mapping[str, Any], n: int = 10) -> list[dict]:
+def tail(
+    opts: Mapping[str, Any], pillar: Mapping[str, Any], n: int = 10, aside: bool = False
+) -> list[dict]:
+    """The last ``n`` readings of the spool, or (``aside``) the last ``n`` set aside as
+    implausible, with their reason."""
     spool = open_spool(opts, pillar)
+    n = max(1, min(int(n), 10_000))
     try:
-        return spool.tail(max(1, min(int(n), 10_000)))
+        return spool.set_aside(n) if aside else spool.tail(n)
     finally:
         spool.close()
 
