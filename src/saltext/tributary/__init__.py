@@ -1,8 +1,12 @@
 """Tributary: IoT fleet telemetry through Salt to Elasticsearch.
 
-Folders by tier: ``protocol`` (what gateways and relay agree on), ``gateway`` (beacons, spool,
-sources, execution-module operations), ``relay`` (the top master's engine and runner),
-``syndic`` (what a syndic master runs), ``util`` (SQLite and clock helpers shared by all).
+One folder per part of the architecture (README "Development" has what lives where):
+``util`` (SQLite, config schema and clock helpers shared by all), ``protocol`` (what gateways
+and relay agree on), ``gateway`` (runs in the minion), ``relay`` (the top master's engine and
+its runner's read model), ``syndic`` (what a syndic master runs), ``analysis``, ``reaction``,
+``reactor``, ``report`` and ``control`` (the top master's anomaly detection and health, alert
+rules, Salt reactor actions, fleet report and device commands), and ``consumers`` (analysis
+and rules fed from the relay's tap).
 """
 
 #: The loader modules under ``salt/`` (synced from the fileserver, separately from this
