@@ -45,6 +45,20 @@ def test_every_problem_is_named_by_its_key_path():
         assert key in text, (key, errors)
 
 
+def test_the_elasticsearch_block_refuses_unknown_keys_and_bad_values_by_path():
+    bad = {**ES, "usr": "x", "replicas": -1, "request_timeout": 0, "verify_certs": "no"}
+    _, errors = parse_relay({"elasticsearch": bad})
+    assert errors == [
+        "elasticsearch.usr: unknown option",
+        "elasticsearch.replicas: must be an integer in 0.., got -1",
+        "elasticsearch.request_timeout: must be a positive number, got 0",
+        "elasticsearch.verify_certs: must be true or false",
+    ]
+    every = {**ES, "username": "u", "password": "p", "ca_certs": "/ca.pem", "replicas": 0}
+    every.update(shards=1, request_timeout=10, verify_certs=True)
+    assert parse_relay({"elasticsearch": every})[1] == []
+
+
 def test_numbers_convert_and_empty_blocks_take_the_defaults():
     cfg, errors = parse_relay({"elasticsearch": ES, "key_wait_s": 5, "gaps": None})
     assert errors == [] and cfg.key_wait_s == 5.0 and isinstance(cfg.key_wait_s, float)

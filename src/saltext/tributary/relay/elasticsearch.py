@@ -12,13 +12,33 @@ from dataclasses import dataclass
 from typing import Any
 
 from saltext.tributary.util import clock
-from saltext.tributary.util.schema import number_error
+from saltext.tributary.util.schema import number_error, unknown_options
+
+#: The keys of an ``elasticsearch`` block (client settings, then index template settings).
+ES_KEYS = (
+    "hosts",
+    "username",
+    "password",
+    "api_key",
+    "ca_certs",
+    "verify_certs",
+    "request_timeout",
+    "replicas",
+    "shards",
+)
+
+_ES_NUMBERS: dict[str, dict[str, Any]] = {
+    "replicas": {"integer": True, "lo": 0},
+    "shards": {"integer": True, "lo": 0},
+    "request_timeout": {"positive": True},
+}
 
 
 def validate_es_config(cfg: Any) -> list[str]:
+    """Every problem of an ``elasticsearch`` block, each naming its key path."""
     if not isinstance(cfg, Mapping):
         return ["elasticsearch: must be a mapping (hosts, username/password or api_key, ca_certs)"]
-    errors = []
+    errors = unknown_options(cfg, ES_KEYS, "elasticsearch")
     hosts = cfg.get("hosts")
     if isinstance(hosts, str):
         hosts = [hosts]
@@ -33,10 +53,12 @@ def validate_es_config(cfg: Any) -> list[str]:
     for key in ("ca_certs", "api_key", "username", "password"):
         if cfg.get(key) is not None and not isinstance(cfg.get(key), (str, list)):
             errors.append(f"elasticsearch.{key}: must be a string")
-    for key in ("replicas", "shards"):
+    for key, checks in _ES_NUMBERS.items():
         val = cfg.get(key)
-        err = None if val is None else number_error(val, f"elasticsearch.{key}", integer=True, lo=0)
+        err = None if val is None else number_error(val, f"elasticsearch.{key}", **checks)
         errors += [err] if err else []
+    if cfg.get("verify_certs") is not None and not isinstance(cfg["verify_certs"], bool):
+        errors.append("elasticsearch.verify_certs: must be true or false")
     return errors
 
 
