@@ -69,6 +69,31 @@ def test_runner_status_gaps(opts):
     ]
 
 
+def test_runner_shows_key_sources_and_conflicts_and_retires_a_syndic(opts, tmp_path):
+    """Two syndics claim one gateway: the second is a conflict, shown by tributary.status; the
+    operator retires the first with tributary.retire_syndic, and can undo it."""
+    spool = RelaySpool(str(tmp_path / "relay.db"))
+    with spool.transaction():
+        spool.keyring.take("syndic-1", 1_000, {"gw-a": "pem-a"}, 600_000)
+        assert spool.keyring.take("syndic-2", 1_000, {"gw-a": "pem-x"}, 600_000).conflicts == 1
+    spool.close()
+    runners = salt.loader.runner(opts)
+    fleet = runners["tributary.status"](check_es=False)["fleet"]
+    assert fleet["key_sources"]["syndic-1"]["state"] == "live"
+    assert fleet["key_sources"]["syndic-1"]["gateways"] == 1
+    (conflict,) = fleet["key_conflicts"]
+    assert (conflict["gateway"], conflict["claimed_by"]) == ("gw-a", "syndic-2")
+    out = runners["tributary.retire_syndic"]("syndic-1")
+    assert out["result"] and out["state"] == "retired" and out["gateway_keys"] == 1
+    fleet = runners["tributary.status"](check_es=False)["fleet"]
+    assert fleet["key_sources"]["syndic-1"] == {
+        "gateways": 0,
+        "state": "retired",
+        "last_set_age_s": fleet["key_sources"]["syndic-1"]["last_set_age_s"],
+    }
+    assert runners["tributary.retire_syndic"]("syndic-1", undo=True)["state"] == "trusted again"
+
+
 def test_runner_status_reports_unreachable_elasticsearch(opts):
     st = salt.loader.runner(opts)["tributary.status"]()
     assert st["result"] is False
