@@ -52,22 +52,12 @@ def __virtual__():
 
 def validate(config):
     """Validate the engine configuration; returns ``(bool, message)`` and never raises."""
-    try:
-        for key, default in (("interval", 60), ("min_gap_s", 2)):
-            val = config.get(key, default)
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or val <= 0:
-                return False, f"tributary_keys: {key} must be a positive number of seconds"
-        for key in ("syndic_id", "signing_key"):
-            if key in config and not isinstance(config[key], str):
-                return False, f"tributary_keys: {key} must be a string"
-        return True, "valid"
-    except Exception as exc:  # pylint: disable=broad-except
-        return False, f"tributary_keys: invalid configuration: {exc}"
+    return keys_lib.validate(config)
 
 
-def _signing_key(config):
-    if config.get("signing_key"):
-        return config["signing_key"]
+def _signing_key(cfg):
+    if cfg.signing_key:
+        return cfg.signing_key
     for path in (
         os.path.join(__opts__["pki_dir"], "minion.pem"),
         "/etc/salt/pki/minion/minion.pem",
@@ -79,16 +69,17 @@ def _signing_key(config):
 
 def start(**config):
     """Publish this master's accepted keys upward until the master stops."""
-    ok, msg = validate(config)
-    if not ok:
+    cfg, errors = keys_lib.parse_keys(config)
+    if cfg is None:
+        msg = "tributary_keys: " + "; ".join(errors)
         log.error("%s: not starting", msg)
         raise ValueError(msg)
     publisher = keys_lib.KeyPublisher(
         __opts__["pki_dir"],
-        config.get("syndic_id") or __opts__.get("id"),
-        _signing_key(config),
-        interval=float(config.get("interval", 60)),
-        min_gap_s=float(config.get("min_gap_s", 2)),
+        cfg.syndic_id or __opts__.get("id"),
+        _signing_key(cfg),
+        interval=cfg.interval,
+        min_gap_s=cfg.min_gap_s,
     )
     with salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=True) as bus:
         while True:

@@ -11,12 +11,38 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from saltext.tributary.protocol import signing
+from saltext.tributary.util import schema
+from saltext.tributary.util.schema import option
 
 #: The tag Salt's key manager fires on accept, reject and delete.
 KEY_TAG = "salt/key"
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    """The ``tributary_keys`` engine's configuration, under its YAML names."""
+
+    interval: float = option(60.0, range=(0.001, 86400 * 365), doc="seconds between publications")
+    min_gap_s: float = option(2.0, range=(0.001, 86400), doc="least time between two of them")
+    syndic_id: str | None = option(None, doc="default: the syndic's minion id")
+    signing_key: str | None = option(
+        None, doc="default: <pki_dir>/minion.pem, then /etc/salt/pki/minion/minion.pem"
+    )
+
+
+def parse_keys(config: Any) -> tuple[KeysConfig | None, list[str]]:
+    if not isinstance(config, Mapping):
+        return None, ["configuration must be a mapping"]
+    return schema.parse(KeysConfig, config)
+
+
+def validate(config: Any) -> tuple[bool, str]:
+    """Validate the ``tributary_keys`` engine config; never raises."""
+    return schema.verdict("tributary_keys", parse_keys, config)
 
 
 class KeyPublisher:
