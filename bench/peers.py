@@ -1,0 +1,617 @@
+"""``make bench BENCH=peers``: Tributary beside Telegraf, in one run, against one Elasticsearch.
+
+The job Tributary does at the top (MQTT readings into Elasticsearch) is what Telegraf's
+``mqtt_consumer`` input with its ``elasticsearch`` output does for many IoT users. This section
+starts one Elasticsearch, one Mosquitto broker (the tests' configuration: persistence on,
+``max_queued_messages 200000``), Tributary's real path (gateway salt-minion with the
+``tributary_mqtt`` beacon -> syndic master -> salt-syndic -> top master -> ``tributary_relay``)
+and a Telegraf built from the Go module proxy with only the plugins it needs, subscribed to
+the same broker, and measures:
+
+* ``throughput``: the same N readings (``TRIBUTARY_PEERS_N``, default 100,000) published by
+  ``mosquitto_pub`` at QoS 1, once to Telegraf's topic and once to the gateway's, until all are
+  searchable (both counted the same way: ``_count`` after ``_refresh`` every 0.25 s), with a
+  raw ``_bulk`` of N pre-built documents in each round; ``TRIBUTARY_PEERS_ROUNDS`` rounds
+  (default 3, the order of the two peers alternating), medians and ratios to that round's raw;
+  CPU seconds of each side's processes during its phase.
+* ``es_outage``: readings at a steady rate (``TRIBUTARY_PEERS_RATE``, default 500/s) on a topic
+  both subscribe to, Elasticsearch stopped for ``TRIBUTARY_PEERS_OUTAGE_S`` (default 120 s) and
+  started again; then readings lost (acknowledged by the broker, never indexed) and duplicated
+  (indexed more than once) for each peer, counted value by value (each payload is unique).
+* ``broker_restart``: the same, across a restart of the broker (SIGTERM, which persists its
+  queues, then a start on the same port and files).
+
+Telegraf's configuration is the one its documentation gives for not losing MQTT messages
+(``qos = 1``, ``persistent_session = true``, a ``client_id``), batches of 5,000 like the relay's,
+a buffer of 100,000, flush every second; everything else is the plugin defaults (automatic
+document ids, ``timeout = "5s"``, health check every 10 s). Its Elasticsearch output reads the
+server version from ``GET /``, which the integ-test distribution answers with 405, so Telegraf
+talks to the node through ``bench/es_passthrough.py`` (bench only; it answers ``GET /`` and
+forwards the rest; its CPU is counted with Telegraf's).
+
+The Telegraf binary is built once with ``go install`` (module proxy; Go 1.26 at
+``/usr/local/go/bin/go`` or on PATH) into the download cache beside the Elasticsearch zip
+(``/var/cache/tributary/telegraf/<version>/`` as root, else ``~/.cache/tributary/...``), never
+into the repository. ``TRIBUTARY_TELEGRAF`` points at an existing binary instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+BENCH = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import run as rb  # noqa: E402  (bench/run.py: its helpers, and REPO/src on sys.path)
+
+from saltext.tributary.relay.elasticsearch import install_templates, make_client  # noqa: E402
+from tests.support.es import cache_dir  # noqa: E402
+from tests.support.topology import NEEDS_UPLINK  # noqa: E402
+
+REPO = rb.REPO
+N = int(os.environ.get("TRIBUTARY_PEERS_N", "100000"))
+ROUNDS = int(os.environ.get("TRIBUTARY_PEERS_ROUNDS", "3"))
+RATE = int(os.environ.get("TRIBUTARY_PEERS_RATE", "500"))
+OUTAGE_S = float(os.environ.get("TRIBUTARY_PEERS_OUTAGE_S", "120"))
+#: "throughput", "es_outage" or "broker_restart" (comma-separated) to run only those parts
+PARTS = os.environ.get("TRIBUTARY_PEERS_PARTS", "throughput,es_outage,broker_restart").split(",")
+TELEGRAF_VERSION = os.environ.get("TRIBUTARY_TELEGRAF_VERSION", "v1.37.2")
+TELEGRAF_TAGS = "custom,inputs.mqtt_consumer,outputs.elasticsearch,parsers.value"
+GW = "peers-gw-1"
+TG_INDEX = "peers-telegraf"
+TR_INDEX = "peers-readings-*"
+log = rb.log
+
+
+# -- Telegraf ------------------------------------------------------------------------------
+def telegraf_binary() -> pathlib.Path:
+    """The cached Telegraf build, built with ``go install`` when missing."""
+    if os.environ.get("TRIBUTARY_TELEGRAF"):
+        return pathlib.Path(os.environ["TRIBUTARY_TELEGRAF"])
+    folder = cache_dir() / "telegraf" / TELEGRAF_VERSION
+    exe = folder / "telegraf"
+    if exe.exists():
+        return exe
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    if not os.access(go, os.X_OK):
+        raise RuntimeError("building Telegraf needs Go (go on PATH or /usr/local/go/bin/go)")
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"building Telegraf {TELEGRAF_VERSION} ({TELEGRAF_TAGS}) into {folder}")
+    subprocess.run(
+        [
+            go,
+            "install",
+            "-tags",
+            TELEGRAF_TAGS,
+            f"github.com/influxdata/telegraf/cmd/telegraf@{TELEGRAF_VERSION}",
+        ],
+        env=dict(os.environ, GOBIN=str(folder)),
+        check=True,
+        cwd=tempfile.gettempdir(),
+    )
+    return exe
+
+
+def telegraf_conf(path: pathlib.Path, broker_port: int, es_port: int, node: Any) -> None:
+    path.write_text(
+        f"""
+[agent]
+  interval = "1s"
+  flush_interval = "1s"
+  flush_jitter = "0s"
+  metric_batch_size = 5000
+  metric_buffer_limit = 100000
+  omit_hostname = true
+  logfile = "{path.parent}/telegraf.log"
+
+[[inputs.mqtt_consumer]]
+  servers = ["tcp://127.0.0.1:{broker_port}"]
+  topics = ["tg/#", "both/#"]
+  qos = 1
+  persistent_session = true
+  client_id = "peers-telegraf"
+  max_undelivered_messages = 10000
+  data_format = "value"
+  data_type = "float"
+
+[[outputs.elasticsearch]]
+  urls = ["http://127.0.0.1:{es_port}"]
+  username = "{node.username}"
+  password = "{node.password}"
+  index_name = "{TG_INDEX}"
+  manage_template = true
+  template_name = "{TG_INDEX}"
+"""
+    )
+
+
+# -- Tributary's path (as bench/run.py builds it) ----------------------------------------------
+def start_tributary(
+    d: rb.Daemons, node: Any, root: pathlib.Path, broker_port: int
+) -> tuple[rb.Counters, Any]:
+    common = {"log_level": "warning", "log_level_logfile": "warning", "user": "root"}
+    top_pub, top_ret = rb.free_port(), rb.free_port()
+    spool = str(root / "top/relay.db")
+    relay_cfg = {
+        "elasticsearch": {**node.client_config, "replicas": 0},
+        "index_prefix": "peers",
+        "bulk": {"max_docs": 5000, "max_wait_s": 0.05},
+        "spool_path": spool,
+        "trusted_syndics": ["peers-syndic"],
+    }
+    rb.write_yaml(
+        root / "top/master",
+        {
+            **common,
+            "id": "peers-top",
+            "root_dir": str(root / "top"),
+            "interface": "127.0.0.1",
+            "publish_port": top_pub,
+            "ret_port": top_ret,
+            "auto_accept": True,
+            "order_masters": True,
+            "engines_dirs": [str(REPO / "salt/_engines")],
+            "engines": [{"tributary_relay": relay_cfg}],
+        },
+    )
+    top = d.start("salt-master", root / "top")
+    rb.wait(lambda: os.path.exists(spool), 120, "the relay engine's spool", 0.5)
+    syn_pub, syn_ret = rb.free_port(), rb.free_port()
+    synd = root / "syndic"
+    rb.write_yaml(
+        synd / "master",
+        {
+            **common,
+            "id": "peers-syndic",
+            "root_dir": str(synd),
+            "interface": "127.0.0.1",
+            "publish_port": syn_pub,
+            "ret_port": syn_ret,
+            "auto_accept": True,
+            "syndic_master": "127.0.0.1",
+            "syndic_master_port": top_ret,
+            "syndic_event_forward_timeout": 0.5,
+            "engines_dirs": [str(REPO / "salt/_engines")],
+            "engines": [
+                {
+                    "tributary_keys": {
+                        "interval": 5,
+                        "syndic_id": "peers-syndic",
+                        "signing_key": str(synd / "etc/salt/pki/minion/minion.pem"),
+                    }
+                },
+                *([{"tributary_uplink": {}}] if NEEDS_UPLINK else []),
+            ],
+        },
+    )
+    rb.write_yaml(
+        synd / "minion",
+        {
+            **common,
+            "id": "peers-syndic",
+            "root_dir": str(synd),
+            "master": "127.0.0.1",
+            "master_port": syn_ret,
+            "publish_port": 4506,
+        },
+    )
+    syn = d.start("salt-master", synd)
+    rb.wait(lambda: (synd / "etc/salt/pki/master/master.pub").exists(), 60, "syndic master keys")
+    d.start("salt-syndic", synd)
+    gwd = root / GW
+    number = {"format": "number", "unit": "C"}
+    rb.write_yaml(
+        gwd / "minion",
+        {
+            **common,
+            "id": GW,
+            "root_dir": str(gwd),
+            "master": "127.0.0.1",
+            "master_port": syn_ret,
+            "publish_port": syn_pub,
+            "module_dirs": [str(REPO / "salt")],
+            "grains": {"site": "peers"},
+            "beacons": {
+                "tributary_mqtt": [
+                    {"broker": {"host": "127.0.0.1", "port": broker_port}},
+                    {
+                        "topics": [
+                            {"topic": "gw/{sensor}/{metric}", **number},
+                            {"topic": "both/{sensor}/{metric}", **number},
+                        ]
+                    },
+                    {"interval": 1},
+                ]
+            },
+        },
+    )
+    d.start("salt-minion", gwd)
+    del syn
+    return rb.Counters(spool), top
+
+
+# -- measuring -------------------------------------------------------------------------------
+def tg_query(topic: str) -> dict:
+    return {"term": {"tag.topic": topic}}
+
+
+def tr_query(sensor: str) -> dict:
+    return {"bool": {"filter": [{"term": {"gateway": GW}}, {"term": {"sensor": sensor}}]}}
+
+
+def until_indexed(
+    node: Any, index: str, query: dict, target: int, t0: float, stall_s: float = 20
+) -> tuple[int, float]:
+    """Poll the count (after a refresh) every 0.25 s until ``target`` or no progress for
+    ``stall_s``; returns the count and the seconds from ``t0`` to its last change."""
+    last, last_t = -1, time.perf_counter()
+    while True:
+        n = node.count(index, query)
+        now = time.perf_counter()
+        if n != last:
+            last, last_t = n, now
+        if n >= target or now - last_t > stall_s:
+            return n, last_t - t0
+        time.sleep(0.25)
+
+
+def until_all(
+    node: Any, what: list[tuple[str, dict]], target: int, t0: float, stall_s: float
+) -> list[float]:
+    """:func:`until_indexed` for several counts at once (polled together, so that each one's
+    time of last change is seen as it happens); returns the seconds for each."""
+    last = [-1] * len(what)
+    last_t = [time.perf_counter()] * len(what)
+    while True:
+        now = time.perf_counter()
+        for i, (index, query) in enumerate(what):
+            n = node.count(index, query)
+            if n != last[i]:
+                last[i], last_t[i] = n, now
+        if all(x >= target for x in last) or all(now - t > stall_s for t in last_t):
+            return [t - t0 for t in last_t]
+        time.sleep(0.25)
+
+
+def cpu(pids: dict[str, int]) -> dict[str, float]:
+    return {name: rb.tree_cpu_s(p) for name, p in pids.items()}
+
+
+def tally(node: Any, index: str, query: dict, field: str) -> dict[float, int]:
+    """Every value indexed for the query, with how many documents carry it (composite agg)."""
+    out: dict[float, int] = {}
+    after = None
+    while True:
+        comp: dict[str, Any] = {"size": 10000, "sources": [{"v": {"terms": {"field": field}}}]}
+        if after:
+            comp["after"] = after
+        r = node.search(index, {"size": 0, "query": query, "aggs": {"v": {"composite": comp}}})
+        agg = r["aggregations"]["v"]
+        for b in agg["buckets"]:
+            out[float(b["key"]["v"])] = b["doc_count"]
+        after = agg.get("after_key")
+        if not agg["buckets"] or not after:
+            return out
+
+
+def accounting(published: set[float], got: dict[float, int]) -> dict[str, int]:
+    return {
+        "acknowledged_by_broker": len(published),
+        "indexed_documents": sum(got.values()),
+        "distinct_indexed": len(got),
+        "lost": len(published - set(got)),
+        "duplicated_documents": sum(c - 1 for c in got.values() if c > 1),
+        "readings_indexed_twice_or_more": sum(1 for c in got.values() if c > 1),
+        "unexpected": len(set(got) - published),
+    }
+
+
+class SteadyPublisher(threading.Thread):
+    """A paho client (QoS 1, persistent session, reconnecting) publishing unique values at a
+    steady rate; ``published()`` is the set the broker acknowledged (PUBACK)."""
+
+    def __init__(self, port: int, topic: str, base: int, rate: int) -> None:
+        super().__init__(daemon=True)
+        import paho.mqtt.client as mqtt
+
+        self.topic, self.base, self.rate = topic, base, rate
+        self.stop_ev = threading.Event()
+        self.infos: list[tuple[int, Any]] = []
+        self.c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"peers-pub-{base}", clean_session=False
+        )
+        self.c.max_inflight_messages_set(1000)
+        self.c.max_queued_messages_set(0)
+        self.c.reconnect_delay_set(0.2, 2)
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+
+    def run(self) -> None:
+        tick, i = time.monotonic(), 0
+        while not self.stop_ev.is_set():
+            for _ in range(self.rate // 10):
+                v = self.base + i
+                self.infos.append((v, self.c.publish(self.topic, str(v).encode(), qos=1)))
+                i += 1
+            tick += 0.1
+            self.stop_ev.wait(max(0.0, tick - time.monotonic()))
+
+    @staticmethod
+    def acked(info: Any) -> bool:
+        # paho 2.2: is_published() raises for a message handed over while the client was
+        # disconnected (rc "not connected"), although paho keeps it and sends it after the
+        # reconnect; the PUBACK still marks the same info object as published
+        with info._condition:
+            return bool(info._published)
+
+    def finish(self, timeout: float = 120) -> set[float]:
+        self.stop_ev.set()
+        self.join(10)
+        try:
+            rb.wait(lambda: all(self.acked(i) for _, i in self.infos), timeout, "PUBACKs", 0.2)
+        except RuntimeError:
+            pass  # the unacknowledged ones are not counted as published
+        self.c.loop_stop()
+        self.c.disconnect()
+        return {float(v) for v, info in self.infos if self.acked(info)}
+
+
+def fault(
+    node: Any, broker: Any, name: str, base: int, action, settle_s: float = 60
+) -> dict[str, Any]:
+    """Steady readings on ``both/<name>/temperature`` through ``action()``; then what each
+    peer lost and duplicated."""
+    topic = f"both/{name}/temperature"
+    pub = SteadyPublisher(broker.port, topic, base, RATE)
+    pub.start()
+    rb.wait(
+        lambda: (
+            node.count(TG_INDEX, tg_query(topic)) > 0 and node.count(TR_INDEX, tr_query(name)) > 0
+        ),
+        120,
+        f"{name}: both peers indexing",
+        0.5,
+    )
+    info = action()
+    t_back = time.perf_counter()
+    # ten more seconds of readings after the fault, then stop and wait for both to settle
+    rb.wait(lambda: time.perf_counter() - t_back > 10, 20, "readings after the fault", 0.5)
+    published = pub.finish()
+    n = len(published)
+    tg_s, tr_s = until_all(
+        node, [(TG_INDEX, tg_query(topic)), (TR_INDEX, tr_query(name))], n, t_back, settle_s
+    )
+    return {
+        **info,
+        "rate_per_s": RATE,
+        "telegraf": {
+            **accounting(published, tally(node, TG_INDEX, tg_query(topic), "mqtt_consumer.value")),
+            "last_indexed_s_after_fault": round(tg_s, 1),
+        },
+        "tributary": {
+            **accounting(published, tally(node, TR_INDEX, tr_query(name), "value")),
+            "last_indexed_s_after_fault": round(tr_s, 1),
+        },
+    }
+
+
+def main() -> None:
+    from tests.support.es import start_elasticsearch
+    from tests.support.mosquitto import start_broker
+
+    out: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "n": N,
+    }
+    import salt.version
+
+    out["machine"]["salt"] = salt.version.__version__
+    exe = telegraf_binary()
+    out["telegraf"] = {
+        "binary": str(exe),
+        "module": f"github.com/influxdata/telegraf@{TELEGRAF_VERSION}",
+    }
+    out["telegraf"]["tags"] = TELEGRAF_TAGS
+    root = pathlib.Path(tempfile.mkdtemp(prefix="tributary-peers-"))
+    d = rb.Daemons()
+    extra: list[subprocess.Popen] = []
+    log("starting Elasticsearch")
+    # plain HTTP (security on, basic auth): Telegraf's pass-through and the relay both talk
+    # to the node without TLS, so neither side pays for it
+    node = start_elasticsearch(tls=False)
+    broker = None
+    try:
+        out["machine"]["elasticsearch"] = node.version
+        client = make_client({**node.client_config, "request_timeout": 120})
+        install_templates(client, "peerswarm", replicas=0)
+        rb.raw_bulk(client, min(N, 50_000), prefix="peerswarm")
+        broker = start_broker()
+        proxy_port = rb.free_port()
+        proxy = subprocess.Popen(
+            [
+                sys.executable,
+                str(BENCH / "es_passthrough.py"),
+                "--port",
+                str(proxy_port),
+                "--upstream",
+                f"127.0.0.1:{node.port}",
+                "--version",
+                node.version,
+            ],
+            start_new_session=True,
+        )
+        extra.append(proxy)
+        tgdir = root / "telegraf"
+        tgdir.mkdir()
+        telegraf_conf(tgdir / "telegraf.conf", broker.port, proxy_port, node)
+        log("starting Tributary's path (top master + relay, syndic, gateway)")
+        counters, top = start_tributary(d, node, root, broker.port)
+        log("starting Telegraf")
+        tg = subprocess.Popen(
+            [str(exe), "--config", str(tgdir / "telegraf.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        extra.append(tg)
+
+        # both ready: one reading each through
+        def warm(topic: str, index: str, query: dict) -> bool:
+            broker.publish(topic, "1")
+            return node.count(index, query) > 0
+
+        rb.wait(
+            lambda: warm("tg/warm/temperature", TG_INDEX, tg_query("tg/warm/temperature")),
+            120,
+            "Telegraf indexing",
+            2,
+        )
+        rb.wait(
+            lambda: warm("gw/warm/temperature", TR_INDEX, tr_query("warm")),
+            300,
+            "Tributary indexing through the syndic",
+            2,
+        )
+        # each side's processes (daemon trees), for CPU seconds per phase
+        tg_pids = {"telegraf": tg.pid, "es_passthrough": proxy.pid}
+        tr_pids = dict(
+            zip(
+                ["top_master_relay", "syndic_master", "salt_syndic", "gateway_minion"],
+                [p.pid for p in d.procs],
+                strict=True,
+            )
+        )
+        assert node.proc is not None
+        es_pid = node.proc.pid
+        for p in [*tg_pids.values(), *tr_pids.values()]:
+            rb.wait(lambda p=p: rb.settled(p, 1.0, 0.3), 120, "daemons to settle")
+
+        if "throughput" in PARTS:
+            payloads = [f"{20 + (i % 997) / 100:.2f}" for i in range(N)]
+            rounds = []
+            for r in range(ROUNDS):
+                prefix = f"peersraw{r}"
+                install_templates(client, prefix, replicas=0)
+                log(f"round {r + 1}: raw _bulk {N}")
+                row: dict[str, Any] = {"raw_bulk": rb.raw_bulk(client, N, prefix=prefix)}
+                order = ["telegraf", "tributary"] if r % 2 == 0 else ["tributary", "telegraf"]
+                for peer in order:
+                    log(f"round {r + 1}: {peer}, {N} readings published")
+                    if peer == "telegraf":
+                        topic, index = f"tg/tput{r}/temperature", TG_INDEX
+                        query, pids = tg_query(topic), tg_pids
+                    else:
+                        topic, index = f"gw/tput{r}/temperature", TR_INDEX
+                        query, pids = tr_query(f"tput{r}"), tr_pids
+                    c0, es0 = cpu(pids), rb.tree_cpu_s(es_pid)
+                    t = time.perf_counter()
+                    broker.publish(topic, payloads)
+                    pub_s = time.perf_counter() - t
+                    got, dt = until_indexed(node, index, query, N, t)
+                    c1, es1 = cpu(pids), rb.tree_cpu_s(es_pid)
+                    used = {k: c1[k] - c0[k] for k in c1}
+                    row[peer] = {
+                        "readings_indexed": got,
+                        "publish_seconds": round(pub_s, 2),
+                        "seconds": round(dt, 2),
+                        "readings_per_s": round(got / dt),
+                        "ratio_to_raw": round(got / dt / row["raw_bulk"]["readings_per_s"], 3),
+                        "cpu_s": round(sum(used.values()), 1),
+                        "cpu_us_per_reading": round(sum(used.values()) / max(1, got) * 1e6, 1),
+                        "cpu_us_per_reading_by_process": {
+                            k: round(v / max(1, got) * 1e6, 1) for k, v in used.items()
+                        },
+                        "elasticsearch_cpu_us_per_reading": round(
+                            (es1 - es0) / max(1, got) * 1e6, 1
+                        ),
+                    }
+                rounds.append(row)
+                log(
+                    f"round {r + 1}: "
+                    + json.dumps({k: v["readings_per_s"] for k, v in row.items()})
+                )
+            out["throughput"] = {
+                "rounds": rounds,
+                "median_readings_per_s": {
+                    k: statistics.median(r[k]["readings_per_s"] for r in rounds)
+                    for k in ("raw_bulk", "telegraf", "tributary")
+                },
+                "median_ratio_to_raw": {
+                    k: statistics.median(r[k]["ratio_to_raw"] for r in rounds)
+                    for k in ("telegraf", "tributary")
+                },
+                "tributary_over_telegraf_median": statistics.median(
+                    r["tributary"]["readings_per_s"] / r["telegraf"]["readings_per_s"]
+                    for r in rounds
+                ),
+            }
+
+        if "es_outage" in PARTS:
+
+            def outage() -> dict[str, Any]:
+                log(f"es_outage: Elasticsearch stopped for {OUTAGE_S:.0f} s")
+                t = time.perf_counter()
+                node.stop()
+                rb.wait(lambda: time.perf_counter() - t >= OUTAGE_S, OUTAGE_S + 5, "outage", 0.5)
+                t_start = time.perf_counter()
+                node.start()  # returns when the node answers again
+                log("es_outage: Elasticsearch back")
+                return {
+                    "es_stopped_s": round(t_start - t, 1),
+                    "es_start_until_ready_s": round(time.perf_counter() - t_start, 1),
+                    "outage_s": round(time.perf_counter() - t, 1),
+                }
+
+            out["es_outage"] = fault(node, broker, "outage", 1_000_000, outage, settle_s=90)
+            log("es_outage: " + json.dumps(out["es_outage"]))
+
+        if "broker_restart" in PARTS:
+
+            def restart() -> dict[str, Any]:
+                log("broker_restart: restarting Mosquitto")
+                t = time.perf_counter()
+                broker.restart()
+                return {"broker_restart_s": round(time.perf_counter() - t, 2)}
+
+            out["broker_restart"] = fault(node, broker, "restart", 2_000_000, restart)
+            log("broker_restart: " + json.dumps(out["broker_restart"]))
+        out["relay_counters"] = {k: v for k, v in counters.get().items() if "@" not in k}
+        del top
+    except Exception as exc:  # report what was measured so far
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        tglog = root / "telegraf" / "telegraf.log"
+        if tglog.exists():
+            out["telegraf_log_tail"] = tglog.read_text().splitlines()[-15:]
+    finally:
+        for p in extra:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        d.stop_all()
+        if broker is not None:
+            broker.cleanup()
+        node.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
