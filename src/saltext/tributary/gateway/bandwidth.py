@@ -25,6 +25,26 @@ from typing import Any
 
 from saltext.tributary.gateway.spool import GatewaySpool
 from saltext.tributary.protocol.wire import encode_agg_batch, packed_size
+from saltext.tributary.util import schema
+from saltext.tributary.util.schema import option
+
+
+@dataclass(frozen=True)
+class BandwidthOptions:
+    """The ``bandwidth`` block (see above); ``bytes_per_s`` is required."""
+
+    bytes_per_s: float | None = option(None, positive=True, doc="the budget for batch events")
+    window_s: float = option(60.0, positive=True, doc="aggregation window over budget")
+    burst_s: float | None = option(None, positive=True, doc="bucket size (default: window_s)")
+    max_window_s: float = option(3600.0, positive=True, doc="widest aggregation window")
+
+
+def parse_bandwidth(bw: Any) -> tuple[BandwidthOptions | None, list[str]]:
+    """The ``bandwidth`` block, or every problem with its key path."""
+    opts, errors = schema.parse(BandwidthOptions, bw, "bandwidth")
+    if isinstance(bw, Mapping) and bw.get("bytes_per_s") is None:
+        return None, ["bandwidth.bytes_per_s: required", *errors]
+    return opts, errors
 
 
 @dataclass
@@ -39,14 +59,17 @@ class Budget:
 
     @classmethod
     def from_config(cls, bw: Mapping[str, Any]) -> Budget:
-        rate = float(bw["bytes_per_s"])
+        """A full bucket from a valid ``bandwidth`` block (ValueError naming the keys else)."""
+        opts, errors = parse_bandwidth(bw)
+        if opts is None or opts.bytes_per_s is None:
+            raise ValueError("; ".join(errors))
         b = cls(
-            bytes_per_s=rate,
-            window_s=float(bw.get("window_s", 60)),
-            burst_s=float(bw.get("burst_s", bw.get("window_s", 60))),
-            max_window_s=float(bw.get("max_window_s", 3600)),
+            bytes_per_s=opts.bytes_per_s,
+            window_s=opts.window_s,
+            burst_s=opts.burst_s or opts.window_s,
+            max_window_s=opts.max_window_s,
         )
-        b.tokens = rate * b.burst_s
+        b.tokens = b.bytes_per_s * b.burst_s
         return b
 
     def refill(self) -> None:

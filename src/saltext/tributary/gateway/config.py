@@ -10,12 +10,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from saltext.tributary.gateway.bandwidth import parse_bandwidth
 from saltext.tributary.gateway.filters import FilterConfigError, compile_filters
 from saltext.tributary.gateway.sources.mqtt import parse_broker
 from saltext.tributary.gateway.sources.payload import ConfigError, compile_rules
 from saltext.tributary.gateway.sources.sysfs import SysfsConfigError, compile_sources
 from saltext.tributary.util import schema
-from saltext.tributary.util.schema import number_error, option
+from saltext.tributary.util.schema import option
 
 log = logging.getLogger(__name__)
 
@@ -96,23 +97,8 @@ def validate_common(cfg: Mapping[str, Any], own_keys: frozenset[str] = frozenset
     return errors
 
 
-BANDWIDTH_KEYS = ("bytes_per_s", "window_s", "burst_s", "max_window_s")
-
-
 def validate_bandwidth(bw: Any) -> list[str]:
-    if bw is None:
-        return []
-    if not isinstance(bw, Mapping):
-        return ["bandwidth: must be a mapping (bytes_per_s, window_s, burst_s)"]
-    errors = schema.unknown_options(bw, BANDWIDTH_KEYS, "bandwidth")
-    if "bytes_per_s" not in bw:
-        errors.append("bandwidth.bytes_per_s: required")
-    for key in BANDWIDTH_KEYS:
-        val = bw.get(key)
-        err = None if val is None else number_error(val, f"bandwidth.{key}", positive=True)
-        if err:
-            errors.append(err)
-    return errors
+    return [] if bw is None else parse_bandwidth(bw)[1]
 
 
 def _validated(

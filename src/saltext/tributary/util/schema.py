@@ -1,7 +1,8 @@
 """Config schemas as nested dataclasses: one place for names, types, ranges and defaults.
 
 A loader's configuration is a frozen dataclass whose fields carry their YAML names, their
-defaults and, in ``metadata``, their checks (``range``, ``choices``, ``pattern``, ``doc``).
+defaults and, in ``metadata``, their checks (``range``, ``positive``, ``choices``, ``pattern``,
+``doc``).
 :func:`parse` turns a mapping into that dataclass and returns every problem with its key path
 (``gaps.grace_s: must be a number in 0..2592000, got -1``), unknown keys included, so the
 loader's ``validate()`` and ``start()`` read the same schema and cannot disagree.
@@ -20,8 +21,9 @@ T = TypeVar("T")
 
 
 def option(default: Any, *, doc: str = "", **checks: Any) -> Any:
-    """A dataclass field with its default and checks (``range=(lo, hi)``, ``choices=(...)``,
-    ``pattern=r"..."``); mutable defaults (mappings) are copied per instance."""
+    """A dataclass field with its default and checks (``range=(lo, hi)``, ``positive=True``,
+    ``choices=(...)``, ``pattern=r"..."``); mutable defaults (mappings) are copied per
+    instance."""
     meta = {"doc": doc, **checks}
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -106,7 +108,8 @@ def _check(value: Any, kind: Any, name: str, meta: Mapping[str, Any]) -> tuple[A
             return None, f"{name}: must be true or false"
     elif kind in (int, float):
         lo, hi = meta.get("range", (None, None))
-        err = number_error(value, name, integer=kind is int, lo=lo, hi=hi)
+        positive = bool(meta.get("positive"))
+        err = number_error(value, name, integer=kind is int, lo=lo, hi=hi, positive=positive)
         if err:
             return None, err
         value = kind(value)
