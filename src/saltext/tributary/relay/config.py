@@ -183,9 +183,9 @@ def parse_relay(config: Any) -> tuple[RelayConfig | None, list[str]]:
     """The engine config as a :class:`RelayConfig`, or every problem with its key path."""
     from saltext.tributary.relay.elasticsearch import validate_es_config
 
+    cfg, errors = schema.parse_loader_config(RelayConfig, config)
     if not isinstance(config, Mapping):
-        return None, ["configuration must be a mapping"]
-    cfg, errors = schema.parse(RelayConfig, config)
+        return None, errors
     errors = validate_es_config(config.get("elasticsearch")) + errors
     if cfg is not None:
         errors += scaleout_errors(cfg)

@@ -35,9 +35,7 @@ class KeysConfig:
 
 
 def parse_keys(config: Any) -> tuple[KeysConfig | None, list[str]]:
-    if not isinstance(config, Mapping):
-        return None, ["configuration must be a mapping"]
-    return schema.parse(KeysConfig, config)
+    return schema.parse_loader_config(KeysConfig, config)
 
 
 def validate(config: Any) -> tuple[bool, str]:

@@ -165,6 +165,14 @@ def parse(cls: type[T], data: Any, path: str = "") -> tuple[T | None, list[str]]
     return cls(**kwargs), []
 
 
+def parse_loader_config(cls: type[T], config: Any) -> tuple[T | None, list[str]]:
+    """A loader's whole configuration (Salt hands it over as a mapping): :func:`parse`, but
+    anything else, None included, is refused."""
+    if not isinstance(config, Mapping):
+        return None, ["configuration must be a mapping"]
+    return parse(cls, config)
+
+
 def verdict(
     label: str, parse_fn: Callable[[Any], tuple[Any, list[str]]], config: Any
 ) -> tuple[bool, str]:
