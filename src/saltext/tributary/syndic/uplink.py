@@ -55,9 +55,7 @@ class UplinkConfig:
 
 
 def parse_uplink(config: Any) -> tuple[UplinkConfig | None, list[str]]:
-    if not isinstance(config, Mapping):
-        return None, ["configuration must be a mapping"]
-    return schema.parse(UplinkConfig, config)
+    return schema.parse_loader_config(UplinkConfig, config)
 
 
 def validate(config: Any) -> tuple[bool, str]:
