@@ -345,8 +345,19 @@ class Counters:
 
 
 def cpu_counters(counters: Counters) -> dict[str, int]:
-    """The relay's ``cpu_ns:<stage>`` counters (``TRIBUTARY_RELAY_STAGE_CPU``)."""
-    return {k: v for k, v in counters.get().items() if k.startswith("cpu_ns:")}
+    """The relay's ``cpu_ns:<stage>`` and ``gc_*`` counters (``TRIBUTARY_RELAY_STAGE_CPU``)."""
+    return {k: v for k, v in counters.get().items() if k.startswith(("cpu_ns:", "gc_"))}
+
+
+def gc_passes(diff: dict[str, int]) -> dict[str, Any]:
+    """The garbage collector's passes in the relay engine: runs and milliseconds by generation."""
+    return {
+        f"gen{g}": {
+            "runs": diff.get(f"gc_runs:{g}", 0),
+            "ms": round(diff.get(f"gc_ns:{g}", 0) / 1e6, 1),
+        }
+        for g in range(3)
+    }
 
 
 def relay_burst(bus: Any, counters: Counters, eng: int | None, pki: str, epoch: str) -> dict:
@@ -396,6 +407,7 @@ def relay_burst(bus: Any, counters: Counters, eng: int | None, pki: str, epoch: 
         "engine_cpu_us_per_reading": round(cpu_s / N * 1e6, 2) if eng is not None else None,
         # by stage (thread CPU, TRIBUTARY_RELAY_STAGE_CPU=1), the burst and the flush batch
         "cpu_us_per_reading": per_reading(diff, N),
+        "gc": gc_passes(diff),
         "timeline_s_spooled_indexed": timeline[:: max(1, len(timeline) // 12)],
     }
 
@@ -789,6 +801,7 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
                 "readings_per_s": round(got / dt),
                 "relay_engine_cpu_us_per_reading": round(cpu_s / max(1, got) * 1e6, 2),
                 "relay_cpu_us_per_reading": per_reading(stages, got),
+                "relay_gc": gc_passes(stages),
             }
 
         e2e_pairs = []

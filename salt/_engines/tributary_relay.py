@@ -131,6 +131,7 @@ and on syndic master syndic-1 (beside ``tributary_keys``; gap repair runs on the
             receipt_s: 5
 """
 
+import gc
 import logging
 
 try:
@@ -295,6 +296,9 @@ def _serve(relay):
 
     bus.subscribe("")
     bus.set_event_handler(handle)
+    # What is alive now (Salt's loader, its modules, the engine's set-up) lives as long as the
+    # engine: frozen, the collector's full passes during a burst no longer walk all of it
+    gc.freeze()
     relay.start()
     log.info("tributary relay: started, spool %s", relay.config.spool_path)
     try:

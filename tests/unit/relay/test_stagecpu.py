@@ -29,3 +29,17 @@ def test_a_nested_stage_is_counted_once_under_its_own_name():
 def test_per_reading_is_microseconds_by_stage_and_their_total():
     out = per_reading({"cpu_ns:intake": 2_000_000, "cpu_ns:ship": 1_000_000}, 1000)
     assert out == {"intake": 2.0, "origin": 0.0, "build": 0.0, "ship": 1.0, "total": 3.0}
+
+
+def test_collector_passes_are_counted_at_the_end_of_a_stage():
+    import gc
+
+    counters = Counters()
+    stages = StageCPU(counters)
+    try:
+        with stages.stage("build"):
+            gc.collect()
+        assert counters["gc_runs:2"] >= 1 and counters["gc_ns:2"] > 0
+    finally:
+        stages.close()
+    assert stages._on_gc not in gc.callbacks

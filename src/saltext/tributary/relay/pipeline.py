@@ -121,6 +121,8 @@ class Relay:
         self.shipper.stop()
         if self.shipper.tap is not None:
             self.shipper.tap.close()
+        if self.stages is not None:
+            self.stages.close()
 
 
 def take_event(relay: Relay, tag: Any, data: Any) -> None:

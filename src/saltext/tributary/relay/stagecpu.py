@@ -14,10 +14,14 @@ tributary.status`` and the bench read them):
 
 Stages nest: an ``origin`` check inside ``intake`` is counted as ``origin`` only. Off (the
 default), nothing is timed and the relay pays one attribute test per event and per bulk.
+
+The garbage collector's passes are counted too (``gc_ns:<generation>``, wall time of each
+pass, and ``gc_runs:<generation>``); they happen inside the stages and are part of their CPU.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -44,6 +48,24 @@ class StageCPU:
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
         self._local = threading.local()
+        # collector passes, kept in plain fields by the callback (it may run inside a counter
+        # update, whose lock it must not take) and moved to the counters at each stage's end
+        self._gc_start = 0
+        self._gc: dict[str, int] = {}
+        gc.callbacks.append(self._on_gc)
+
+    def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter_ns()
+            return
+        gen = info.get("generation", 0)
+        spent = time.perf_counter_ns() - self._gc_start
+        self._gc[f"gc_ns:{gen}"] = self._gc.get(f"gc_ns:{gen}", 0) + spent
+        self._gc[f"gc_runs:{gen}"] = self._gc.get(f"gc_runs:{gen}", 0) + 1
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -57,6 +79,9 @@ class StageCPU:
             spent = time.thread_time_ns() - t0
             self.counters.inc(f"cpu_ns:{name}", spent - local.inner)
             local.inner = outer + spent
+            if self._gc:
+                passes, self._gc = self._gc, {}
+                self.counters.update(passes)
 
     def wrap(self, name: str, func: F) -> F:
         """``func`` with its calls counted under ``name``."""
