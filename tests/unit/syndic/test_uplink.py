@@ -68,6 +68,40 @@ def test_returns_are_grouped_per_job_and_sent_before_events():
     assert up.next_request() is None and not up.pending()
 
 
+def test_a_jobs_targeted_minions_go_up_first_pretagged_as_salt_syndic_sends_them():
+    up = Uplink("syn-1", batch=10)
+    new = "salt/job/20261130000000000007/new"
+    up.take(BATCH, {"v": 1})
+    up.take(*ret("20261130000000000007", "gw-1"))
+    assert up.take(new, {"jid": "20261130000000000007", "minions": ["gw-1"], "fun": "test.ping"})
+    # no minion list, a return-like event or a malformed list: not a job's targets
+    assert not up.take(new, {"jid": "20261130000000000007"})
+    assert not up.take(new, {"minions": ["gw-1"], "retcode": 0})
+    assert not up.take(new, {"minions": "gw-1"})
+    assert not up.take("salt/job/x/new", {"minions": ["gw-1"]})
+    kind, load, size = up.next_request()
+    assert (kind, size) == ("jobs", 1)
+    assert load == {
+        "cmd": "_minion_event",
+        "id": "syn-1",
+        "events": [
+            {
+                "tag": new,
+                "data": {"jid": "20261130000000000007", "minions": ["gw-1"], "fun": "test.ping"},
+            }
+        ],
+        "pretag": "syndic/syn-1",
+    }
+    up.sent(kind, size)
+    assert [up.next_request()[0]] == ["returns"]
+    assert up.counters["jobs_sent"] == 1
+    # left to salt-syndic with the returns; with several top masters, only the named one's
+    assert not Uplink("syn-1", returns=False).take(new, {"minions": ["gw-1"]})
+    other = Uplink("syn-1", master_id="a:1")
+    assert not other.take(new, {"minions": ["gw-1"], "master_id": "b:2"})
+    assert other.take(new, {"minions": ["gw-1"], "master_id": "a:1"})
+
+
 def test_a_failed_request_keeps_its_items_and_batches_are_bounded():
     up = Uplink("syn-1", batch=2)
     for i in range(5):

@@ -11,7 +11,12 @@ with the syndic's identity (the key the top master accepted for the syndic):
   requests, so they reach the top master's bus under their own tags as salt-syndic would put
   them there (the relay verifies each batch's gateway signature, whoever carried it);
 * job returns (``salt/job/<jid>/ret/<minion>``), as ``_syndic_return`` requests, so replay
-  answers and commands targeted from the top master (``salt -G site:x ...``) get their returns.
+  answers and commands targeted from the top master (``salt -G site:x ...``) get their returns;
+* with them, each job's list of targeted minions (``salt/job/<jid>/new``), as salt-syndic
+  forwards it: a ``_minion_event`` with the pretag ``syndic/<syndic id>``, so the top master
+  knows whom to wait for (its ``salt`` CLI and runners stop once those answered, after
+  ``syndic_wait``, instead of waiting for their whole timeout) and records them in its job
+  cache.
 
 This module is the pure part: which events are taken, how they are queued (bounded: past
 ``max_queue`` the oldest are dropped and counted; gap repair recovers dropped batches) and how
@@ -36,6 +41,7 @@ EVENT_RE = re.compile(
 )
 log = logging.getLogger(__name__)
 RETURN_RE = re.compile(r"^salt/job/(?P<jid>\d+)/ret/(?P<minion>[^/]+)$")
+NEW_JOB_RE = re.compile(r"^salt/job/\d+/new$")
 #: what a job return carries up, as salt-syndic's own forwarding keeps it
 RETURN_KEYS = ("return", "retcode", "success", "fun_args", "out")
 
@@ -75,6 +81,8 @@ class Uplink:
     #: another master is left to that master's Uplink (a return without one goes to all)
     master_id: str | None = None
     events: deque = field(default_factory=deque)
+    #: ``salt/job/<jid>/new`` events (who a job targets), sent pretagged ``syndic/<id>``
+    jobs: deque = field(default_factory=deque)
     rets: OrderedDict = field(default_factory=OrderedDict)
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -91,6 +99,18 @@ class Uplink:
             while len(self.events) > self.max_queue:
                 self.events.popleft()
                 self._count("events_dropped")
+            return True
+        if NEW_JOB_RE.match(tag):
+            if not self.returns or not isinstance(data.get("minions"), list) or "retcode" in data:
+                return False
+            owner = data.get("master_id")
+            if owner is not None and self.master_id is not None and owner != self.master_id:
+                return False
+            self.jobs.append({"tag": tag, "data": dict(data)})
+            self._count("jobs_taken")
+            while len(self.jobs) > self.max_queue:
+                self.jobs.popleft()
+                self._count("jobs_dropped")
             return True
         m = RETURN_RE.match(tag)
         if m is None or not self.returns or "return" not in data or "jid" not in data:
@@ -114,11 +134,17 @@ class Uplink:
         return True
 
     def pending(self) -> bool:
-        return bool(self.events or self.rets)
+        return bool(self.events or self.jobs or self.rets)
 
     def next_request(self) -> tuple[str, dict[str, Any], int] | None:
         """The next request to send: ``(kind, load, size)``; call :meth:`sent` once the top
-        master answered it. Returns go first (a waiting CLI is on the other end)."""
+        master answered it. Jobs' minion lists and returns go first (a waiting CLI is on the
+        other end)."""
+        if self.jobs:
+            jobs = [self.jobs[i] for i in range(min(self.batch, len(self.jobs)))]
+            pretag = f"syndic/{self.syndic_id}"
+            load = {"cmd": "_minion_event", "id": self.syndic_id, "events": jobs, "pretag": pretag}
+            return "jobs", load, len(jobs)
         if self.rets:
             loads = list(self.rets.values())[: self.batch]
             return (
@@ -138,6 +164,10 @@ class Uplink:
             for _ in range(min(size, len(self.rets))):
                 self.rets.popitem(last=False)
             self._count("returns_sent", size)
+        elif kind == "jobs":
+            for _ in range(min(size, len(self.jobs))):
+                self.jobs.popleft()
+            self._count("jobs_sent", size)
         else:
             for _ in range(min(size, len(self.events))):
                 self.events.popleft()
@@ -200,7 +230,9 @@ class Link:
 
     def report_drops(self) -> None:
         c = self.up.counters
-        dropped = c.pop("events_dropped", 0) + c.pop("returns_dropped", 0)
+        dropped = (
+            c.pop("events_dropped", 0) + c.pop("returns_dropped", 0) + c.pop("jobs_dropped", 0)
+        )
         if dropped:
             log.error(
                 "tributary_uplink: queue for %s past max_queue (%s): dropped the %s oldest"
