@@ -143,8 +143,13 @@ class Uplink:
         if self.jobs:
             jobs = [self.jobs[i] for i in range(min(self.batch, len(self.jobs)))]
             pretag = f"syndic/{self.syndic_id}"
-            load = {"cmd": "_minion_event", "id": self.syndic_id, "events": jobs, "pretag": pretag}
-            return "jobs", load, len(jobs)
+            jobs_load: dict[str, Any] = {
+                "cmd": "_minion_event",
+                "id": self.syndic_id,
+                "events": jobs,
+                "pretag": pretag,
+            }
+            return "jobs", jobs_load, len(jobs)
         if self.rets:
             loads = list(self.rets.values())[: self.batch]
             return (
