@@ -123,3 +123,36 @@ def test_an_answer_without_errors_counts_as_item_by_item(start, stop):
 def test_an_answer_without_errors_must_still_have_one_item_per_op():
     with pytest.raises(ValueError, match="2 items for 3 ops"):
         classify_bulk_response([item(201)] * 2, plan([1, 1, 1]), "tributary", errors=False)
+
+
+def test_answers_without_the_index_are_read_from_the_action_lines():
+    """The relay asks for items without ``_index`` (BULK_FILTER): each operation's index is
+    then the one its action line names, and every status is sorted as with the index."""
+    import json
+
+    from saltext.tributary.relay.shipper import BULK_FILTER
+
+    assert "_index" not in BULK_FILTER and "errors" in BULK_FILTER
+    ops = [
+        (READING, "tributary-readings-2026.11.30", 201, None),
+        ({"gateway": "gw-a"}, "tributary-health-2026.11.30", 201, None),
+        ({"gateway": "gw-a", "cmd": 1}, "tributary-commands-2026.11.30", 201, None),
+        (READING, "tributary-readings-2026.11.30", 409, {"type": "version_conflict"}),
+        (READING, "tributary-readings-2026.11.30", 429, {"type": "es_rejected"}),
+        ({"reason": "x"}, "tributary-deadletter-2026.11.30", 400, {"type": "mapper"}),
+        (READING, "tributary-readings-2026.11.30", 400, {"type": "mapper", "reason": "bad"}),
+    ]
+    p = BulkPlan(rows={1: RowPlan(), 2: RowPlan()})
+    for n, (original, index, _, _) in enumerate(ops):
+        p.add(1 + n % 2, json.dumps({"create": {"_index": index}}), "{}", original)
+    with_index = [item(status, index, error) for _, index, status, error in ops]
+    without = [
+        {"create": {k: v for k, v in i["create"].items() if k != "_index"}} for i in with_index
+    ]
+    a = classify_bulk_response(with_index, p, "tributary")
+    b = classify_bulk_response(without, p, "tributary")
+    assert a.counts == b.counts
+    assert b.counts["indexed"] == 1 and b.counts["health_indexed"] == 1
+    assert b.counts["deadletter_failed"] == 1 and b.counts["already_present"] == 1
+    assert (a.retry_rows, a.retry_ops, a.present_ops) == (b.retry_rows, b.retry_ops, b.present_ops)
+    assert [(r.op, r.reason) for r in b.rejected] == [(6, "mapper")]

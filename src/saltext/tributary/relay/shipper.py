@@ -45,8 +45,9 @@ from saltext.tributary.util.clock import now_ms
 log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005
-#: Only what the relay reads from a bulk answer (a third of the full answer's bytes).
-BULK_FILTER = "errors,items.*._index,items.*.status,items.*.error"
+#: Only what the relay reads from a bulk answer: each item's status and error (the index of
+#: an operation is known from its action line), and whether any item failed.
+BULK_FILTER = "errors,items.*.status,items.*.error"
 #: Rows taken per bulk at most (each is one spooled batch).
 ROWS_PER_BULK = 256
 #: What makes a reading the same reading (a 409 with other values is an id collision).
