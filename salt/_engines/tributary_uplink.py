@@ -13,9 +13,10 @@ forwarded for Tributary:
   sets (``tributary/keys/<syndic>``), fired on the top master's bus under the same tags;
 - with ``returns: true``, every job return (``salt/job/<jid>/ret/<minion>``), so the relay's
   replay requests and commands targeted from the top master (``salt -G site:x ...``) get their
-  answers, and each job's targeted minions (``salt/job/<jid>/new``, pretagged
-  ``syndic/<syndic id>`` as salt-syndic sends them), so the top master's ``salt`` CLI and
-  runners stop waiting once those answered instead of at their timeout.
+  answers, and each job's targeted minions (``salt/job/<jid>/new``, fired as
+  ``syndic/<syndic id>/salt/job/<jid>/new`` as salt-syndic's forwarding puts them), so the
+  top master's ``salt`` CLI and runners stop waiting once those answered instead of at their
+  timeout.
 
 With several top masters (``syndic_master`` a list of ``host:port``) each gets its own queue
 and channel: every event goes to each, a job return only to the master its ``master_id`` names.

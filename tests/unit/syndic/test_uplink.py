@@ -68,7 +68,7 @@ def test_returns_are_grouped_per_job_and_sent_before_events():
     assert up.next_request() is None and not up.pending()
 
 
-def test_a_jobs_targeted_minions_go_up_first_pretagged_as_salt_syndic_sends_them():
+def test_a_jobs_targeted_minions_go_up_first_tagged_as_salt_syndic_sends_them():
     up = Uplink("syn-1", batch=10)
     new = "salt/job/20261130000000000007/new"
     up.take(BATCH, {"v": 1})
@@ -86,11 +86,11 @@ def test_a_jobs_targeted_minions_go_up_first_pretagged_as_salt_syndic_sends_them
         "id": "syn-1",
         "events": [
             {
-                "tag": new,
+                "tag": "syndic/syn-1/" + new,
                 "data": {"jid": "20261130000000000007", "minions": ["gw-1"], "fun": "test.ping"},
             }
         ],
-        "pretag": "syndic/syn-1",
+        "pretag": None,
     }
     up.sent(kind, size)
     assert [up.next_request()[0]] == ["returns"]

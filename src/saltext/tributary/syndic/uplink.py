@@ -13,8 +13,8 @@ with the syndic's identity (the key the top master accepted for the syndic):
 * job returns (``salt/job/<jid>/ret/<minion>``), as ``_syndic_return`` requests, so replay
   answers and commands targeted from the top master (``salt -G site:x ...``) get their returns;
 * with them, each job's list of targeted minions (``salt/job/<jid>/new``), as salt-syndic
-  forwards it: a ``_minion_event`` with the pretag ``syndic/<syndic id>``, so the top master
-  knows whom to wait for (its ``salt`` CLI and runners stop once those answered, after
+  forwards it: a ``_minion_event`` tagged ``syndic/<syndic id>/salt/job/<jid>/new``, so the
+  top master knows whom to wait for (its ``salt`` CLI and runners stop once those answered, after
   ``syndic_wait``, instead of waiting for their whole timeout) and records them in its job
   cache.
 
@@ -81,7 +81,7 @@ class Uplink:
     #: another master is left to that master's Uplink (a return without one goes to all)
     master_id: str | None = None
     events: deque = field(default_factory=deque)
-    #: ``salt/job/<jid>/new`` events (who a job targets), sent pretagged ``syndic/<id>``
+    #: ``salt/job/<jid>/new`` events (who a job targets), sent as ``syndic/<id>/salt/job/...``
     jobs: deque = field(default_factory=deque)
     rets: OrderedDict = field(default_factory=OrderedDict)
     counters: dict[str, int] = field(default_factory=dict)
@@ -141,13 +141,19 @@ class Uplink:
         master answered it. Jobs' minion lists and returns go first (a waiting CLI is on the
         other end)."""
         if self.jobs:
-            jobs = [self.jobs[i] for i in range(min(self.batch, len(self.jobs)))]
-            pretag = f"syndic/{self.syndic_id}"
+            # tagged as salt-syndic's pretag puts them on the top master's bus; sent already
+            # prefixed, since a pretag also fires the bare salt/job/... tag, which the master
+            # refuses from a minion with a warning each time
+            prefix = f"syndic/{self.syndic_id}/"
+            jobs = [
+                {"tag": prefix + self.jobs[i]["tag"], "data": self.jobs[i]["data"]}
+                for i in range(min(self.batch, len(self.jobs)))
+            ]
             jobs_load: dict[str, Any] = {
                 "cmd": "_minion_event",
                 "id": self.syndic_id,
                 "events": jobs,
-                "pretag": pretag,
+                "pretag": None,
             }
             return "jobs", jobs_load, len(jobs)
         if self.rets:
