@@ -16,6 +16,7 @@ import pytest
 
 import saltext.tributary.report as report
 from saltext.tributary.report import queries, render
+from saltext.tributary.report.model import HOPS
 from tests.support.browser import Browser, chromium_path
 from tests.support.reportdata import Known
 from tests.support.topology import es_count, wait_for
@@ -119,12 +120,29 @@ def test_numbers_behind_each_chart_match_the_documents(known):
             indexed[t] = indexed.get(t, 0) + 1
     assert {t: pt.indexed for t, pt in p.items() if pt.indexed} == indexed
     assert {pt.lag_s for pt in p.values() if pt.lag_s is not None} == {2.5}
+    # lag per hop (percentiles of hop_ms): in every bucket two of three readings are the
+    # alpha gateways', so theirs is the median; the 95th lies towards beta's
+    alpha, beta = Known.HOPS["alpha"], Known.HOPS["beta"]
+    for pt in p.values():
+        if not pt.readings_in:
+            assert pt.hops == {}
+            continue
+        assert set(pt.hops) == set(HOPS)
+        for hop in HOPS:
+            assert pt.hops[hop][50] == alpha[hop] / 1000, (pt.t, hop, pt.hops)
+            lo, hi = sorted((alpha[hop], beta[hop]))
+            assert lo / 1000 <= pt.hops[hop][95] <= hi / 1000, (pt.t, hop, pt.hops)
+        assert pt.hops["gateway"][95] > pt.hops["gateway"][50]  # beta's gateway holds longer
+        assert pt.hops["relay"][95] == 1.2  # beta's relay hop is the shortest
     t60 = data.times[60] - data.times[60] % iv
     assert {t: pt.dead_letters for t, pt in p.items() if pt.dead_letters} == {t60: 3}
     assert rep.pipeline.dead_letter_reasons == {"bad_signature": 3}
     t70, t90 = (data.times[k] - data.times[k] % iv for k in (70, 90))
     assert {t: pt.replays for t, pt in p.items() if pt.replays} == {t70: 2, t90: 3}
     assert {t: pt.gaps_given_up for t, pt in p.items() if pt.gaps_given_up} == {t90: 1}
+    assert {t: pt.gaps_opened for t, pt in p.items() if pt.gaps_opened} == {t70: 3}
+    assert {t: pt.gaps_repaired for t, pt in p.items() if pt.gaps_repaired} == {t90: 2}
+    assert {t: pt.gaps_filled for t, pt in p.items() if pt.gaps_filled} == {t90: 1}
     assert (p[t70].open_gaps, p[t90].open_gaps) == (2, 1)
     t110 = data.times[110] - data.times[110] % iv
     cmds = rep.pipeline.commands
@@ -143,6 +161,14 @@ def test_numbers_behind_each_chart_match_the_documents(known):
     assert fleet["gw-r-a1"].last_seen_ms == data.now  # its last reading is newer than its heartbeat
     assert fleet["gw-r-a1"].readings == 144 and fleet["gw-r-b1"].site == "beta"
     assert rep.pipeline.totals["readings in period"] == 432
+    assert rep.notes  # without the status store, the page says what is missing
+    with_local = report.build(search, "rpt", data.now, "24h", local=data.local())
+    assert with_local.notes == [] and with_local.pipeline.totals["open gaps"] == 1
+    assert {r.gateway: r.state for r in with_local.fleet} == {
+        "gw-r-a1": "ok",
+        "gw-r-a2": "degraded",  # its open finding
+        "gw-r-b1": "ok",
+    }
 
     # a site filter keeps to that site
     only = report.build(search, "rpt", data.now, "24h", site="bet*")
@@ -184,7 +210,8 @@ def _near(colours: set, rgb: tuple[int, int, int], tol: int = 40) -> bool:
 @pytest.mark.skipif(chromium_path() is None, reason="no chromium (make setup installs it)")
 def test_page_loads_offline_in_chromium_and_shows_the_charts(known, tmp_path):
     data, search = known
-    out = report.write(report.build(search, "rpt", data.now, "24h"), str(tmp_path / "r.html"))
+    rep = report.build(search, "rpt", data.now, "24h", local=data.local())
+    out = report.write(rep, str(tmp_path / "r.html"))
     assert len(out["charts"]) == 4 and all(os.path.getsize(p) > 1000 for p in out["charts"])
     bait = tmp_path / "bait.html"  # the same checks see a page that does reach out
     bait.write_text('<html><body><img src="http://example.com/x.png"><script>no_such()</script>')
@@ -222,6 +249,9 @@ def test_page_loads_offline_in_chromium_and_shows_the_charts(known, tmp_path):
     assert _near(alpha, (0xD6, 0x27, 0x28)) and _near(alpha, (0x1F, 0x77, 0xB4))
     _, _, findings = _colours(png, figs["findings"])
     assert _near(findings, (0xFF, 0x7F, 0x0E)) and _near(findings, (0x94, 0x67, 0xBD))
+    # the pipeline: the gateway hop's lag (green), gaps opened (red), commands acked (green)
+    _, _, pipeline = _colours(png, figs["pipeline"])
+    assert _near(pipeline, (0x2C, 0xA0, 0x2C)) and _near(pipeline, (0xD6, 0x27, 0x28))
     shot = os.environ.get("TRIBUTARY_REPORT_SHOT")
     if shot:  # README screenshot: TRIBUTARY_REPORT_SHOT=docs/report.png
         from tests.support.browser import main as shoot
@@ -246,6 +276,20 @@ def test_salt_run_report_writes_the_page_and_charts(topology, tmp_path):
         assert os.path.dirname(path) == str(out.parent) and os.path.getsize(path) > 1000
     page = out.read_text()
     assert f"{GW} {SENSOR}" in page and "<script" not in page
+    # the probe readings came the whole way (gateway, its master and syndic, the relay): each
+    # carries its lag per hop, adding up to relayed_at - @timestamp, one clock on this machine
+    hits = es.client().search(
+        index="tributary-readings-*",
+        query={"bool": {"filter": [{"term": {"gateway": GW}}, {"term": {"sensor": SENSOR}}]}},
+        size=10,
+    )["hits"]["hits"]
+    assert len(hits) >= 3
+    for hit in hits:
+        doc = hit["_source"]
+        hop = doc["hop_ms"]
+        assert set(hop) == set(HOPS) and min(hop.values()) >= 0, hop
+        assert sum(hop.values()) == doc["relayed_at"] - doc["@timestamp"]
+    assert "uplink p50" in page and "gateway p95" in page  # drawn in the pipeline chart
     assert "The relay&#x27;s status store was not read" not in page  # the top master's was
     ret = top.salt_run_cli(timeout=60).run("tributary.report", since="yesterday")
     assert ret.data["result"] is False and "since" in ret.data["error"]

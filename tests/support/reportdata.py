@@ -135,24 +135,29 @@ class Known:
             }
             for k in range(3)
         ]
-        # the relay's cumulative counters: 10 before the window, then 12 and 15
+
+        # the relay's cumulative counters: 10 before the window, then 12 and 15; gaps opened
+        # 4 -> 7 -> 7, repaired 2 -> 2 -> 4, filled late 1 -> 1 -> 2
+        def gaps(opened: int, repaired: int, filled: int) -> dict:
+            return {"gaps_opened": opened, "gaps_repaired": repaired, "gaps_filled": filled}
+
         self.metrics = [
             {
                 "@timestamp": self.start - 30 * MIN,
                 "relay": "top",
-                "counters": {"replays_requested": 10, "gaps_given_up": 1},
+                "counters": {"replays_requested": 10, "gaps_given_up": 1, **gaps(4, 2, 1)},
                 "open_gaps": 0,
             },
             {
                 "@timestamp": self.times[70],
                 "relay": "top",
-                "counters": {"replays_requested": 12, "gaps_given_up": 1},
+                "counters": {"replays_requested": 12, "gaps_given_up": 1, **gaps(7, 2, 1)},
                 "open_gaps": 2,
             },
             {
                 "@timestamp": self.times[90],
                 "relay": "top",
-                "counters": {"replays_requested": 15, "gaps_given_up": 2},
+                "counters": {"replays_requested": 15, "gaps_given_up": 2, **gaps(7, 4, 2)},
                 "open_gaps": 1,
             },
         ]
@@ -167,8 +172,35 @@ class Known:
             for k, o in enumerate(("acked", "acked", "timeout"))
         ]
 
+    #: each reading's lag per hop (ms), adding up to its 2.5 s relayed_at - @timestamp:
+    #: the two alpha gateways alike, beta's (aggregating) gateway holds its readings longer
+    HOPS = {
+        "alpha": {"gateway": 1000, "uplink": 300, "relay": 1200},
+        "beta": {"gateway": 1500, "uplink": 600, "relay": 400},
+    }
+
+    def local(self) -> dict:
+        """What ``salt-run tributary.status`` on the top master would add (its status store):
+        the relay's fleet counters and gaps, and per gateway its lag and open gaps."""
+        return {
+            "fleet": {
+                "counters": {"readings_in": 448, "indexed": 432, "dead_lettered": 3},
+                "open_gaps": 1,
+                "missing_readings": 13,
+            },
+            "gateways": {
+                "gw-r-a1": {"lag_s": 2.5, "open_gaps": 0},
+                "gw-r-a2": {"lag_s": 2.6, "open_gaps": 1},
+                "gw-r-b1": {"lag_s": 2.5, "open_gaps": 0},
+            },
+            "findings": [{"kind": "sensor_departs", "gateway": "gw-r-a2", "site": "alpha"}],
+            "heartbeat_s": 30,
+            "overdue_factor": 3,
+        }
+
     def _r(self, site, gw, sensor, metric, t, value, seq) -> dict:
         return {
+            "hop_ms": dict(self.HOPS[site]),
             "@timestamp": t,
             "gateway": gw,
             "site": site,
@@ -224,7 +256,8 @@ def synthetic_readings(
     now_ms: int, n_series: int, days: float, every_ms: int, per_site: int = 50
 ) -> Iterator[dict]:
     """``n_series`` series (five sensors per gateway, ``per_site`` series per site), one
-    reading every ``every_ms`` over ``days`` before ``now_ms``: a daily cycle plus noise."""
+    reading every ``every_ms`` over ``days`` before ``now_ms``: a daily cycle plus noise, each
+    with its lag per hop (``hop_ms``) adding up to its 1.5 s relay lag."""
     import math
     import random
 
@@ -237,7 +270,9 @@ def synthetic_readings(
         base = 15 + s % 7
         for t in range(start - start % every_ms + every_ms, now_ms, every_ms):
             day = (t % 86_400_000) / 86_400_000
+            held = 500 + (t // every_ms) % 700  # the gateway holds it 0.5-1.2 s
             yield {
+                "hop_ms": {"gateway": held, "uplink": 200, "relay": 1300 - held},
                 "@timestamp": t,
                 "gateway": gw,
                 "site": site,

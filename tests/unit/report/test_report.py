@@ -126,6 +126,10 @@ def _model() -> Report:
     )
     s2 = Series("alpha", "gw-2", "boiler", "temperature", [Bucket(t, 6, 19, 20, 21) for t in keys])
     points = [PipelinePoint(t, 6, 6, 2.5, i % 2, 0, 0, 1) for i, t in enumerate(keys)]
+    for i, pt in enumerate(points):  # lag per hop, gaps opened and closed
+        pt.hops = {"gateway": {50: 1.0, 95: 4.0}, "uplink": {50: 0.05, 95: 0.2}}
+        pt.hops["relay"] = {50: 0.002, 95: 0.01 * (1 + i % 3)}
+        pt.gaps_opened, pt.gaps_repaired, pt.gaps_filled = i % 3, i % 2, int(i == 5)
     return Report(
         generated_ms=24 * H,
         window=w,
@@ -169,6 +173,9 @@ def test_page_is_one_file_without_script_or_external_url(tmp_path):
     assert "@import" not in text and not re.search(r"url\((?!#)", text)
     assert text.count("<svg") == 3
     assert "gw-1 boiler" in text and "bad_signature" in text and "1 anomalies" in text
+    # the pipeline's lag per hop and gap lines are drawn (SVG text stays text)
+    for label in ("gateway p50", "uplink p95", "relay p95", "opened", "repaired", "filled late"):
+        assert f">{label}<" in text, label
 
 
 @pytest.mark.skipif(not render.HAS_MATPLOTLIB, reason=render.MISSING)
@@ -203,3 +210,12 @@ def test_rendering_in_a_process_of_its_own(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(RuntimeError, match="Error"):  # a directory that is a file
         report.write_isolated(_model(), str(tmp_path / "file" / "r.html"))
+
+
+def test_percentiles_in_seconds_by_percent():
+    from saltext.tributary.report.queries import percentiles_s
+
+    assert percentiles_s({"values": {"50.0": 1500.0, "95.0": 61000.0}}) == {50: 1.5, 95: 61.0}
+    # no document had the field: Elasticsearch answers null per percent
+    assert percentiles_s({"values": {"50.0": None, "95.0": None}}) == {}
+    assert percentiles_s(None) == {} and percentiles_s({"values": []}) == {}

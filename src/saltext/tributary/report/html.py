@@ -141,6 +141,15 @@ def page(
         out.append("</table>")
     # pipeline
     out.append('<h2 id="pipeline">Pipeline</h2>')
+    out.append(
+        '<p class="meta">Lag per hop, by the readings\' own time: <i>gateway</i> from the '
+        "reading to its batch's emission, <i>uplink</i> from there to the relay's intake (the "
+        "gateway's master, syndics, the top master's bus; two clocks), <i>relay</i> from intake "
+        "to the bulk request that indexes it; the 50th percentile solid, the 95th dashed, the "
+        "mean of the whole way grey. Gaps are holes in a gateway's sequence the relay's ledger "
+        "saw open, and closed: <i>repaired</i> after a replay request, <i>filled late</i> "
+        "without one.</p>"
+    )
     out.append(_figure(pipeline, files))
     if report.pipeline.dead_letter_reasons:
         out.append("<table><tr><th>Dead-letter reason</th><th>Count</th></tr>")
@@ -151,8 +160,8 @@ def page(
         out.append('<p class="meta">No commands recorded in this period.</p>')
     if not report.pipeline.metrics_present:
         out.append(
-            '<p class="meta">No relay self-metrics in this period: replays and gaps per '
-            "interval are not shown.</p>"
+            '<p class="meta">No relay self-metrics in this period: replay requests and gaps '
+            "per interval are not shown.</p>"
         )
     out.append("</body></html>")
     return "\n".join(out)

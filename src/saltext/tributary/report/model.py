@@ -152,6 +152,21 @@ class FleetRow:
     readings: int = 0
 
 
+#: The hops of a reading's way, in order (``hop_ms.<hop>`` of its document, see
+#: :func:`saltext.tributary.relay.documents.hops`).
+HOPS = ("gateway", "uplink", "relay")
+#: Percentiles of each hop's lag the report asks for.
+PERCENTS = (50, 95)
+#: The relay's cumulative counters whose deltas the pipeline shows, and where each goes.
+GAP_COUNTERS = {
+    "replays_requested": "replays",
+    "gaps_opened": "gaps_opened",
+    "gaps_repaired": "gaps_repaired",
+    "gaps_filled": "gaps_filled",
+    "gaps_given_up": "gaps_given_up",
+}
+
+
 @dataclass
 class PipelinePoint:
     t: int
@@ -162,6 +177,11 @@ class PipelinePoint:
     replays: int = 0  # replay requests (delta of the relay's counter)
     gaps_given_up: int = 0
     open_gaps: int | None = None  # the relay's open gaps at the end of the bucket
+    #: per hop, its lag's percentiles (s) over the bucket's readings: {hop: {50: s, 95: s}}
+    hops: dict[str, dict[int, float]] = field(default_factory=dict)
+    gaps_opened: int = 0
+    gaps_repaired: int = 0  # closed after a replay request
+    gaps_filled: int = 0  # closed by late readings, without a request
 
 
 @dataclass

@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from saltext.tributary.report.model import (
+    GAP_COUNTERS,
+    HOPS,
+    PERCENTS,
     AlertMark,
     AnomalyMark,
     Bucket,
@@ -280,9 +283,10 @@ def _hist_counts(resp: Mapping[str, Any], name: str = "h") -> dict[int, Mapping[
 
 
 def pipeline(search: Search, prefix: str, window: Window, site: str | None) -> Pipeline:
-    """Per bucket: readings measured and readings indexed, their mean relay lag, dead
-    letters, replay requests, gaps given up and open gaps (from the relay's self-metrics);
-    commands sent per outcome when a commands index exists."""
+    """Per bucket: readings measured and readings indexed, their mean lag and each hop's lag
+    percentiles (``hop_ms``), dead letters, replay requests, gaps opened, repaired, filled and
+    given up and open gaps (from the relay's self-metrics); commands sent per outcome when a
+    commands index exists."""
     keys = window.keys()
     points = {t: PipelinePoint(t) for t in keys}
     q = {"bool": {"filter": _filters(window, site)}}
@@ -297,6 +301,12 @@ def pipeline(search: Search, prefix: str, window: Window, site: str | None) -> P
                     "aggs": {
                         "ts": {"avg": {"field": "@timestamp"}},
                         "relayed": {"avg": {"field": "relayed_at"}},
+                        **{
+                            f"hop_{h}": {
+                                "percentiles": {"field": f"hop_ms.{h}", "percents": list(PERCENTS)}
+                            }
+                            for h in HOPS
+                        },
                     },
                 }
             },
@@ -308,6 +318,10 @@ def pipeline(search: Search, prefix: str, window: Window, site: str | None) -> P
         ts, rel = _num(b["ts"]), _num(b["relayed"])
         if ts is not None and rel is not None:
             p.lag_s = round((rel - ts) / 1000, 3)
+        for h in HOPS:
+            pct = percentiles_s(b.get(f"hop_{h}"))
+            if pct:
+                p.hops[h] = pct
     indexed = search(
         f"{prefix}-readings-*",
         {
@@ -343,12 +357,30 @@ def pipeline(search: Search, prefix: str, window: Window, site: str | None) -> P
     )
 
 
+def percentiles_s(agg: Mapping[str, Any] | None) -> dict[int, float]:
+    """A ``percentiles`` aggregation's answer in seconds, by percent (``{50: 1.2, 95: 3.4}``);
+    percents without a value (no document had the field) are left out."""
+    out: dict[int, float] = {}
+    values = (agg or {}).get("values") or {}
+    items = values.items() if isinstance(values, Mapping) else ()
+    for key, v in items:
+        if v is None:
+            continue
+        try:
+            pct = float(key)
+        except ValueError:
+            continue
+        if pct.is_integer() and math.isfinite(float(v)):
+            out[int(pct)] = round(float(v) / 1000, 3)
+    return out
+
+
 def _relay_metrics(
     search: Search, prefix: str, window: Window, points: dict[int, PipelinePoint]
 ) -> bool:
     """Deltas of the relay's cumulative counters (its self-metrics documents) per bucket.
     A counter that went down (a relay restarted with a fresh spool) restarts the deltas."""
-    counters = ("replays_requested", "gaps_given_up")
+    counters = tuple(GAP_COUNTERS)
     resp = search(
         f"{prefix}-metrics-*",
         {
@@ -393,10 +425,7 @@ def _relay_metrics(
             delta = 0 if base is None else int(v - base if v >= base else v)
             prev[c] = v
             if p is not None:
-                if c == "replays_requested":
-                    p.replays = delta
-                else:
-                    p.gaps_given_up = delta
+                setattr(p, GAP_COUNTERS[c], delta)
         if p is not None and b["doc_count"]:
             p.open_gaps = _int(b["open_gaps"])
     return True

@@ -11,7 +11,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from saltext.tributary.report.model import FindingsChart, Pipeline, Series, SiteChart, Window
+from saltext.tributary.report.model import (
+    HOPS,
+    PERCENTS,
+    FindingsChart,
+    Pipeline,
+    Series,
+    SiteChart,
+    Window,
+)
 
 try:
     import matplotlib
@@ -204,11 +212,15 @@ def _edges(keys: list[int], window: Window) -> Any:
     return mdates.date2num(_t([*keys, (keys[-1] if keys else 0) + window.interval_ms]))
 
 
+#: Colour of each hop's lag (p50 solid, p95 dashed).
+HOP_COLOURS = {"gateway": "#2ca02c", "uplink": "#1f77b4", "relay": "#ff7f0e"}
+
+
 def pipeline_chart(p: Pipeline, window: Window, png_dpi: int = 80) -> Chart:
     keys = [pt.t for pt in p.points]
-    x = _t(keys)
+    x = _t([t + window.interval_ms // 2 for t in keys])  # each bucket at its middle
     edges = _edges(keys, window)
-    rows = 4 if p.commands else 3
+    rows = 5 if p.commands else 4
     with matplotlib.rc_context(RC):
         fig = Figure(figsize=(10, 1.9 * rows), layout="constrained")
         axes = fig.subplots(rows, 1, sharex=True)
@@ -221,25 +233,43 @@ def pipeline_chart(p: Pipeline, window: Window, png_dpi: int = 80) -> Chart:
         a.legend(loc="lower right", bbox_to_anchor=(1, 1), frameon=False, ncols=2)
         a = axes[1]
         lag = [math.nan if pt.lag_s is None else pt.lag_s for pt in p.points]
-        a.plot(x, lag, color="#9467bd", marker=".", markersize=3)
-        a.set_title("Mean lag gateway -> indexed (s)", loc="left")
+        a.plot(x, lag, color="#7f7f7f", linewidth=0.8, label="total (mean)")
+        for hop in HOPS:
+            colour = HOP_COLOURS.get(hop, "#9467bd")
+            for pct, style in zip(PERCENTS, ("-", "--"), strict=False):
+                ys = [pt.hops.get(hop, {}).get(pct, math.nan) for pt in p.points]
+                if all(math.isnan(v) for v in ys):
+                    continue
+                a.plot(x, ys, color=colour, linestyle=style, linewidth=1, label=f"{hop} p{pct}")
+        a.set_yscale("symlog", linthresh=0.01)
+        a.set_title("Lag per hop (s)", loc="left")
+        a.legend(loc="lower right", bbox_to_anchor=(1, 1), frameon=False, ncols=7, fontsize=7)
         a = axes[2]
         for values, colour, label in (
             ([pt.dead_letters for pt in p.points], "#d62728", "dead letters"),
-            ([pt.replays for pt in p.points], "#17becf", "replays"),
-            ([pt.gaps_given_up for pt in p.points], "#7f7f7f", "gaps given up"),
+            ([pt.replays for pt in p.points], "#17becf", "replay requests"),
         ):
             a.stairs(values, edges, fill=True, alpha=0.6, color=colour, label=label)
+        a.set_title("Dead letters and replay requests per interval", loc="left")
+        a.legend(loc="lower right", bbox_to_anchor=(1, 1), frameon=False, ncols=2)
+        a = axes[3]
+        for values, colour, label in (
+            ([pt.gaps_opened for pt in p.points], "#d62728", "opened"),
+            ([pt.gaps_repaired for pt in p.points], "#2ca02c", "repaired"),
+            ([pt.gaps_filled for pt in p.points], "#bcbd22", "filled late"),
+            ([pt.gaps_given_up for pt in p.points], "#7f7f7f", "given up"),
+        ):
+            a.stairs(values, edges, color=colour, linewidth=1.5, label=label)
         if p.metrics_present:
             og, last = [], math.nan  # a gauge: it holds until the next self-metrics document
             for pt in p.points:
                 last = last if pt.open_gaps is None else pt.open_gaps
                 og.append(last)
-            a.stairs(og, edges, color="#000000", linewidth=1, label="open gaps")
-        a.set_title("Dead letters, replay requests, gaps", loc="left")
-        a.legend(loc="lower right", bbox_to_anchor=(1, 1), frameon=False, ncols=4)
+            a.stairs(og, edges, color="#000000", linewidth=0.8, linestyle=":", label="open")
+        a.set_title("Gaps in the sequence per interval (the relay's ledger)", loc="left")
+        a.legend(loc="lower right", bbox_to_anchor=(1, 1), frameon=False, ncols=5)
         if p.commands:
-            a = axes[3]
+            a = axes[4]
             bottom = np.zeros(len(keys))
             for i, (outcome, counts) in enumerate(sorted(p.commands.items())):
                 colour = OUTCOME_COLOURS.get(outcome, PALETTE[i % len(PALETTE)])
