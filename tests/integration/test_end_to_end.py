@@ -6,7 +6,16 @@ import time
 
 import pytest
 
-from tests.support.topology import GATEWAYS, NEEDS_UPLINK, dumps, es_count, es_readings, wait_for
+from tests.support.topology import (
+    GATEWAYS,
+    NEEDS_UPLINK,
+    QUIET,
+    dumps,
+    es_count,
+    es_readings,
+    master_ports,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("topology")
 
@@ -165,13 +174,26 @@ def test_bad_payloads_are_counted_and_the_beacon_keeps_running(topology):
     " tributary_uplink engine carries Tributary's. XPASS here means Salt fixed it.",
 )
 def test_salt_syndic_itself_forwards_a_gateway_event(topology, event_listener):
-    """salt-syndic, not Tributary, carries a plain gateway event to the top master (the tag is
-    not one the uplink forwards): the canary for the upstream Salt 3008 syndic bug."""
-    gateway = topology["gateways"]["gw-brisbane-1"]
-    start = time.time()
-    ret = gateway.salt_call_cli(timeout=60).run("event.fire_master", '{"n": 1}', "canary/syndic")
-    assert ret.returncode == 0 and ret.data is True, ret
-    matched = event_listener.wait_for_events(
-        [(topology["top"].id, "canary/syndic")], timeout=60, after_time=start
+    """salt-syndic, not Tributary, carries a plain minion event to the top master: the canary
+    for the upstream Salt 3008 syndic bug. The session's salt-syndic runs with its forwarding
+    turned off on 3008 (``SYNDIC_3008``, README "Versions tested"), so the canary has a
+    syndic of its own with Salt's defaults (``syndic_mode: sync``, forwarding every 0.5 s),
+    no Tributary engine, and one plain minion: the README's minimal reproduction."""
+    top = topology["top"]
+    syndic = top.salt_syndic_daemon(
+        "syndic-canary", master_overrides=QUIET, minion_overrides=QUIET, overrides=QUIET
     )
+    with syndic.started():
+        minion = syndic.master.salt_minion_daemon(
+            "canary-1", overrides={**QUIET, **master_ports(syndic.master)}
+        )
+        with minion.started():
+            start = time.time()
+            ret = minion.salt_call_cli(timeout=60).run(
+                "event.fire_master", '{"n": 1}', "canary/syndic"
+            )
+            assert ret.returncode == 0 and ret.data is True, ret
+            matched = event_listener.wait_for_events(
+                [(top.id, "canary/syndic")], timeout=60, after_time=start
+            )
     assert matched.found_all_events, "the event did not reach the top master"

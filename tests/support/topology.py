@@ -43,6 +43,16 @@ VERBOSE = {"log_level_logfile": "info", "log_level": "warning"}
 NEEDS_UPLINK = SALT_VERSION >= (3008,)
 
 
+#: Salt 3008: salt-syndic left to pass jobs down only. Its event forwarding (a timer every
+#: ``syndic_event_forward_timeout``) makes a synchronous request from inside its event loop
+#: that does not complete, which stalls the loop 15-30 s at a time, so publications from the
+#: top master reached the gateways 7-52 s late. ``cluster`` queues only jobs' minion lists
+#: (not every gateway event) and the long timer runs that forwarding once an hour; the
+#: ``tributary_uplink`` engine carries events, job returns and minion lists instead (README,
+#: "Versions tested"; the ``tributary.syndic`` state sets the same).
+SYNDIC_3008 = {"syndic_mode": "cluster", "syndic_event_forward_timeout": 3600}
+
+
 #: Gateway minions: Salt calls beacons once a second but counts a beacon's ``interval`` in
 #: ``loop_interval`` units, and salt-factories sets ``loop_interval: 0.05``, which turned
 #: ``interval: 1`` into one beacon run every 20 s. Salt's default of 1 s is what fleets run.
@@ -152,6 +162,7 @@ def syndic_kwargs(syndic_id: str, logs: Mapping[str, str] = QUIET) -> dict[str, 
         "overrides": {
             **logs,
             "syndic_event_forward_timeout": 0.5,
+            **(SYNDIC_3008 if NEEDS_UPLINK else {}),
             "engines_dirs": [str(REPO / "salt" / "_engines")],
             "engines": [
                 {"tributary_keys": {"interval": 5, "syndic_id": syndic_id}},
