@@ -39,8 +39,11 @@ tributary-syndic-file-tree-{{ f }}:
 {%- elif uplink is not sameas true and uplink is not sameas false %}
 {{ raise('invalid pillar tributary:syndic:uplink:enabled: must be auto, true or false') }}
 {%- endif %}
+{%- set salt_syndic = {'syndic_event_forward_timeout': s.syndic_event_forward_timeout} %}
 {%- if uplink %}
 {%-   do engines.append({'tributary_uplink': s.uplink.config}) %}
+{#-   the uplink carries events, returns and jobs' minion lists: salt-syndic passes jobs down #}
+{%-   do salt_syndic.update(s.uplink.salt_syndic) %}
 {%- endif %}
 
 tributary-syndic-config:
@@ -51,7 +54,9 @@ tributary-syndic-config:
     - mode: '0644'
     - dataset:
         syndic_master: {{ s.syndic_master | json }}
-        syndic_event_forward_timeout: {{ s.syndic_event_forward_timeout | json }}
+{%- for key, value in salt_syndic | dictsort %}
+        {{ key }}: {{ value | json }}
+{%- endfor %}
         engines: {{ engines | json }}
         file_roots:
           base:

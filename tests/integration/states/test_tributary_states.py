@@ -165,6 +165,15 @@ def test_syndic_state_mirrors_the_top_file_tree(states_minion, pillar, tmp_dir):
     assert conf["engines"] == [{"tributary_keys": {"interval": 60}}] + (
         [{"tributary_uplink": {}}] if uplink else []
     )
+    # with the uplink on, salt-syndic only passes jobs down (README "Versions tested")
+    salt_syndic = {
+        k: v for k, v in conf.items() if k.startswith("syndic_") and k != "syndic_master"
+    }
+    assert salt_syndic == (
+        {"syndic_mode": "cluster", "syndic_event_forward_timeout": 3600}
+        if uplink
+        else {"syndic_event_forward_timeout": 0.5}
+    )
     for src, dst in [
         (REPO / "salt" / "_modules", tree / "_modules"),
         (REPO / "salt" / "_beacons", tree / "_beacons"),
