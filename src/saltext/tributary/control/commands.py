@@ -15,10 +15,11 @@
 The Salt client is passed in (``cmd(tgt, fun, arg, kwarg, tgt_type, timeout, expect) ->
 {id: ret}``, returning early once every id in ``expect`` answered), so this logic is tested
 without daemons; the runner gives it ``LocalClient.cmd_iter``. Behind a syndic the top master
-does not know which minions a grain target will reach, so the resolution waits
-``resolve_timeout`` for answers (a gateway silent that long is not sent the command), and each
-command job waits only until the gateways resolved for it have answered (at most
-``job_timeout``).
+does not know in advance which minions a grain target will reach (the syndic masters report
+them once they publish), so the resolution ends ``resolve_settle`` after the last answer or
+once those reported have answered, at most ``resolve_timeout`` (a gateway silent that long is
+not sent the command), and each command job waits only until the gateways resolved for it
+have answered (at most ``job_timeout``).
 """
 
 from __future__ import annotations
