@@ -238,7 +238,10 @@ class Shipper:
                 )
         outcome.retry_rows -= exhausted
         if outcome.present_ops:
-            outcome.rejected += self._collisions(plan, outcome.present_ops)
+            collisions = self._collisions(plan, outcome.present_ops)
+            # a 409 for another reading is a collision, never counted as already present
+            outcome.counts["already_present"] -= len(collisions)
+            outcome.rejected += collisions
         plan.not_created = {*outcome.present_ops, *(r.op for r in outcome.rejected)}
         second: list[str] = []
         for rej in outcome.rejected:
