@@ -25,7 +25,7 @@ from saltext.tributary.gateway import config as gw_config
 from saltext.tributary.protocol.wire import decode_batch
 from tests.support.topology import wait_for
 
-EXAMPLES = 60
+EXAMPLES = 70  # 2,100 hostile messages, each followed by a good one
 PER_EXAMPLE = 30  # junk messages per example (each followed by a good one)
 
 RULES = [
@@ -176,7 +176,7 @@ def test_junk_never_blocks_good_readings(fuzz_beacon, fuzz_broker, messages):
 
 def test_every_good_reading_arrived_exactly_once(fuzz_beacon):
     s = fuzz_beacon
-    assert s["good"] >= 1000, s["good"]  # hypothesis may discard examples; thousands remain
+    assert s["good"] >= 2000, s["good"]  # thousands of hostile payloads went through
     print(f"fuzz: {s['good']} junk messages, {s['sent']} received")
     spool = s["spool"]
     assert spool.status()["counters"]["received"] == s["sent"]

@@ -300,9 +300,14 @@ def _make_tls(conf: Path, home: Path, env: dict, run_as_es) -> str:
 
 
 def start_elasticsearch(
-    *, tls: bool = False, heap_mb: int = 768, port: int | None = None
+    *,
+    tls: bool = False,
+    heap_mb: int = 768,
+    port: int | None = None,
+    extra_settings: dict[str, str] | None = None,
 ) -> Elasticsearch:
-    """Unpack-free start: the cached distribution is linked into a fresh work dir."""
+    """Unpack-free start: the cached distribution is linked into a fresh work dir;
+    ``extra_settings`` go into its elasticsearch.yml (``http.max_content_length``, say)."""
     dist = cache_dir() / "es" / "current"
     if not dist.exists():
         raise RuntimeError(f"no Elasticsearch at {dist}: run `make setup` (scripts/setup.sh) first")
@@ -338,6 +343,7 @@ def start_elasticsearch(
         "action.destructive_requires_name": "false",
         "cluster.routing.allocation.disk.threshold_enabled": "false",
         "indices.breaker.total.use_real_memory": "false",
+        **(extra_settings or {}),
     }
     (conf / "jvm.options.d").mkdir(exist_ok=True)
     (conf / "jvm.options.d" / "heap.options").write_text(f"-Xms{heap_mb}m\n-Xmx{heap_mb}m\n")
