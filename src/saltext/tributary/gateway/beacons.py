@@ -12,21 +12,25 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from saltext.tributary.gateway.config import (
-    DEFAULT_BATCH_BYTES,
-    DEFAULT_RUN_BYTES,
     HARD_RUN_BYTES,
+    batch_options,
     config_to_dict,
+    parse_health,
+    parse_mqtt,
+    parse_sysfs,
+    parsed,
     spool_options,
     spool_path,
 )
 from saltext.tributary.gateway.filters import Filters, compile_filters
 from saltext.tributary.gateway.registry import Registry
 from saltext.tributary.gateway.sources import health as health_mod
-from saltext.tributary.gateway.sources.payload import Mapper, compile_rules
-from saltext.tributary.gateway.sources.sysfs import SysfsSource, compile_sources
+from saltext.tributary.gateway.sources.payload import Mapper, TopicRule
+from saltext.tributary.gateway.sources.sysfs import SysfsSource
 from saltext.tributary.gateway.spool import GatewaySpool, SpoolFull
 from saltext.tributary.protocol.reading import Reading, RejectedReading
 from saltext.tributary.util import clock
@@ -42,7 +46,7 @@ TRIM_EVERY_S = 60.0
 
 def ensure_mqtt_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
     """Start (or restart on a config change) the subscriber for this beacon config."""
-    from saltext.tributary.gateway.sources.mqtt import MqttSource, parse_broker
+    from saltext.tributary.gateway.sources.mqtt import MqttSource
 
     path = spool_path(cfg, opts)
     name = str(cfg.get("_beacon_name", "tributary_mqtt"))
@@ -50,14 +54,13 @@ def ensure_mqtt_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
     def build(previous: Any) -> Any:
         if previous is not None:
             log.info("tributary mqtt: configuration changed, restarted the subscriber")
-        broker_cfg = dict(cfg.get("broker") or {})
-        broker_cfg.setdefault("client_id", f"tributary-{opts.get('id', 'gateway')}-{name}")
-        broker, errors = parse_broker(broker_cfg)
-        if broker is None:
-            raise ValueError("tributary_mqtt: " + "; ".join(errors))
+        mqtt = parsed("tributary_mqtt", parse_mqtt, cfg)
+        broker = mqtt.broker
+        if "client_id" not in (cfg.get("broker") or {}):
+            broker = replace(broker, client_id=f"tributary-{opts.get('id', 'gateway')}-{name}")
         source = MqttSource(
             broker,
-            Mapper(compile_rules(cfg["topics"])),
+            Mapper([TopicRule.from_options(t) for t in mqtt.topics]),
             path,
             Filters(compile_filters(cfg.get("filters"))),
             **spool_options(cfg),
@@ -184,10 +187,10 @@ def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, A
         maybe_trim(spool)
     except Exception as exc:  # retention must never stop emitting
         log.warning("tributary: retention trim failed: %s", exc)
-    batch_cfg = cfg.get("batch") or {}
+    batch = batch_options(cfg)
     site = site_of(cfg, grains)
-    max_batch = batch_cfg.get("max_bytes", DEFAULT_BATCH_BYTES)
-    max_run = min(batch_cfg.get("max_run_bytes", DEFAULT_RUN_BYTES), HARD_RUN_BYTES)
+    max_batch = batch.max_bytes
+    max_run = min(batch.max_run_bytes, HARD_RUN_BYTES)
     budget = _budget_for(cfg, opts)
     if budget is not None:
         batches = budget.emit(spool, max_batch_bytes=max_batch, site=str(site) if site else None)
@@ -221,12 +224,12 @@ def sysfs_source(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> SysfsSource
     """The (registry-held) sysfs poller for this beacon config."""
     key = f"{spool_path(cfg, opts)}|{cfg.get('_beacon_name', 'tributary_sysfs')}"
     config = {"root": cfg.get("root", "/"), "sources": cfg.get("sources")}
-    return REGISTRY.ensure(
-        "source",
-        key,
-        config,
-        lambda _: SysfsSource(str(config["root"]), compile_sources(config["sources"])),
-    )
+
+    def build(_: Any) -> SysfsSource:
+        sysfs = parsed("tributary_sysfs", parse_sysfs, cfg)
+        return SysfsSource(sysfs.root, sysfs.sources)
+
+    return REGISTRY.ensure("source", key, config, build)
 
 
 def run_sysfs_beacon(config: Any, opts: Mapping[str, Any], grains: Mapping[str, Any]) -> list[dict]:
@@ -247,17 +250,16 @@ def run_health_beacon(
     """One ``tributary_health`` run: spool the health metrics, emit batches, then heartbeat."""
     cfg = config_to_dict(config)
     cfg.setdefault("_beacon_name", "tributary_health")
+    health = parsed("tributary_health", parse_health, cfg)
     spool = emitting_spool(cfg, opts)
     now = clock.now_ms()
     metrics = health_mod.collect(
         spool.status(),
-        root=str(cfg.get("root", "/")),
-        disk_path=str(cfg.get("disk_path") or os.path.dirname(spool.path) or "/"),
+        root=health.root,
+        disk_path=health.disk_path or os.path.dirname(spool.path) or "/",
     )
-    if cfg.get("spool_metrics", True):
-        spool_readings(
-            cfg, opts, health_mod.readings(metrics, now, str(cfg.get("sensor", "health"))), []
-        )
+    if health.spool_metrics:
+        spool_readings(cfg, opts, health_mod.readings(metrics, now, health.sensor), [])
     out = emit(cfg, opts, grains)
     st = spool.status()
     metrics.update(
@@ -273,8 +275,8 @@ def run_health_beacon(
     site = site_of(cfg, grains)
     if site:
         heartbeat["site"] = str(site)
-    if cfg.get("grains"):  # what alert rules on the top master may match on (bounded)
-        picked, skipped = health_mod.pick_grains(grains, list(cfg["grains"]))
+    if health.grains:  # what alert rules on the top master may match on (bounded)
+        picked, skipped = health_mod.pick_grains(grains, list(health.grains))
         heartbeat["grains"] = picked
         for why in skipped:
             log.warning("tributary_health: grain left out of the heartbeat: %s", why)

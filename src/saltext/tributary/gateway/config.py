@@ -1,22 +1,23 @@
-"""Gateway beacon configuration: Salt's list-of-dicts to a mapping, validation with key paths,
-the spool location."""
+"""Gateway beacon configuration: one schema per beacon (:class:`MqttBeaconOptions`,
+:class:`SysfsBeaconOptions`, :class:`HealthBeaconOptions`), parsed once by ``parse_<beacon>``
+for both the loader's ``validate()`` and the beacon run, and the spool location."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from saltext.tributary.gateway.bandwidth import parse_bandwidth
+from saltext.tributary.gateway.bandwidth import BandwidthOptions, parse_bandwidth
 from saltext.tributary.gateway.filters import FilterConfigError, compile_filters
-from saltext.tributary.gateway.sources.mqtt import parse_broker
-from saltext.tributary.gateway.sources.payload import ConfigError, compile_rules
-from saltext.tributary.gateway.sources.sysfs import SysfsConfigError, compile_sources
+from saltext.tributary.gateway.sources.health import GRAINS_MAX_PATHS
+from saltext.tributary.gateway.sources.mqtt import BrokerConfig
+from saltext.tributary.gateway.sources.payload import TOPICS_CHECKS, TopicOptions
+from saltext.tributary.gateway.sources.sysfs import SOURCES_CHECKS, SourceSpec
 from saltext.tributary.util import schema
-from saltext.tributary.util.schema import option
+from saltext.tributary.util.schema import REQUIRED, option
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,8 @@ class BatchOptions:
     max_run_bytes: int = option(DEFAULT_RUN_BYTES, range=(1024, HARD_RUN_BYTES))
 
 
-#: Keys Salt itself reads from any beacon's configuration.
-SALT_BEACON_KEYS = frozenset({"interval", "disable_during_state_run", "beacon_module"})
-#: Keys every Tributary beacon takes.
-COMMON_KEYS = frozenset({"site", "spool", "batch", "filters", "bandwidth"})
+SITE_PATTERN = r"[A-Za-z0-9_.:-]{1,64}"
+GRAIN_PATH_PATTERN = r"[A-Za-z0-9_.-]{1,64}(:[A-Za-z0-9_.-]{1,64}){0,7}"
 
 
 def spool_path(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> str:
@@ -77,112 +76,126 @@ def spool_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {"max_bytes": opts.max_bytes, "max_age_s": opts.max_age_s}
 
 
-def validate_common(cfg: Mapping[str, Any], own_keys: frozenset[str] = frozenset()) -> list[str]:
-    """Checks shared by the beacons: unknown keys, spool, batch, site, filters, bandwidth."""
-    errors = schema.unknown_options(
-        (k for k in cfg if not (isinstance(k, str) and k.startswith("_"))),
-        SALT_BEACON_KEYS | COMMON_KEYS | own_keys,
-    )
-    errors += schema.parse(SpoolOptions, cfg.get("spool"), "spool")[1]
-    errors += schema.parse(BatchOptions, cfg.get("batch"), "batch")[1]
-    if "site" in cfg and (
-        not isinstance(cfg["site"], str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", cfg["site"])
-    ):
-        errors.append("site: must be a short name ([A-Za-z0-9_.:-]{1,64})")
+def batch_options(cfg: Mapping[str, Any]) -> BatchOptions:
+    opts, _ = schema.parse(BatchOptions, cfg.get("batch"), "batch")
+    return opts or BatchOptions()
+
+
+def _filters(value: Any, key: str) -> tuple[Any, list[str]]:
     try:
-        compile_filters(cfg.get("filters"))
+        compile_filters(value, key)
     except FilterConfigError as exc:
-        errors.append(str(exc))
-    errors.extend(validate_bandwidth(cfg.get("bandwidth")))
-    return errors
+        return None, [str(exc)]
+    return value, []
 
 
-def validate_bandwidth(bw: Any) -> list[str]:
-    return [] if bw is None else parse_bandwidth(bw)[1]
+def _bandwidth(value: Any, key: str) -> tuple[Any, list[str]]:
+    return parse_bandwidth(value)
 
 
-def _validated(
-    name: str,
-    config: Any,
-    checks: Callable[[dict[str, Any]], list[str]],
-    own_keys: frozenset[str],
-) -> tuple[bool, str]:
-    """The shared shape of a beacon ``validate()``: never raises, names every bad key."""
-    try:
-        if not isinstance(config, (list, Mapping)):
-            return False, f"{name}: configuration must be a list of mappings"
-        cfg = config_to_dict(config)
-        errors = validate_common(cfg, own_keys) + checks(cfg)
-        if errors:
-            return False, f"{name}: " + "; ".join(errors)
-        return True, "valid"
-    except Exception as exc:  # validate() must never raise
-        return False, f"{name}: invalid configuration: {exc}"
+@dataclass(frozen=True, kw_only=True)
+class BeaconOptions:
+    """The keys every Tributary beacon takes (Salt's own first)."""
+
+    interval: Any = option(None, doc="(Salt) seconds between runs")
+    disable_during_state_run: Any = option(None, doc="(Salt)")
+    beacon_module: Any = option(None, doc="(Salt) for a beacon under another name")
+    site: str | None = option(
+        None, pattern=SITE_PATTERN, pattern_doc=f"must be a short name ({SITE_PATTERN})"
+    )
+    spool: SpoolOptions = option(SpoolOptions)
+    batch: BatchOptions = option(BatchOptions)
+    #: checked by :func:`~saltext.tributary.gateway.filters.compile_filters`
+    filters: list[dict[str, Any]] | None = option(None, parser=_filters)
+    #: checked by :func:`~saltext.tributary.gateway.bandwidth.parse_bandwidth`
+    bandwidth: BandwidthOptions | None = option(None, parser=_bandwidth)
 
 
-def _sysfs_checks(cfg: dict[str, Any]) -> list[str]:
-    errors = []
-    root = cfg.get("root", "/")
-    if not isinstance(root, str) or not root:
-        errors.append("root: must be a directory path string")
-    try:
-        compile_sources(cfg.get("sources"))
-    except SysfsConfigError as exc:
-        errors.append(str(exc))
-    return errors
+@dataclass(frozen=True, kw_only=True)
+class MqttBeaconOptions(BeaconOptions):
+    """A ``tributary_mqtt`` beacon's configuration, under its YAML names."""
+
+    broker: BrokerConfig = option(BrokerConfig)
+    topics: list[TopicOptions] = option(REQUIRED, **TOPICS_CHECKS)
 
 
-def _health_checks(cfg: dict[str, Any]) -> list[str]:
-    errors = []
-    for key in ("root", "disk_path", "sensor"):
-        if key in cfg and (not isinstance(cfg[key], str) or not cfg[key]):
-            errors.append(f"{key}: must be a non-empty string")
-    if "spool_metrics" in cfg and not isinstance(cfg["spool_metrics"], bool):
-        errors.append("spool_metrics: must be true or false")
-    if "grains" in cfg:
-        errors += _grain_paths_errors(cfg["grains"])
-    return errors
+@dataclass(frozen=True, kw_only=True)
+class SysfsBeaconOptions(BeaconOptions):
+    """A ``tributary_sysfs`` beacon's configuration, under its YAML names."""
+
+    root: str = option("/", nonempty=True, doc="where sys/ is (a fake tree in tests)")
+    sources: list[SourceSpec] = option(REQUIRED, **SOURCES_CHECKS)
 
 
-def _grain_paths_errors(paths: Any) -> list[str]:
-    """``grains``: the grain paths the heartbeat carries for the top master's alert rules."""
-    from saltext.tributary.gateway.sources.health import GRAINS_MAX_PATHS
+@dataclass(frozen=True, kw_only=True)
+class HealthBeaconOptions(BeaconOptions):
+    """A ``tributary_health`` beacon's configuration, under its YAML names."""
 
-    if not isinstance(paths, list) or len(paths) > GRAINS_MAX_PATHS:
-        return [f"grains: must be a list of at most {GRAINS_MAX_PATHS} grain paths"]
-    return [
-        f"grains[{i}]: a grain path such as role or tributary:devices, got {p!r}"
-        for i, p in enumerate(paths)
-        if not isinstance(p, str)
-        or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}(:[A-Za-z0-9_.-]{1,64}){0,7}", p)
-    ]
+    root: str = option("/", nonempty=True, doc="where proc/ and sys/ are")
+    disk_path: str | None = option(None, nonempty=True, doc="default: the spool's directory")
+    sensor: str = option("health", nonempty=True, doc="the sensor of the spooled metrics")
+    spool_metrics: bool = option(True, doc="spool the numeric metrics as readings")
+    grains: list[str] | None = option(
+        None,
+        doc="grain paths the heartbeat carries, for alert rules on the top master",
+        pattern=GRAIN_PATH_PATTERN,
+        pattern_doc="a grain path such as role or tributary:devices",
+        min_items=0,
+        max_items=GRAINS_MAX_PATHS,
+        items_doc="grain paths",
+    )
 
 
-def _mqtt_checks(cfg: dict[str, Any]) -> list[str]:
-    errors = []
-    errors += parse_broker(cfg.get("broker"))[1]
-    try:
-        compile_rules(cfg.get("topics"))
-    except ConfigError as exc:
-        errors.append(str(exc))
-    return errors
+B = TypeVar("B", bound=BeaconOptions)
+
+
+def parse_beacon(cls: type[B], config: Any) -> tuple[B | None, list[str]]:
+    """A beacon's configuration (Salt's list of one-key mappings, or a mapping) as ``cls``, or
+    every problem with its key path; keys starting with ``_`` are Salt's or the caller's."""
+    if not isinstance(config, (list, Mapping)):
+        return None, ["configuration must be a list of mappings"]
+    cfg = {
+        k: v
+        for k, v in config_to_dict(config).items()
+        if not (isinstance(k, str) and k.startswith("_"))
+    }
+    return schema.parse(cls, cfg)
+
+
+def parse_mqtt(config: Any) -> tuple[MqttBeaconOptions | None, list[str]]:
+    """The one parse of a ``tributary_mqtt`` config: ``validate()`` and the run use it."""
+    return parse_beacon(MqttBeaconOptions, config)
+
+
+def parse_sysfs(config: Any) -> tuple[SysfsBeaconOptions | None, list[str]]:
+    """The one parse of a ``tributary_sysfs`` config: ``validate()`` and the run use it."""
+    return parse_beacon(SysfsBeaconOptions, config)
+
+
+def parse_health(config: Any) -> tuple[HealthBeaconOptions | None, list[str]]:
+    """The one parse of a ``tributary_health`` config: ``validate()`` and the run use it."""
+    return parse_beacon(HealthBeaconOptions, config)
+
+
+def parsed(name: str, parse_fn: Callable[[Any], tuple[B | None, list[str]]], config: Any) -> B:
+    """The parsed config of a beacon run; raises ValueError naming every problem (Salt runs a
+    beacon only once its ``validate()`` passed, so this is a config changed under it)."""
+    opts, errors = parse_fn(config)
+    if opts is None:
+        raise ValueError(f"{name}: " + "; ".join(errors))
+    return opts
 
 
 def validate_sysfs(config: Any) -> tuple[bool, str]:
     """Validate a ``tributary_sysfs`` beacon config; never raises."""
-    return _validated("tributary_sysfs", config, _sysfs_checks, frozenset({"root", "sources"}))
+    return schema.verdict("tributary_sysfs", parse_sysfs, config)
 
 
 def validate_health(config: Any) -> tuple[bool, str]:
     """Validate a ``tributary_health`` beacon config; never raises."""
-    return _validated(
-        "tributary_health",
-        config,
-        _health_checks,
-        frozenset({"root", "disk_path", "sensor", "spool_metrics", "grains"}),
-    )
+    return schema.verdict("tributary_health", parse_health, config)
 
 
 def validate_mqtt(config: Any) -> tuple[bool, str]:
     """Validate a ``tributary_mqtt`` beacon config; never raises."""
-    return _validated("tributary_mqtt", config, _mqtt_checks, frozenset({"broker", "topics"}))
+    return schema.verdict("tributary_mqtt", parse_mqtt, config)

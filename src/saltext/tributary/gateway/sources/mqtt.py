@@ -48,15 +48,18 @@ class BrokerConfig:
     reconnect_min: float = option(0.5, range=(0.1, 3600))
     reconnect_max: float = option(30.0, range=(0.1, 86400))
 
+    def problems(self, path: str) -> list[str]:
+        """What the credentials say about each other, by key path."""
+        if self.password is not None and self.password_file is not None:
+            return [f"{path}.password_file: use either password or password_file"]
+        if (self.password or self.password_file) and not self.username:
+            return [f"{path}.username: required when {path}.password is set"]
+        return []
+
 
 def parse_broker(data: Any) -> tuple[BrokerConfig | None, list[str]]:
     """The broker block, or every problem with its key path (``broker.port: ...``)."""
-    cfg, errors = schema.parse(BrokerConfig, data, "broker")
-    if cfg is not None and cfg.password is not None and cfg.password_file is not None:
-        return None, ["broker.password_file: use either password or password_file"]
-    if cfg is not None and (cfg.password or cfg.password_file) and not cfg.username:
-        return None, ["broker.username: required when broker.password is set"]
-    return cfg, errors
+    return schema.parse(BrokerConfig, data, "broker")
 
 
 def broker_password(broker: BrokerConfig) -> str | None:

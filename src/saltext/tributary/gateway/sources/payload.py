@@ -40,7 +40,8 @@ from saltext.tributary.protocol.reading import (
     check_ts,
     make_reading,
 )
-from saltext.tributary.util.schema import unknown_options
+from saltext.tributary.util import schema
+from saltext.tributary.util.schema import REQUIRED, option
 
 FORMATS = ("number", "json", "senml", "flat")
 MAX_PAYLOAD = 65_536
@@ -100,36 +101,79 @@ class FieldSpec:
     offset: float = 0.0
 
 
-#: The keys of a topic rule (see the module docstring).
-RULE_KEYS = ("topic", "sensor", "metric", "unit", "format", "convert", "fields", "timestamp")
+@dataclass(frozen=True)
+class Conversion:
+    """A ``convert`` mapping: ``out = value * scale + offset``, then ``unit``."""
+
+    scale: float = option(1.0)
+    offset: float = option(0.0)
+    unit: str | None = option(None, doc="the unit after conversion (default: the rule's)")
 
 
-def _refuse_unknown(cfg: Mapping[Any, Any], known: tuple[str, ...], where: str) -> None:
-    unknown = unknown_options(cfg, known, where)
-    if unknown:
-        raise ConfigError(unknown[0])
+@dataclass(frozen=True)
+class FieldOptions:
+    """One entry of a rule's ``fields`` map (or just the metric name)."""
+
+    metric: str | None = option(None, doc="default: the path's last part")
+    unit: str | None = option(None)
+    convert: str | Conversion | None = option(None, choices=tuple(CONVERSIONS))
 
 
-def _conversion(value: Any, where: str) -> tuple[float, float, str | None]:
+@dataclass(frozen=True)
+class TimestampOptions:
+    """A rule's ``timestamp`` (or just the field's dotted path)."""
+
+    field: str = option(REQUIRED, nonempty=True, doc="dotted path of the time field")
+    format: str = option("ms", choices=("ms", "s", "iso"))
+
+
+@dataclass(frozen=True)
+class TopicOptions:
+    """One item of a ``tributary_mqtt`` beacon's ``topics`` list (see the module docstring)."""
+
+    topic: str = option(REQUIRED, nonempty=True, doc="MQTT pattern with {captures}")
+    sensor: str | None = option(None, doc='default: "{sensor}" if captured, else the last level')
+    metric: str | None = option(None, doc='default: "{metric}" if captured, else "value"')
+    unit: str | None = option(None)
+    format: str = option("number", choices=FORMATS)
+    convert: str | Conversion | None = option(None, choices=tuple(CONVERSIONS))
+    fields: dict[str, str | FieldOptions] | None = option(None, doc="dotted path -> metric")
+    timestamp: str | TimestampOptions | None = option(None)
+
+    def field_options(self) -> dict[str, FieldOptions]:
+        """``fields`` with the metric-name shorthand spelled out."""
+        return {
+            path: FieldOptions(metric=spec) if isinstance(spec, str) else spec
+            for path, spec in (self.fields or {}).items()
+        }
+
+    def problems(self, path: str) -> list[str]:
+        """What the rule's options say about each other, by key path."""
+        errors = []
+        try:
+            _compile(self.topic)
+        except ConfigError as exc:
+            errors.append(f"{path}.topic: {exc}")
+        for name, spec in self.field_options().items():
+            try:
+                check_name("metric", spec.metric or name.rsplit(".", 1)[-1])
+            except RejectedReading as exc:
+                errors.append(f"{path}.fields.{name}.metric: {exc.detail}")
+        if self.format == "json" and not self.fields:
+            errors.append(f"{path}.fields: format json needs a field map")
+        return errors
+
+
+#: The ``topics`` list's own checks (the items' are :class:`TopicOptions`'s).
+TOPICS_CHECKS: dict[str, Any] = {"items_doc": "topic rules"}
+
+
+def _conversion(value: str | Conversion | None) -> tuple[float, float, str | None]:
     if value is None:
         return 1.0, 0.0, None
     if isinstance(value, str):
-        if value not in CONVERSIONS:
-            raise ConfigError(
-                f"{where}: unknown conversion {value!r} (known: {sorted(CONVERSIONS)})"
-            )
         return CONVERSIONS[value]
-    if isinstance(value, Mapping):
-        _refuse_unknown(value, ("scale", "offset", "unit"), where)
-        try:
-            return (
-                float(value.get("scale", 1.0)),
-                float(value.get("offset", 0.0)),
-                value.get("unit"),
-            )
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: scale/offset must be numbers")
-    raise ConfigError(f"{where}: must be a conversion name or {{scale, offset}}")
+    return value.scale, value.offset, value.unit
 
 
 @dataclass
@@ -150,84 +194,56 @@ class TopicRule:
     ts_format: str = "ms"
 
     @classmethod
-    def from_config(cls, cfg: Any, where: str = "topics") -> TopicRule:
-        if not isinstance(cfg, Mapping):
-            raise ConfigError(f"{where}: each rule must be a mapping")
-        _refuse_unknown(cfg, RULE_KEYS, where)
-        topic = cfg.get("topic")
-        if not isinstance(topic, str) or not topic:
-            raise ConfigError(f"{where}.topic: required string")
-        regex, sub = _compile(topic)
-        fmt = cfg.get("format", "number")
-        if fmt not in FORMATS:
-            raise ConfigError(f"{where}.format: {fmt!r} is not one of {FORMATS}")
-        scale, offset, conv_unit = _conversion(cfg.get("convert"), f"{where}.convert")
-        unit = conv_unit or cfg.get("unit")
-        fields: list[FieldSpec] = []
-        raw_fields = cfg.get("fields") or {}
-        if not isinstance(raw_fields, Mapping):
-            raise ConfigError(f"{where}.fields: must be a mapping of path -> metric")
-        for path, spec in raw_fields.items():
-            fwhere = f"{where}.fields.{path}"
-            if isinstance(spec, str):
-                spec = {"metric": spec}
-            if not isinstance(spec, Mapping) or not isinstance(spec.get("metric", path), str):
-                raise ConfigError(f"{fwhere}: must be a metric name or {{metric, unit}}")
-            _refuse_unknown(spec, ("metric", "unit", "convert"), fwhere)
-            fs, fo, fu = _conversion(spec.get("convert"), f"{fwhere}.convert")
-            try:
-                check_name("metric", spec.get("metric", str(path).rsplit(".", 1)[-1]))
-            except RejectedReading as exc:
-                raise ConfigError(f"{fwhere}.metric: {exc.detail}")
+    def from_options(cls, opts: TopicOptions) -> TopicRule:
+        """The rule a parsed :class:`TopicOptions` describes."""
+        regex, sub = _compile(opts.topic)
+        scale, offset, conv_unit = _conversion(opts.convert)
+        fields = []
+        for path, spec in opts.field_options().items():
+            fs, fo, fu = _conversion(spec.convert)
             fields.append(
                 FieldSpec(
-                    path=str(path).split("."),
-                    metric=spec.get("metric", str(path).rsplit(".", 1)[-1]),
-                    unit=fu or spec.get("unit"),
+                    path=path.split("."),
+                    metric=spec.metric or path.rsplit(".", 1)[-1],
+                    unit=fu or spec.unit,
                     scale=fs,
                     offset=fo,
                 )
             )
-        if fmt == "json" and not fields:
-            raise ConfigError(f"{where}.fields: format json needs a field map")
-        ts = cfg.get("timestamp")
-        ts_field = None
-        ts_format = "ms"
-        if ts is not None:
-            if isinstance(ts, str):
-                ts = {"field": ts}
-            if not isinstance(ts, Mapping) or not isinstance(ts.get("field"), str):
-                raise ConfigError(f"{where}.timestamp: needs a field name")
-            _refuse_unknown(ts, ("field", "format"), f"{where}.timestamp")
-            ts_field = ts["field"].split(".")
-            ts_format = ts.get("format", "ms")
-            if ts_format not in ("ms", "s", "iso"):
-                raise ConfigError(f"{where}.timestamp.format: {ts_format!r} is not ms, s or iso")
-        for key in ("sensor", "metric"):
-            val = cfg.get(key)
-            if val is not None and not isinstance(val, str):
-                raise ConfigError(f"{where}.{key}: must be a string template")
+        ts = opts.timestamp
+        if isinstance(ts, str):
+            ts = TimestampOptions(field=ts)
         return cls(
-            topic=topic,
+            topic=opts.topic,
             regex=regex,
             subscription=sub,
-            fmt=fmt,
-            sensor=cfg.get("sensor"),
-            metric=cfg.get("metric"),
-            unit=unit,
+            fmt=opts.format,
+            sensor=opts.sensor,
+            metric=opts.metric,
+            unit=conv_unit or opts.unit,
             scale=scale,
             offset=offset,
             fields=fields,
-            ts_field=ts_field,
-            ts_format=ts_format,
+            ts_field=ts.field.split(".") if ts else None,
+            ts_format=ts.format if ts else "ms",
         )
+
+    @classmethod
+    def from_config(cls, cfg: Any, where: str = "topics") -> TopicRule:
+        """One rule from its mapping; raises ConfigError naming every bad key."""
+        opts, errors = schema.parse(TopicOptions, cfg, where)
+        if opts is None:
+            raise ConfigError("; ".join(errors))
+        return cls.from_options(opts)
 
 
 def compile_rules(raw: Any) -> list[TopicRule]:
-    """Compile the ``topics`` list of a beacon config (raises ConfigError naming the key)."""
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError("topics: a non-empty list of topic rules is required")
-    return [TopicRule.from_config(r, f"topics[{i}]") for i, r in enumerate(raw)]
+    """The ``topics`` list of a beacon config on its own; raises ConfigError naming every bad
+    key (``topics[0].format: ...``)."""
+    rules, errors = schema.parse_items(TopicOptions, raw, "topics", **TOPICS_CHECKS)
+    if rules is None:
+        raise ConfigError("; ".join(errors))
+    return [TopicRule.from_options(r) for r in rules]
 
 
 def _get(obj: Any, path: list[str]) -> Any:

@@ -26,13 +26,13 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from saltext.tributary.protocol.reading import Reading, RejectedReading, make_reading
-from saltext.tributary.util import clock
-from saltext.tributary.util.schema import mappings, number_error
+from saltext.tributary.util import clock, schema
+from saltext.tributary.util.schema import REQUIRED, option
 
 KINDS = ("hwmon", "thermal", "iio", "w1")
 _SAFE = re.compile(r"[^A-Za-z0-9_.:@-]+")
@@ -111,32 +111,26 @@ class SysfsSensor:
         return f"{self.sensor}/{self.metric}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SourceSpec:
-    kind: str
-    interval_s: float = 10.0
-    match: str = "*"
-    extra: dict[str, Any] = field(default_factory=dict)
+    """One item of a ``tributary_sysfs`` beacon's ``sources`` list (its YAML names)."""
+
+    kind: str = option(REQUIRED, choices=KINDS, doc="which sysfs class to discover")
+    interval_s: float = option(10.0, positive=True, doc="seconds between two reads of a sensor")
+    match: str = option("*", doc="fnmatch pattern on <sensor>/<metric>")
+
+
+#: The ``sources`` list's own checks (the items' are :class:`SourceSpec`'s).
+SOURCES_CHECKS: dict[str, Any] = {"items_doc": "sources"}
 
 
 def compile_sources(raw: Any, where: str = "sources") -> list[SourceSpec]:
-    """Compile the ``sources`` list of a ``tributary_sysfs`` config (errors name the key)."""
-    if not isinstance(raw, list) or not raw:
-        raise SysfsConfigError(f"{where}: a non-empty list of sources is required")
-    out = []
-    for w, item in mappings(raw, where, ("kind", "interval_s", "match"), SysfsConfigError):
-        kind = item.get("kind")
-        if kind not in KINDS:
-            raise SysfsConfigError(f"{w}.kind: {kind!r} is not one of {', '.join(KINDS)}")
-        interval = item.get("interval_s", 10)
-        err = number_error(interval, f"{w}.interval_s", positive=True)
-        if err:
-            raise SysfsConfigError(err)
-        match = item.get("match", "*")
-        if not isinstance(match, str):
-            raise SysfsConfigError(f"{w}.match: must be a string pattern")
-        out.append(SourceSpec(kind=str(kind), interval_s=float(interval), match=match))
-    return out
+    """The ``sources`` list of a ``tributary_sysfs`` config on its own; raises
+    SysfsConfigError naming every bad key (``sources[0].kind: ...``)."""
+    specs, errors = schema.parse_items(SourceSpec, raw, where, **SOURCES_CHECKS)
+    if specs is None:
+        raise SysfsConfigError("; ".join(errors))
+    return specs
 
 
 # -- hwmon ---------------------------------------------------------------------------------------
