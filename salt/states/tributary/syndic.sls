@@ -45,13 +45,31 @@ tributary-syndic-file-tree-{{ f }}:
 {#-   the uplink carries events, returns and jobs' minion lists: salt-syndic passes jobs down #}
 {%-   do salt_syndic.update(s.uplink.salt_syndic) %}
 {%- endif %}
+{#- Scale-out (README "Scale-out"): with tributary:syndic:relay set, this syndic master runs
+    its own tributary_relay (scaleout role syndic) for its gateways; its syndic_id defaults to
+    the one tributary_keys signs as. The file then holds Elasticsearch credentials: 0600. #}
+{%- set relay = s.relay %}
+{%- if relay %}
+{%-   set so = {'role': 'syndic',
+                'syndic_id': s['keys'].get('syndic_id') or grains['id']} %}
+{%-   set relay = salt['slsutil.merge']({'scaleout': so}, relay, strategy='recurse') %}
+{%-   do engines.append({'tributary_relay': relay}) %}
+
+tributary-syndic-package-installed:
+  pip.installed:
+    - name: {{ tributary.package.master }}
+    - bin_env: {{ grains['pythonexecutable'] }}
+    - require_in:
+      - file: tributary-syndic-config
+{%- endif %}
 
 tributary-syndic-config:
   file.serialize:
     - name: {{ s.config_dir }}/tributary-syndic.conf
     - serializer: yaml
     - makedirs: True
-    - mode: '0644'
+    - mode: '{{ '0600' if relay else '0644' }}'
+    - show_changes: {{ not relay }}
     - dataset:
         syndic_master: {{ s.syndic_master | json }}
 {%- for key, value in salt_syndic | dictsort %}

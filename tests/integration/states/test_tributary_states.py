@@ -189,6 +189,39 @@ def test_syndic_state_mirrors_the_top_file_tree(states_minion, pillar, tmp_dir):
     assert set(changed(res)) == {"tributary-syndic-file-tree-_modules"}
 
 
+def test_syndic_state_writes_a_scaleout_relay(states_minion, pillar, tmp_dir):
+    """tributary:syndic:relay set: the syndic master runs its own relay (scale-out, role
+    syndic, its id as tributary_keys signs), and the file with its credentials is 0600."""
+    relay = {
+        "elasticsearch": {"hosts": ["https://es.example.internal:9200"], "password": "syn-secret"},
+        "health": {"enabled": False},
+    }
+    pillar.set(
+        {
+            "tributary": {
+                "syndic": {
+                    "config_dir": str(tmp_dir / "master.d"),
+                    "mirror_dir": str(tmp_dir / "tree"),
+                    "manage_service": False,
+                    "syndic_master": "top.example.internal",
+                    "keys": {"interval": 60, "syndic_id": "syn-brisbane"},
+                    "relay": relay,
+                }
+            }
+        }
+    )
+    res = assert_all_ok(apply(states_minion, "tributary.syndic"))
+    assert "syn-secret" not in json.dumps(res)
+    path = tmp_dir / "master.d" / "tributary-syndic.conf"
+    assert path.stat().st_mode & 0o077 == 0
+    engines = yaml.safe_load(path.read_text())["engines"]
+    (cfg,) = [e["tributary_relay"] for e in engines if "tributary_relay" in e]
+    assert cfg == {**relay, "scaleout": {"role": "syndic", "syndic_id": "syn-brisbane"}}
+    from saltext.tributary.relay.config import validate_relay
+
+    assert validate_relay(cfg) == (True, "valid")
+
+
 def test_example_fleet_pillar_renders_for_a_gateway(states_minion, pillar, pillar_root):
     # the repo's pillar/ (top.sls + example fleet) served as is; the minion is a brisbane gateway
     for src in (REPO / "pillar").rglob("*.sls"):
