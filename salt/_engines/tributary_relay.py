@@ -185,15 +185,15 @@ def start(**config):
         log.error("%s: not starting", msg)
         raise ValueError(msg)
     es_cfg = config["elasticsearch"]
-    client = es_lib.make_client(es_cfg)
     rcfg = relay_config.relay_config(config, __opts__["cachedir"], __opts__.get("pki_dir"))
+    client = es_lib.make_client(rcfg.elasticsearch)
 
     def setup():
         es_lib.install_templates(
             client,
             rcfg.index_prefix,
-            replicas=es_cfg.get("replicas", 1),
-            shards=es_cfg.get("shards", 1),
+            replicas=rcfg.elasticsearch.replicas,
+            shards=rcfg.elasticsearch.shards,
             data_streams=rcfg.indices == "data_stream",
         )
         if rcfg.indices != "data_stream":

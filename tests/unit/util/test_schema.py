@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from saltext.tributary.relay.config import RelayConfig, parse_relay
 from saltext.tributary.util import schema
+from saltext.tributary.util.schema import REQUIRED, option
 
 ES = {"hosts": ["https://es:9200"]}
 
@@ -68,3 +71,69 @@ def test_numbers_convert_and_empty_blocks_take_the_defaults():
 def test_not_a_mapping():
     assert parse_relay(None) == (None, ["configuration must be a mapping"])
     assert schema.parse(RelayConfig, ["x"]) == (None, ["configuration: must be a mapping"])
+
+
+def test_the_elasticsearch_defaults_live_in_the_relay_schema():
+    from saltext.tributary.relay.config import ElasticsearchConfig, es_config
+    from saltext.tributary.relay.elasticsearch import make_client
+
+    es = parse_relay({"elasticsearch": {"hosts": "https://es:9200"}})[0].elasticsearch
+    assert es == ElasticsearchConfig(hosts=["https://es:9200"]) == es_config(ES)
+    assert (es.replicas, es.shards, es.request_timeout, es.probe_timeout) == (1, 1, 30.0, 10.0)
+    assert schema.defaults(RelayConfig)["elasticsearch"]["replicas"] == 1
+    # the client takes its timeout from the schema, or the block's own
+    assert make_client(ES)._request_timeout == 30.0
+    assert make_client({**ES, "request_timeout": 5})._request_timeout == 5.0
+    for bad, why in (
+        ({}, "elasticsearch.hosts: a URL or a list of URLs is required"),
+        ({"hosts": ["es:9200"]}, "elasticsearch.hosts: each URL must start with http://"),
+        ({**ES, "password": "p"}, "elasticsearch.username: required with elasticsearch.password"),
+        ({**ES, "username": "u", "api_key": "k"}, "elasticsearch.api_key: use either api_key"),
+    ):
+        errors = parse_relay({"elasticsearch": bad})[1]
+        assert len(errors) == 1 and errors[0].startswith(why), errors
+        try:
+            make_client(bad)
+        except ValueError as exc:
+            assert str(exc).startswith(why)
+        else:
+            raise AssertionError(f"make_client accepted {bad}")
+    assert parse_relay({})[1] == [
+        "elasticsearch: must be a mapping (hosts, username/password or api_key, ca_certs)"
+    ]
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str = option(REQUIRED, nonempty=True)
+    n: int = option(1, range=(0, 9))
+
+    def problems(self, path):
+        return [f"{path}.n: 7 is unlucky"] if self.n == 7 else []
+
+
+@dataclass(frozen=True)
+class Top:
+    items: list[Item] = option(REQUIRED, items_doc="items")
+    by_name: dict[str, str | Item] | None = option(None)
+
+
+def test_blocks_in_lists_and_mappings_and_their_shorthands():
+    top, errors = schema.parse(
+        Top, {"items": [{"name": "a"}], "by_name": {"x": "b", "y": {"name": "c"}}}
+    )
+    assert errors == [] and top.items == [Item("a")] and top.by_name == {"x": "b", "y": Item("c")}
+    _, errors = schema.parse(
+        Top, {"items": [{"n": 10}, "x", {"name": "b", "n": 7}], "by_name": {"z": 5, "w": {"m": 1}}}
+    )
+    assert errors == [
+        "items[0].name: required",
+        "items[0].n: must be an integer in 0..9, got 10",
+        "items[1]: must be a mapping",
+        "items[2].n: 7 is unlucky",
+        "by_name.z: must be a string or a mapping",
+        "by_name.w.m: unknown option",
+        "by_name.w.name: required",
+    ]
+    assert schema.parse(Top, {})[1] == ["items: required"]
+    assert schema.parse(Top, {"items": []})[1] == ["items: must be a non-empty list of items"]

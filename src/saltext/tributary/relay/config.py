@@ -117,12 +117,78 @@ class ScaleoutConfig:
     )
 
 
+def _hosts(value: Any, key: str) -> tuple[list[str] | None, list[str]]:
+    hosts = [value] if isinstance(value, str) else value
+    if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
+        return None, [f"{key}: a URL or a list of URLs is required"]
+    if not all(h.startswith(("http://", "https://")) for h in hosts):
+        return None, [f"{key}: each URL must start with http:// or https://"]
+    return hosts, []
+
+
+#: What ``elasticsearch`` must be (the block has no defaults for its hosts).
+ES_NOT_A_MAPPING = (
+    "elasticsearch: must be a mapping (hosts, username/password or api_key, ca_certs)"
+)
+
+
+@dataclass(frozen=True)
+class ElasticsearchConfig:
+    """The ``elasticsearch`` block: the client's settings, then the index templates'. The one
+    place of their defaults: the engine, :func:`~saltext.tributary.relay.elasticsearch.make_client`
+    and the runner's reachability check read them here."""
+
+    hosts: list[str] | None = option(
+        None, parser=_hosts, doc="a URL or a list of URLs (http:// or https://)"
+    )
+    username: str | None = option(None)
+    password: str | None = option(None, doc="with username")
+    api_key: str | list[str] | None = option(None, doc="instead of username/password")
+    ca_certs: str | None = option(None, doc="CA file of an https:// cluster")
+    replicas: int = option(1, range=(0, None), doc="number_of_replicas of the index templates")
+    shards: int = option(1, range=(0, None), doc="number_of_shards of the index templates")
+    request_timeout: float = option(30.0, positive=True, doc="seconds per request")
+    verify_certs: bool | None = option(None, doc="default: the client's (true)")
+    #: the runner's reachability check waits this long when ``request_timeout`` is not set
+    probe_timeout: float = field(default=10.0, init=False)
+
+    def problems(self, path: str) -> list[str]:
+        """What the credentials say about each other, by key path."""
+        errors = []
+        if not self.hosts:
+            errors.append(f"{path}.hosts: a URL or a list of URLs is required")
+        if self.password is not None and not self.username:
+            errors.append(f"{path}.username: required with {path}.password")
+        if self.api_key is not None and self.username:
+            errors.append(f"{path}.api_key: use either api_key or username/password")
+        return errors
+
+
+def parse_elasticsearch(data: Any) -> tuple[ElasticsearchConfig | None, list[str]]:
+    """The ``elasticsearch`` block, or every problem with its key path."""
+    if not isinstance(data, Mapping):
+        return None, [ES_NOT_A_MAPPING]
+    return schema.parse(ElasticsearchConfig, data, "elasticsearch")
+
+
+def es_config(data: ElasticsearchConfig | Mapping[str, Any]) -> ElasticsearchConfig:
+    """The parsed ``elasticsearch`` block (a mapping is parsed; raises ValueError naming every
+    problem)."""
+    if isinstance(data, ElasticsearchConfig):
+        return data
+    es, errors = parse_elasticsearch(data)
+    if es is None:
+        raise ValueError("; ".join(errors))
+    return es
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     """The ``tributary_relay`` engine's configuration, under its YAML names."""
 
-    #: checked by :func:`~saltext.tributary.relay.elasticsearch.validate_es_config`
-    elasticsearch: dict[str, Any] = option({}, doc="hosts, credentials, CA, replicas, shards")
+    elasticsearch: ElasticsearchConfig = option(
+        ElasticsearchConfig, doc="hosts, credentials, CA, replicas, shards"
+    )
     index_prefix: str = option(
         "tributary",
         pattern=r"[a-z0-9][a-z0-9_-]*",
@@ -163,6 +229,10 @@ class RelayConfig:
     #: intake de-duplication window (events); not an option
     dedup_window: int = field(default=20_000, init=False)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.elasticsearch, Mapping):  # RelayConfig(elasticsearch={...})
+            object.__setattr__(self, "elasticsearch", es_config(self.elasticsearch))
+
     @property
     def daily(self) -> bool:
         return self.indices == "daily"
@@ -181,12 +251,11 @@ class RelayConfig:
 
 def parse_relay(config: Any) -> tuple[RelayConfig | None, list[str]]:
     """The engine config as a :class:`RelayConfig`, or every problem with its key path."""
-    from saltext.tributary.relay.elasticsearch import validate_es_config
-
     cfg, errors = schema.parse_loader_config(RelayConfig, config)
     if not isinstance(config, Mapping):
         return None, errors
-    errors = validate_es_config(config.get("elasticsearch")) + errors
+    if not isinstance(config.get("elasticsearch"), Mapping):  # it has no default hosts
+        errors = [ES_NOT_A_MAPPING] + [e for e in errors if not e.startswith("elasticsearch:")]
     if cfg is not None:
         errors += scaleout_errors(cfg)
     return (None if errors else cfg), errors

@@ -11,78 +11,37 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from saltext.tributary.relay.config import ElasticsearchConfig, es_config, parse_elasticsearch
 from saltext.tributary.util import clock
-from saltext.tributary.util.schema import number_error, unknown_options
-
-#: The keys of an ``elasticsearch`` block (client settings, then index template settings).
-ES_KEYS = (
-    "hosts",
-    "username",
-    "password",
-    "api_key",
-    "ca_certs",
-    "verify_certs",
-    "request_timeout",
-    "replicas",
-    "shards",
-)
-
-_ES_NUMBERS: dict[str, dict[str, Any]] = {
-    "replicas": {"integer": True, "lo": 0},
-    "shards": {"integer": True, "lo": 0},
-    "request_timeout": {"positive": True},
-}
 
 
 def validate_es_config(cfg: Any) -> list[str]:
-    """Every problem of an ``elasticsearch`` block, each naming its key path."""
-    if not isinstance(cfg, Mapping):
-        return ["elasticsearch: must be a mapping (hosts, username/password or api_key, ca_certs)"]
-    errors = unknown_options(cfg, ES_KEYS, "elasticsearch")
-    hosts = cfg.get("hosts")
-    if isinstance(hosts, str):
-        hosts = [hosts]
-    if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
-        errors.append("elasticsearch.hosts: a URL or a list of URLs is required")
-    elif not all(h.startswith(("http://", "https://")) for h in hosts):
-        errors.append("elasticsearch.hosts: each URL must start with http:// or https://")
-    if cfg.get("password") is not None and not cfg.get("username"):
-        errors.append("elasticsearch.username: required with elasticsearch.password")
-    if cfg.get("api_key") is not None and cfg.get("username"):
-        errors.append("elasticsearch.api_key: use either api_key or username/password")
-    for key in ("ca_certs", "api_key", "username", "password"):
-        if cfg.get(key) is not None and not isinstance(cfg.get(key), (str, list)):
-            errors.append(f"elasticsearch.{key}: must be a string")
-    for key, checks in _ES_NUMBERS.items():
-        val = cfg.get(key)
-        err = None if val is None else number_error(val, f"elasticsearch.{key}", **checks)
-        errors += [err] if err else []
-    if cfg.get("verify_certs") is not None and not isinstance(cfg["verify_certs"], bool):
-        errors.append("elasticsearch.verify_certs: must be true or false")
-    return errors
+    """Every problem of an ``elasticsearch`` block, each naming its key path (its schema:
+    :class:`~saltext.tributary.relay.config.ElasticsearchConfig`)."""
+    return parse_elasticsearch(cfg)[1]
 
 
-def make_client(cfg: Mapping[str, Any]) -> Any:
-    """An ``elasticsearch.Elasticsearch`` client from the config block."""
+def make_client(cfg: ElasticsearchConfig | Mapping[str, Any]) -> Any:
+    """An ``elasticsearch.Elasticsearch`` client from the config block (its defaults are
+    :class:`~saltext.tributary.relay.config.ElasticsearchConfig`'s; raises ValueError naming
+    the keys of a bad block)."""
     from elasticsearch import Elasticsearch
 
-    hosts = cfg["hosts"]
-    if isinstance(hosts, str):
-        hosts = [hosts]
+    es = es_config(cfg)
     kw: dict[str, Any] = {
-        "request_timeout": float(cfg.get("request_timeout", 30)),
+        "request_timeout": es.request_timeout,
         "retry_on_timeout": False,
         "max_retries": 0,
     }
-    if cfg.get("username"):
-        kw["basic_auth"] = (cfg["username"], cfg.get("password") or "")
-    if cfg.get("api_key"):
-        kw["api_key"] = cfg["api_key"]
-    if cfg.get("ca_certs"):
-        kw["ca_certs"] = cfg["ca_certs"]
-    if cfg.get("verify_certs") is not None:
-        kw["verify_certs"] = bool(cfg["verify_certs"])
-    return Elasticsearch(hosts, **kw)
+    if es.username:
+        kw["basic_auth"] = (es.username, es.password or "")
+    if es.api_key:
+        kw["api_key"] = tuple(es.api_key) if isinstance(es.api_key, list) else es.api_key
+    if es.ca_certs:
+        kw["ca_certs"] = es.ca_certs
+    if es.verify_certs is not None:
+        kw["verify_certs"] = es.verify_certs
+    return Elasticsearch(es.hosts, **kw)
 
 
 def index_name(prefix: str, kind: str, ts_ms: int, daily: bool = True) -> str:

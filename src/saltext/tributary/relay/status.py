@@ -10,6 +10,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from saltext.tributary.relay.config import RelayConfig, engine_config, relay_config
@@ -26,13 +27,16 @@ STATES = ("silent", "gaps", "ok")
 
 def check_elasticsearch(es_cfg: Any) -> dict[str, Any]:
     """Can the relay reach and authenticate to Elasticsearch with this config? Never raises."""
-    from saltext.tributary.relay.elasticsearch import make_client, validate_es_config
+    from saltext.tributary.relay.config import parse_elasticsearch
+    from saltext.tributary.relay.elasticsearch import make_client
 
-    errors = validate_es_config(es_cfg)
-    if errors:
+    es, errors = parse_elasticsearch(es_cfg)
+    if es is None:
         return {"reachable": False, "error": "; ".join(errors)}
+    if "request_timeout" not in es_cfg:  # a probe answers sooner than the relay's requests
+        es = replace(es, request_timeout=es.probe_timeout)
     try:
-        client = make_client({**es_cfg, "request_timeout": es_cfg.get("request_timeout", 10)})
+        client = make_client(es)
         # cluster health needs only monitor rights and exists on every distribution (the
         # integ-test zip answers GET / with 405)
         health = client.cluster.health()
