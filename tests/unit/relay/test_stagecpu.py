@@ -43,3 +43,21 @@ def test_collector_passes_are_counted_at_the_end_of_a_stage():
     finally:
         stages.close()
     assert stages._on_gc not in gc.callbacks
+
+
+def test_a_relay_with_stage_timing_counts_intake_origin_and_build(tmp_path, master_pki, keys):
+    from saltext.tributary.relay.pipeline import take_event
+    from tests.unit.relay.test_relay import TAG, batch, make_relay, publish_keys
+
+    relay = make_relay(tmp_path, master_pki)
+    stages = relay.time_stages()
+    try:
+        publish_keys(relay, keys)
+        take_event(relay, TAG.format("gw-a"), batch("gw-a", keys, n=50))
+        plan = relay.prepare(relay.spool)
+        assert plan is not None and len(plan.ops) == 50
+        counts = relay.counters.drain()
+        assert counts["cpu_ns:intake"] > 0 and counts["cpu_ns:origin"] > 0
+        assert counts["cpu_ns:build"] > 0 and "cpu_ns:ship" not in counts
+    finally:
+        stages.close()
