@@ -7,10 +7,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from saltext.tributary.gateway.config import spool_path
+from saltext.tributary.gateway.config import parse_mqtt, parse_sysfs, parsed, spool_path
 from saltext.tributary.gateway.operations import find_beacon_configs
-from saltext.tributary.gateway.sources.payload import compile_rules
-from saltext.tributary.gateway.sources.sysfs import SysfsSource, compile_sources
+from saltext.tributary.gateway.sources.payload import TopicRule
+from saltext.tributary.gateway.sources.sysfs import SysfsSource
 from saltext.tributary.gateway.spool import GatewaySpool
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,13 @@ def grains(opts: Mapping[str, Any]) -> dict[str, Any]:
         mod = cfg["_module"]
         try:
             if mod == "tributary_sysfs":
-                src = SysfsSource(str(cfg.get("root", "/")), compile_sources(cfg.get("sources")))
+                sysfs = parsed(mod, parse_sysfs, cfg)
+                src = SysfsSource(sysfs.root, sysfs.sources)
                 src._refresh(0.0)
                 keys.update(s.key for s in src.sensors)
             elif mod == "tributary_mqtt":
-                for rule in compile_rules(cfg.get("topics")):
+                mqtt = parsed(mod, parse_mqtt, cfg)
+                for rule in (TopicRule.from_options(t) for t in mqtt.topics):
                     if rule.metric and "{" not in rule.metric:
                         metrics.add(rule.metric)
                     metrics.update(f.metric for f in rule.fields)

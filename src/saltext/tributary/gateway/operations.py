@@ -12,9 +12,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from saltext.tributary.gateway.beacons import finalize_batch, site_of
-from saltext.tributary.gateway.config import config_to_dict, spool_options, spool_path
+from saltext.tributary.gateway.config import (
+    config_to_dict,
+    parse_health,
+    parse_sysfs,
+    spool_options,
+    spool_path,
+)
 from saltext.tributary.gateway.sources import health as health_mod
-from saltext.tributary.gateway.sources.sysfs import SysfsConfigError, SysfsSource, compile_sources
+from saltext.tributary.gateway.sources.sysfs import SysfsSource
 from saltext.tributary.gateway.spool import GatewaySpool
 from saltext.tributary.util import clock
 
@@ -127,19 +133,23 @@ def read_now(
     errors: dict[str, str] = {}
     for name, cfg in configs.items():
         if cfg["_module"] == "tributary_sysfs":
-            try:
-                src = SysfsSource(str(cfg.get("root", "/")), compile_sources(cfg.get("sources")))
-                readings, rejects = src.poll(force=True, match=sensor)
-            except SysfsConfigError as exc:
-                errors[name] = str(exc)
+            sysfs, problems = parse_sysfs(cfg)
+            if sysfs is None:
+                errors[name] = "; ".join(problems)
                 continue
+            src = SysfsSource(sysfs.root, sysfs.sources)
+            readings, rejects = src.poll(force=True, match=sensor)
             for r in readings:
                 out[r.key] = {"value": r.value, "unit": r.unit, "ts_ms": r.ts_ms, "source": name}
             for rej in rejects:
                 errors[f"{name}:{rej.detail.split(':')[0]}"] = f"{rej.reason}: {rej.detail}"
         elif cfg["_module"] == "tributary_health":
-            metrics = health_mod.collect({}, root=str(cfg.get("root", "/")))
-            for r in health_mod.readings(metrics, clock.now_ms(), cfg.get("sensor", "health")):
+            health, problems = parse_health(cfg)
+            if health is None:
+                errors[name] = "; ".join(problems)
+                continue
+            metrics = health_mod.collect({}, root=health.root)
+            for r in health_mod.readings(metrics, clock.now_ms(), health.sensor):
                 if (
                     sensor is None
                     or fnmatch.fnmatchcase(r.sensor, sensor)
