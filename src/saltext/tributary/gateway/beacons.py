@@ -17,6 +17,7 @@ from typing import Any
 
 from saltext.tributary.gateway.config import (
     HARD_RUN_BYTES,
+    SITE_PATTERN,
     batch_options,
     config_to_dict,
     parse_health,
@@ -201,7 +202,7 @@ def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, A
     return [{"tag": "batch", **finalize_batch(b, opts)} for b in batches]
 
 
-SITE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+SITE_RE = re.compile(SITE_PATTERN)
 
 
 def site_of(cfg: Mapping[str, Any], grains: Mapping[str, Any]) -> str | None:
