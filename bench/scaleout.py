@@ -24,7 +24,8 @@ estimate: readings/s one core carries = 1e6 / (CPU µs per reading), as gateways
 sensors reporting every ``10`` s (1 reading/s per gateway), not counting Elasticsearch.
 
 Environment: ``TRIBUTARY_BENCH_N`` (default 100000), ``TRIBUTARY_BENCH_ROUNDS`` (default 3),
-``TRIBUTARY_BENCH_SYNDICS`` (default 2).
+``TRIBUTARY_BENCH_SYNDICS`` (default 2), ``TRIBUTARY_BENCH_BATCH`` (readings per batch event,
+default 1000; a fleet of small gateways sends a few dozen per beacon run).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ N = int(os.environ.get("TRIBUTARY_BENCH_N", "100000"))
 ROUNDS = int(os.environ.get("TRIBUTARY_BENCH_ROUNDS", "3"))
 SYNDICS = int(os.environ.get("TRIBUTARY_BENCH_SYNDICS", "2"))
 GATEWAYS = 2  # per syndic
-BATCH = 1000
+#: readings per batch event (a gateway beacon run sends 1 to a few thousand)
+BATCH = int(os.environ.get("TRIBUTARY_BENCH_BATCH", "1000"))
 #: the sizing unit: a gateway of 10 sensors reporting every 10 s
 GATEWAY_READINGS_PER_S = 1.0
 log = B.log
@@ -130,7 +132,7 @@ class Master:
 
 
 def batches_for(gateways: dict[str, str], epoch: str, n: int) -> list[tuple[str, dict]]:
-    """``n`` readings as signed 1,000-reading batches, round-robin over ``gateways``
+    """``n`` readings as signed ``BATCH``-reading batches, round-robin over ``gateways``
     (id -> pki dir), each gateway's sequences consecutive in ``epoch``."""
     names = list(gateways)
     seqs = dict.fromkeys(names, 1)
@@ -258,6 +260,7 @@ def main() -> None:
         "rounds": ROUNDS,
         "syndics": SYNDICS,
         "gateways_per_syndic": GATEWAYS,
+        "readings_per_batch": BATCH,
     }
     import salt.version
 

@@ -193,7 +193,11 @@ def test_syndic_state_writes_a_scaleout_relay(states_minion, pillar, tmp_dir):
     """tributary:syndic:relay set: the syndic master runs its own relay (scale-out, role
     syndic, its id as tributary_keys signs), and the file with its credentials is 0600."""
     relay = {
-        "elasticsearch": {"hosts": ["https://es.example.internal:9200"], "password": "syn-secret"},
+        "elasticsearch": {
+            "hosts": ["https://es.example.internal:9200"],
+            "username": "tributary",
+            "password": "syn-secret",
+        },
         "health": {"enabled": False},
     }
     pillar.set(
