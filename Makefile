@@ -44,7 +44,7 @@ unit: setup
 
 # `make bench` runs every section; `make bench BENCH="run fleet_state"` runs the ones named
 # (each is bench/<section>.py and prints its figures as JSON).
-BENCH ?= run fleet_state report nab reaction rules peers scaleout
+BENCH ?= run fleet_state fleet report nab reaction rules peers scaleout
 bench: setup
 	@set -e; for s in $(BENCH); do echo "== bench/$$s.py"; $(PY) bench/$$s.py; done
 

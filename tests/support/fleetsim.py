@@ -172,6 +172,8 @@ class SimFleet:
             self.gateways[gw] = SimGateway(gw, syndic, site, keys[gw])
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._quiet = threading.Event()  # firing stopped, responders still answering
+        self._firing: list[threading.Thread] = []
         self._threads: list[threading.Thread] = []
         self.lag_max_s = 0.0  # how far behind schedule a firing thread ever was
         self.replays: list[dict[str, Any]] = []  # answered replay jobs
@@ -287,6 +289,7 @@ class SimFleet:
 
     def start(self) -> None:
         self._stop.clear()
+        self._quiet.clear()
         now = time.monotonic()
         n = len(self.gateways)
         for i, g in enumerate(self.gateways.values()):
@@ -297,6 +300,7 @@ class SimFleet:
             )
             t.start()
             self._threads.append(t)
+            self._firing.append(t)
             if self.respond:
                 r = threading.Thread(
                     target=self._respond_loop,
@@ -307,7 +311,26 @@ class SimFleet:
                 r.start()
                 self._threads.append(r)
 
+    def quiet(self, final_heartbeat: bool = True) -> None:
+        """Stop firing new batches; replay jobs are still answered until :meth:`stop`. With
+        ``final_heartbeat`` each gateway then sends one more heartbeat (its last sequence), as
+        a live gateway keeps doing, so the relay can see and repair a lost tail."""
+        self._quiet.set()
+        for t in self._firing:
+            t.join(timeout=30)
+        self._firing = []
+        if final_heartbeat and self.heartbeat_every_s:
+            for syndic, opts in self.masters.items():
+                with self._bus(opts, listen=False) as bus:
+                    for g in self.of(syndic):
+                        ms = int(time.time() * 1000)
+                        with self._lock:
+                            beat = self.heartbeat(g, ms)
+                            self.heartbeats += 1
+                        self._fire(bus, beat, f"salt/beacon/{g.id}/tributary_health/health")
+
     def stop(self) -> None:
+        self._quiet.set()
         self._stop.set()
         for t in self._threads:
             t.join(timeout=30)
@@ -356,11 +379,11 @@ class SimFleet:
             heap += [(now + hb * (i + 0.5) / len(gws), 1, i) for i in range(len(gws))]
         heapq.heapify(heap)
         with self._bus(opts, listen=False) as bus:
-            while not self._stop.is_set() and heap:
+            while not self._quiet.is_set() and heap:
                 now = time.monotonic()
                 if heap[0][0] > now:
                     # wake in small rounds: what fell due meanwhile goes out together
-                    self._stop.wait(max(0.005, heap[0][0] - now))
+                    self._quiet.wait(max(0.005, heap[0][0] - now))
                     continue
                 due, kind, i = heapq.heappop(heap)
                 g = gws[i]
