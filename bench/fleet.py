@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-s", type=float, default=30.0, help="measured seconds per step")
     p.add_argument("--heartbeat-s", type=float, default=30.0)
     p.add_argument("--gap-gateways", type=int, default=200)
-    p.add_argument("--gap-timeout-s", type=float, default=420.0)
+    p.add_argument("--gap-timeout-s", type=float, default=300.0)
     return p.parse_args(argv)
 
 
@@ -368,7 +368,7 @@ def run(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
                 lambda: (
                     sum(es_per_gateway(es, "fleet-readings-*").values()) >= sum(expected.values())
                 ),
-                timeout=600,
+                timeout=300,
                 what="every numbered reading in Elasticsearch",
                 interval=5,
             )
