@@ -255,3 +255,10 @@ def test_refresh_counts_gaps_opened_repaired_and_filled_once(tmp_path):
     ledger.add_range("gw", "e", 51, 55)  # a given-up gap whose readings came after all
     assert ledger.refresh(now=106) == []
     assert ledger.counts() == {"gaps_opened": 3, "gaps_repaired": 2, "gaps_filled": 1}
+    # a request on its way: through a syndic its readings are indexed before the answer is back
+    ledger.heartbeat("gw", "e", 60)
+    (gap,) = ledger.refresh(now=107)
+    ledger.asking(gap)
+    ledger.add_range("gw", "e", 56, 60)
+    assert ledger.refresh(now=108) == []
+    assert ledger.counts() == {"gaps_opened": 4, "gaps_repaired": 3, "gaps_filled": 1}

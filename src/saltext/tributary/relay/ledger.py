@@ -14,7 +14,7 @@ with their repair state:
 Each refresh counts, in the ``counters`` table of the same file and in the same transaction
 (so exactly once, whichever process refreshes), the gaps it saw open (``gaps_opened``: a hole
 overlapping no earlier gap) and close: ``gaps_repaired`` when every reading of the gap arrived
-after at least one replay request (or after it was given up), ``gaps_filled`` when they arrived
+after a replay request was sent (or after it was given up), ``gaps_filled`` when they arrived
 late without one (out of order, a slow path). The relay's self-metrics documents carry these
 counters, and the fleet report charts their deltas.
 
@@ -69,7 +69,8 @@ class Gap:
     #: requests the gateway answered by re-emitting (a gap still open after several of those
     #: is given up); the others went unanswered (retried while the gateway may hold the range)
     answered: int = 0
-    last: str | None = None  # outcome of the last request: ok | retry
+    #: outcome of the last request: ok | retry, or asked while one is in flight
+    last: str | None = None
 
     @property
     def size(self) -> int:
@@ -220,7 +221,7 @@ class Ledger:
                 holes = _holes(ranges.get(key, []), hb_last)
                 for o in before:  # an earlier gap that no hole overlaps any more has closed
                     if not any(o.lo <= hi and o.hi >= lo for lo, hi in holes):
-                        replayed = o.attempts > 0 or o.state == "given_up"
+                        replayed = o.attempts > 0 or o.state == "given_up" or o.last == "asked"
                         counts["gaps_repaired" if replayed else "gaps_filled"] += 1
                 for lo, hi in holes:
                     gap = Gap(key[0], key[1], lo, hi, opened=now)
@@ -348,6 +349,15 @@ class Ledger:
             outcome,
             now + delay,
         )
+
+    def asking(self, gap: Gap) -> None:
+        """A replay request for ``gap`` is on its way (its readings can be indexed before the
+        answer is back): a gap closing now was repaired, not filled late."""
+        self.db.execute(
+            "UPDATE ledger_gaps SET last='asked' WHERE gateway=? AND epoch=? AND lo=?",
+            (gap.gateway, gap.epoch, gap.lo),
+        )
+        gap.last = "asked"
 
     def reopen(self, gateway: str | None = None) -> int:
         """Given-up gaps (of ``gateway``, or all) become open again, with a fresh count."""

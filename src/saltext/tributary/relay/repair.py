@@ -165,7 +165,7 @@ class GapRepairer:
                 continue
             if not self.limiter.allow():
                 break
-            self._submit(gap)
+            self._submit(gap, ledger)
         if wait:
             for _, _, fut in list(self._inflight.values()):
                 fut.exception()
@@ -176,8 +176,9 @@ class GapRepairer:
         self.last = done
         return done
 
-    def _submit(self, gap: Gap) -> None:
+    def _submit(self, gap: Gap, ledger: Ledger) -> None:
         hi = min(gap.hi, gap.lo + self.max_readings - 1)
+        ledger.asking(gap)
         # Counted before the request: through a syndic the answer takes syndic_wait (5 s),
         # and the replayed readings can be indexed, and the counters persisted with them,
         # before it is back.
@@ -202,7 +203,7 @@ class GapRepairer:
     def request(self, ledger: Ledger, gap: Gap, now: float | None = None) -> dict[str, Any]:
         """Ask for (the first ``max_readings`` of) one gap now, wait, record the outcome."""
         now = time.time() if now is None else now
-        self._submit(gap)
+        self._submit(gap, ledger)
         fut = self._inflight[gap.gateway][2]
         fut.exception()
         done = self._collect(ledger, now)
