@@ -254,9 +254,14 @@ def test_page_loads_offline_in_chromium_and_shows_the_charts(known, tmp_path):
     assert _near(pipeline, (0x2C, 0xA0, 0x2C)) and _near(pipeline, (0xD6, 0x27, 0x28))
     shot = os.environ.get("TRIBUTARY_REPORT_SHOT")
     if shot:  # README screenshot: TRIBUTARY_REPORT_SHOT=docs/report.png
+        import shutil
+
         from tests.support.browser import main as shoot
 
         assert shoot([out["html"], shot, "1100", "1500", "0.7"]) == 0
+        # and the pipeline chart's own PNG (as mailed), beside it: report-pipeline.png
+        (pipeline_png,) = [p for p in out["charts"] if p.endswith("-pipeline.png")]
+        shutil.copyfile(pipeline_png, os.path.join(os.path.dirname(shot), "report-pipeline.png"))
 
 
 GW = "gw-brisbane-1"
