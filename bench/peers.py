@@ -14,6 +14,8 @@ the same broker, and measures:
   raw ``_bulk`` of N pre-built documents in each round; ``TRIBUTARY_PEERS_ROUNDS`` rounds
   (default 3, the order of the two peers alternating), medians and ratios to that round's raw;
   CPU seconds of each side's processes during its phase.
+  ``TRIBUTARY_PEERS_GATEWAYS`` (default 1) gateways behind the syndic, each its own
+  salt-minion and beacon on the same broker, share Tributary's N readings evenly.
 * ``es_outage``: readings at a steady rate (``TRIBUTARY_PEERS_RATE``, default 500/s) on a topic
   both subscribe to, Elasticsearch stopped for ``TRIBUTARY_PEERS_OUTAGE_S`` (default 120 s) and
   started again; then readings lost (acknowledged by the broker, never indexed) and duplicated
@@ -68,7 +70,10 @@ OUTAGE_S = float(os.environ.get("TRIBUTARY_PEERS_OUTAGE_S", "120"))
 PARTS = os.environ.get("TRIBUTARY_PEERS_PARTS", "throughput,es_outage,broker_restart").split(",")
 TELEGRAF_VERSION = os.environ.get("TRIBUTARY_TELEGRAF_VERSION", "v1.37.2")
 TELEGRAF_TAGS = "custom,inputs.mqtt_consumer,outputs.elasticsearch,parsers.value"
-GW = "peers-gw-1"
+#: gateways behind the syndic (each its own salt-minion and beacon on the same broker); the
+#: throughput phase splits Tributary's N readings evenly across them
+GATEWAYS = int(os.environ.get("TRIBUTARY_PEERS_GATEWAYS", "1"))
+GWS = [f"peers-gw-{k}" for k in range(1, GATEWAYS + 1)]
 TG_INDEX = "peers-telegraf"
 TR_INDEX = "peers-readings-*"
 log = rb.log
@@ -209,13 +214,37 @@ def start_tributary(
     syn = d.start("salt-master", synd)
     rb.wait(lambda: (synd / "etc/salt/pki/master/master.pub").exists(), 60, "syndic master keys")
     d.start("salt-syndic", synd)
-    gwd = root / GW
     number = {"format": "number", "unit": "C"}
+    for k, gw in enumerate(GWS):
+        start_gateway(d, root / gw, gw, k, common, syn_ret, syn_pub, broker_port, number)
+    del syn
+    return rb.Counters(spool), top
+
+
+def gw_prefix(k: int) -> str:
+    """The topic prefix of gateway ``k`` (0-based): ``gw``, ``gw2``, ``gw3``..."""
+    return "gw" if k == 0 else f"gw{k + 1}"
+
+
+def start_gateway(
+    d: rb.Daemons,
+    gwd: pathlib.Path,
+    gw: str,
+    k: int,
+    common: dict,
+    syn_ret: int,
+    syn_pub: int,
+    broker_port: int,
+    number: dict,
+) -> None:
+    topics = [{"topic": gw_prefix(k) + "/{sensor}/{metric}", **number}]
+    if k == 0:  # the fault scenarios' shared topic: the first gateway only
+        topics.append({"topic": "both/{sensor}/{metric}", **number})
     rb.write_yaml(
         gwd / "minion",
         {
             **common,
-            "id": GW,
+            "id": gw,
             "root_dir": str(gwd),
             "master": "127.0.0.1",
             "master_port": syn_ret,
@@ -225,20 +254,13 @@ def start_tributary(
             "beacons": {
                 "tributary_mqtt": [
                     {"broker": {"host": "127.0.0.1", "port": broker_port}},
-                    {
-                        "topics": [
-                            {"topic": "gw/{sensor}/{metric}", **number},
-                            {"topic": "both/{sensor}/{metric}", **number},
-                        ]
-                    },
+                    {"topics": topics},
                     {"interval": 1},
                 ]
             },
         },
     )
     d.start("salt-minion", gwd)
-    del syn
-    return rb.Counters(spool), top
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -247,7 +269,7 @@ def tg_query(topic: str) -> dict:
 
 
 def tr_query(sensor: str) -> dict:
-    return {"bool": {"filter": [{"term": {"gateway": GW}}, {"term": {"sensor": sensor}}]}}
+    return {"bool": {"filter": [{"terms": {"gateway": GWS}}, {"term": {"sensor": sensor}}]}}
 
 
 def until_indexed(
@@ -417,6 +439,7 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "n": N,
+        "gateways": GATEWAYS,
     }
     import salt.version
 
@@ -481,17 +504,24 @@ def main() -> None:
             "Telegraf indexing",
             2,
         )
-        rb.wait(
-            lambda: warm("gw/warm/temperature", TR_INDEX, tr_query("warm")),
-            300,
-            "Tributary indexing through the syndic",
-            2,
-        )
+        for k, gw in enumerate(GWS):
+            q = {"bool": {"filter": [{"term": {"gateway": gw}}, {"term": {"sensor": "warm"}}]}}
+            rb.wait(
+                lambda k=k, q=q: warm(f"{gw_prefix(k)}/warm/temperature", TR_INDEX, q),
+                300,
+                f"Tributary indexing through the syndic ({gw})",
+                2,
+            )
         # each side's processes (daemon trees), for CPU seconds per phase
         tg_pids = {"telegraf": tg.pid, "es_passthrough": proxy.pid}
         tr_pids = dict(
             zip(
-                ["top_master_relay", "syndic_master", "salt_syndic", "gateway_minion"],
+                [
+                    "top_master_relay",
+                    "syndic_master",
+                    "salt_syndic",
+                    *(f"gateway_minion{'' if k == 0 else f'_{k + 1}'}" for k in range(GATEWAYS)),
+                ],
                 [p.pid for p in d.procs],
                 strict=True,
             )
@@ -516,11 +546,28 @@ def main() -> None:
                         topic, index = f"tg/tput{r}/temperature", TG_INDEX
                         query, pids = tg_query(topic), tg_pids
                     else:
-                        topic, index = f"gw/tput{r}/temperature", TR_INDEX
+                        topic, index = "", TR_INDEX
                         query, pids = tr_query(f"tput{r}"), tr_pids
                     c0, es0 = cpu(pids), rb.tree_cpu_s(es_pid)
                     t = time.perf_counter()
-                    broker.publish(topic, payloads)
+                    if topic:
+                        broker.publish(topic, payloads)
+                    else:  # N readings split evenly across the gateways, published at once
+                        share = -(-N // GATEWAYS)
+                        threads = [
+                            threading.Thread(
+                                target=broker.publish,
+                                args=(
+                                    f"{gw_prefix(k)}/tput{r}/temperature",
+                                    payloads[k * share : (k + 1) * share],
+                                ),
+                            )
+                            for k in range(GATEWAYS)
+                        ]
+                        for th in threads:
+                            th.start()
+                        for th in threads:
+                            th.join()
                     pub_s = time.perf_counter() - t
                     got, dt = until_indexed(node, index, query, N, t)
                     c1, es1 = cpu(pids), rb.tree_cpu_s(es_pid)
