@@ -94,6 +94,14 @@ class Master:
         self.counters = B.Counters(self.spool)
         self._bus: Any = None
         self.engine: int | None = None
+        #: Salt 3008's MasterEvent runs an IOLoop of its own: one thread fires at a time (the
+        #: flusher and the receipts thread fire beside the burst; unlocked it raised "This
+        #: event loop is already running" with 20-reading batches)
+        self.lock = threading.Lock()
+
+    def fire(self, data: dict[str, Any], tag: str) -> None:
+        with self.lock:
+            self.bus.fire_event(data, tag)
 
     @property
     def bus(self) -> Any:
@@ -116,7 +124,7 @@ class Master:
         base = self.counters.get().get(f"indexed@{gateway}", 0)
 
         def done() -> bool:
-            self.bus.fire_event(batch, f"salt/beacon/{gateway}/tributary_mqtt/batch")
+            self.fire(batch, f"salt/beacon/{gateway}/tributary_mqtt/batch")
             return self.counters.get().get(f"indexed@{gateway}", 0) >= base + 10
 
         B.wait(done, 180, f"{self.name} indexing a warm-up batch of {gateway}", 1.0)
@@ -164,7 +172,7 @@ class Flusher:
                 {"id": "bench-flush", "pki_dir": self.pki},
             )
             for m in self.masters:
-                m.bus.fire_event(b, "salt/beacon/bench-flush/tributary_mqtt/batch")
+                m.fire(b, "salt/beacon/bench-flush/tributary_mqtt/batch")
 
     def __enter__(self) -> Flusher:
         self.thread.start()
@@ -193,7 +201,7 @@ def burst(
     threads = [
         threading.Thread(
             target=lambda m=m, load=load: [
-                m.bus.fire_event(b, f"salt/beacon/{gw}/tributary_mqtt/batch") for gw, b in load
+                m.fire(b, f"salt/beacon/{gw}/tributary_mqtt/batch") for gw, b in load
             ]
         )
         for m, load in zip(masters, loads, strict=True)
@@ -358,7 +366,7 @@ def main() -> None:
                             {gw: k[1] for gw, k in gws[s].items()},
                             os.path.join(keys[s][0], "minion.pem"),
                         )
-                        top.bus.fire_event(ks, f"tributary/keys/{s}")
+                        top.fire(ks, f"tributary/keys/{s}")
                 n += 1
                 ts = max(ts + 1, int(time.time() * 1000))
                 for s in syndic_ids:
@@ -370,7 +378,7 @@ def main() -> None:
                         "spool": [0, None],
                         "ranges": [],
                     }
-                    top.bus.fire_event(
+                    top.fire(
                         sign_receipt(s, data, os.path.join(keys[s][0], "minion.pem")),
                         RECEIPT_TAG.format(syndic=s),
                     )
