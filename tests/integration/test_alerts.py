@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.support.topology import es_count, wait_for
+from tests.support.topology import es_count, in_order, wait_for
 
 pytestmark = pytest.mark.usefixtures("topology")
 
@@ -23,7 +23,7 @@ def test_a_threshold_rule_fires_and_resolves(topology, event_listener):
         tag = f"tributary/alert/probe-hot/{state}"
         return [
             e.data
-            for e in event_listener.get_events([(top.id, tag)], after_time=since)
+            for e in in_order(event_listener.get_events([(top.id, tag)], after_time=since))
             if e.data.get("gateway") == GW
         ]
 

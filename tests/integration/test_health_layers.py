@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.support.topology import dumps, es_count, wait_for
+from tests.support.topology import dumps, es_count, in_order, wait_for
 
 pytestmark = pytest.mark.usefixtures("topology")
 
@@ -33,7 +33,7 @@ def test_a_silent_sensor_is_raised_and_cleared(topology, event_listener):
         tag = f"tributary/health/sensor_silent/{state}"
         return [
             e.data
-            for e in event_listener.get_events([(top.id, tag)], after_time=since)
+            for e in in_order(event_listener.get_events([(top.id, tag)], after_time=since))
             if e.data.get("sensor") == SENSOR and e.data.get("gateway") == GW
         ]
 

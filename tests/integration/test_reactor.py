@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.support.loop_device import Boiler, Listener
-from tests.support.topology import LOOP_DEVICE, LOOP_SETPOINT, REACTOR_RULE, wait_for
+from tests.support.topology import LOOP_DEVICE, LOOP_SETPOINT, REACTOR_RULE, in_order, wait_for
 
 pytestmark = pytest.mark.usefixtures("topology")
 
@@ -45,7 +45,7 @@ def test_alert_commands_the_device_through_the_syndic_and_resolves(
         tag = f"tributary/alert/{REACTOR_RULE}/{state}"
         return [
             e.data
-            for e in event_listener.get_events([(top.id, tag)], after_time=since)
+            for e in in_order(event_listener.get_events([(top.id, tag)], after_time=since))
             if e.data.get("gateway") == GW and e.data.get("sensor") == LOOP_DEVICE
         ]
 

@@ -59,6 +59,12 @@ SYNDIC_3008 = {"syndic_mode": "cluster", "syndic_event_forward_timeout": 3600}
 GATEWAY_LOOP = {"loop_interval": 1}
 
 
+def in_order(events: Any) -> list[Any]:
+    """salt-factories' ``EventListener.get_events`` answers a *set*: its events in the order
+    the daemon stamped them."""
+    return sorted(events, key=lambda e: e.stamp)
+
+
 def wait_for(
     predicate: Callable[[], Any],
     timeout: float = 60,

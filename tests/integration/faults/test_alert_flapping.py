@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.integration.faults.conftest import FGATEWAYS
-from tests.support.topology import wait_for
+from tests.support.topology import in_order, wait_for
 
 pytestmark = pytest.mark.usefixtures("faults")
 
@@ -26,7 +26,7 @@ def test_a_flapping_alert_is_notified_once_then_settles(faults, event_listener):
         tag = f"tributary/alert/{RULE}/{state}"
         return [
             e.data
-            for e in event_listener.get_events([(top.id, tag)], after_time=start)
+            for e in in_order(event_listener.get_events([(top.id, tag)], after_time=start))
             if e.data.get("gateway") == GW
         ]
 

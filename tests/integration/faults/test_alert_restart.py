@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.integration.faults.conftest import FGATEWAYS
-from tests.support.topology import es_count, wait_for
+from tests.support.topology import es_count, in_order, wait_for
 
 pytestmark = pytest.mark.usefixtures("faults")
 
@@ -20,7 +20,7 @@ def alert_events(event_listener, top, rule: str, state: str, since: float) -> li
     tag = f"tributary/alert/{rule}/{state}"
     return [
         e.data
-        for e in event_listener.get_events([(top.id, tag)], after_time=since)
+        for e in in_order(event_listener.get_events([(top.id, tag)], after_time=since))
         if e.data.get("gateway") == GW_A
     ]
 
