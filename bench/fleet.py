@@ -58,6 +58,7 @@ sys.path[:0] = [str(REPO), str(REPO / "src")]
 
 import psutil  # noqa: E402
 
+from saltext.tributary.relay.stagecpu import per_reading  # noqa: E402
 from tests.support.fleetsim import SimFleet, gateway_ids  # noqa: E402
 from tests.support.topology import (  # noqa: E402
     NEEDS_UPLINK,
@@ -119,14 +120,31 @@ def rss_mib(procs: list[psutil.Process]) -> float:
     return round(total / 2**20, 1)
 
 
-def relay_engine(master_pid: int) -> int | None:
-    """The relay engine's process: Salt titles it ``Engine(salt.loaded.ext.engines...``
-    (cut short), and the relay is the top master's only engine from ``engines_dirs``."""
+def relay_engine(master_pid: int, spool: str) -> tuple[int | None, dict[str, Any]]:
+    """The relay engine's process and how it was found. Salt titles engine processes
+    ``Engine(salt.loaded.ext.engines.<module>...`` (cut short where the title space ends), and
+    salt-factories adds its own ``pytest`` engine to every master, so a title prefix alone
+    can name the wrong one: the relay is the engine whose title names it or, when the title
+    is cut before the module, the engine process holding the relay spool open."""
+    engines: dict[int, str] = {}
     for p in tree(master_pid)[1:]:
         with contextlib.suppress(psutil.Error):
-            if "Engine(salt.loaded.ext.engine" in " ".join(p.cmdline()):
-                return int(p.pid)
-    return None
+            title = " ".join(p.cmdline())
+            if "Engine(" in title:
+                engines[p.pid] = title[title.index("Engine(") :][:80]
+    named = [pid for pid, t in engines.items() if "tributary_relay" in t]
+    if len(named) == 1:
+        return named[0], {"found_by": "title", "engines": engines}
+    holding = []
+    for pid in engines:
+        with contextlib.suppress(psutil.Error):
+            if any(f.path == spool for f in psutil.Process(pid).open_files()):
+                holding.append(pid)
+    # the relay's own children (the process tap) may hold it too: the outermost one
+    outer = [pid for pid in holding if psutil.Process(pid).ppid() not in holding]
+    if len(outer) == 1:
+        return outer[0], {"found_by": "spool open", "engines": engines}
+    return None, {"found_by": None, "engines": engines, "holding_spool": holding}
 
 
 class CpuGroups:
@@ -274,6 +292,10 @@ def run(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
         },
     }
     out["relay_config"] = relay_cfg_extra
+    # the relay's CPU per stage (saltext.tributary.relay.stagecpu): the daemons inherit this
+    # process's environment; =0 turns it off
+    os.environ.setdefault("TRIBUTARY_RELAY_STAGE_CPU", "1")
+    out["relay_stage_cpu"] = os.environ["TRIBUTARY_RELAY_STAGE_CPU"]
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, root, True)  # last out: the daemons' files
         log("starting Elasticsearch")
@@ -311,7 +333,10 @@ def run(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
             interval=1,
         )
         out["fleet"]["keys_known_after_s"] = round(time.monotonic() - t, 1)
-        eng = relay_engine(top.pid)
+        eng, how = relay_engine(top.pid, spool)
+        out["relay_engine_process"] = {"pid": eng, **how}
+        if eng is None:
+            raise RuntimeError(f"the relay engine's process not found: {how}")
         groups = {
             "relay_engine": lambda: tree(eng),
             "top_master_other": lambda: [
@@ -356,7 +381,13 @@ def run(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
             out["gap_repair"] = gap_repair(args, fleet, relay, es)
         except Exception as exc:  # report it with what else was measured
             out["gap_repair"] = {"error": f"{type(exc).__name__}: {exc}", **relay.counters()}
-        out["relay_engine_rss_mib"] = rss_mib(tree(eng))
+        out["rss_mib"] = {
+            "relay_engine": rss_mib(tree(eng)),
+            "relay_engine_without_children": rss_mib(tree(eng)[:1]),
+            "top_master_other": rss_mib(groups["top_master_other"]()),
+            "elasticsearch": rss_mib(groups["elasticsearch"]()),
+            **{f"{sid}_master": rss_mib(tree(s.master.pid)) for sid, s in syndics.items()},
+        }
         # no new batches; one last heartbeat each (a lost tail shows), replays answered
         fleet.quiet()
         log("draining")
@@ -365,8 +396,10 @@ def run(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
         t = time.monotonic()
         with contextlib.suppress(AssertionError):  # what arrived is reported either way
             wait_for(
-                lambda: (
-                    sum(es_per_gateway(es, "fleet-readings-*").values()) >= sum(expected.values())
+                lambda: all(
+                    have.get(gw, 0) >= n
+                    for have in [es_per_gateway(es, "fleet-readings-*")]
+                    for gw, n in expected.items()
                 ),
                 timeout=300,
                 what="every numbered reading in Elasticsearch",
@@ -383,6 +416,11 @@ def run(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
             "readings_in_es": sum(got.values()),
             "readings_expected": sum(expected.values()),
             "gateways_wrong": len(wrong),
+            "gateways_short": sum(1 for g, n in wrong.values() if g < n),
+            "readings_short": sum(n - g for g, n in wrong.values() if g < n),
+            "gateways_over": sum(1 for g, n in wrong.values() if g > n),
+            "readings_over": sum(g - n for g, n in wrong.values() if g > n),
+            "gateways_in_es": len(got),
             "wrong_sample": dict(list(wrong.items())[:5]),
             "generator_errors": counts["errors"],
             "relay_counters": relay.counters(),
@@ -394,35 +432,53 @@ def run(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
 def ramp(args, fleet: SimFleet, relay: Relay, cpu: CpuGroups, rates: list[float]) -> list[dict]:
     steps = []
     for rate in rates:
+        old = fleet.batch_every_s
         fleet.set_rate(rate)
         log(f"step: one batch per gateway every {rate} s")
-        time.sleep(min(10.0, args.step_s / 3))  # settle into the new rate
+        # settle: each gateway's batch already due under the old rate goes out first, so the
+        # fleet fires at the new rate only one old interval after the switch
+        time.sleep(10.0 if old == rate else max(10.0, old))
         lag0 = fleet.lag_max_s = 0.0
+        k0 = relay.counters()
         c0, i0, d0, s0 = fleet.counts(), relay.indexed(), relay.depth(), cpu.sample()
         time.sleep(args.step_s)
         c1, i1, d1, s1 = fleet.counts(), relay.indexed(), relay.depth(), cpu.sample()
+        k1 = relay.counters()
         dt = s1[0] - s0[0]
         fired = c1["readings_fired"] - c0["readings_fired"]
         indexed = i1 - i0
         pct = CpuGroups.percent(s0, s1)
         eng_cpu = pct["relay_engine"] / 100 * dt
+        target = len(fleet.gateways) * args.sensors / rate
+        stages = {k: k1.get(k, 0) - k0.get(k, 0) for k in k1 if k.startswith("cpu_ns:")}
         step = {
             "batch_every_s": rate,
-            "target_readings_per_s": round(len(fleet.gateways) * args.sensors / rate),
+            "target_readings_per_s": round(target),
             "fired_readings_per_s": round(fired / dt),
             "indexed_readings_per_s": round(indexed / dt),
             "events_per_s": round((c1["batches"] - c0["batches"]) / dt),
             "spool_depth_start_end": [d0, d1],
             "generator_lag_max_s": round(fleet.lag_max_s - lag0, 2),
+            "heartbeats_per_s": round((c1["heartbeats"] - c0["heartbeats"]) / dt),
             "relay_engine_cpu_us_per_reading": round(eng_cpu / indexed * 1e6, 1)
             if indexed
             else None,
+            # the relay's own stage timers (thread CPU; the rest of the engine's CPU is Salt
+            # reading and unpacking the bus, the counters, the process tap)
+            "relay_stage_cpu_us_per_reading": per_reading(stages, indexed) if stages else None,
+            "relay_engine_rss_mib": rss_mib(cpu.groups["relay_engine"]()),
+            "top_master_other_rss_mib": rss_mib(cpu.groups["top_master_other"]()),
             "cpu_percent": pct,
         }
-        step["sustained"] = bool(indexed >= 0.97 * fired and d1 - d0 < max(50, fired / 100))
+        # sustained: the relay keeps up with what was fired and the generator with its schedule
+        step["relay_kept_up"] = bool(indexed >= 0.97 * fired and d1 - d0 < max(50, fired / 100))
+        step["generator_on_schedule"] = bool(
+            fired >= 0.95 * target and step["generator_lag_max_s"] <= rate
+        )
+        step["sustained"] = step["relay_kept_up"] and step["generator_on_schedule"]
         log(json.dumps(step))
         steps.append(step)
-        if not step["sustained"] or step["generator_lag_max_s"] > rate:
+        if not step["sustained"]:
             break
     return steps
 
@@ -440,6 +496,9 @@ def gap_repair(args, fleet: SimFleet, relay: Relay, es: Any) -> dict[str, Any]:
     opened0 = relay.counters().get("gaps_opened", 0)
     answered0 = len(fleet.replays)
     withheld0 = {gw: fleet.gateways[gw].withheld for gw in victims}
+    others = [gw for gw in fleet.gateways if gw not in mine]
+    es0 = es_per_gateway(es, "fleet-readings-*")
+    fired0 = fleet.counts()["expected"]
     i0 = relay.indexed()
     t0 = time.monotonic()
     fleet.withhold(victims)
@@ -460,6 +519,14 @@ def gap_repair(args, fleet: SimFleet, relay: Relay, es: Any) -> dict[str, Any]:
     )
     closed_s = time.monotonic() - t0
     i1 = relay.indexed()
+    fired1 = fleet.counts()["expected"]
+    es1 = es_per_gateway(es, "fleet-readings-*")
+    # the unaffected gateways meanwhile: readings they fired and readings of theirs indexed
+    # over the same window (Elasticsearch per gateway, refreshed), and how many had new ones
+    o_fired = sum(fired1[gw] - fired0[gw] for gw in others)
+    o_indexed = sum(es1.get(gw, 0) - es0.get(gw, 0) for gw in others)
+    o_fired_any = sum(1 for gw in others if fired1[gw] > fired0[gw])
+    o_indexed_any = sum(1 for gw in others if es1.get(gw, 0) > es0.get(gw, 0))
     lost = sum(fleet.gateways[gw].withheld - withheld0[gw] for gw in victims)
     answers = fleet.replays[answered0:]
     return {
@@ -468,6 +535,16 @@ def gap_repair(args, fleet: SimFleet, relay: Relay, es: Any) -> dict[str, Any]:
         "readings_withheld": lost,
         "gaps_opened_after_s": round(opened_s, 1),
         "all_closed_after_s": round(closed_s, 1),
+        "closed_after_last_opened_s": round(closed_s - opened_s, 1),
+        "unaffected": {
+            "gateways": len(others),
+            "window_s": round(closed_s, 1),
+            "readings_fired": o_fired,
+            "readings_indexed": o_indexed,
+            "indexed_per_s": round(o_indexed / closed_s),
+            "gateways_that_fired": o_fired_any,
+            "gateways_with_new_readings_indexed": o_indexed_any,
+        },
         "victims_gap_rows_by_state_after": relay.gap_states(mine),
         "replay_jobs_answered": len(answers),
         "replay_jobs_answered_ok": sum(1 for a in answers if a.get("result")),
