@@ -176,6 +176,7 @@ class SimFleet:
         self._firing: list[threading.Thread] = []
         self._threads: list[threading.Thread] = []
         self.lag_max_s = 0.0  # how far behind schedule a firing thread ever was
+        self._lag_now: dict[str, float] = {}  # each firing thread's lag at its last event
         self.replays: list[dict[str, Any]] = []  # answered replay jobs
         self.errors: list[str] = []
         self.heartbeats = 0
@@ -287,7 +288,30 @@ class SimFleet:
             for gw in ids:
                 self.gateways[gw].lose_next = True
 
+    def load_keys(self) -> None:
+        """Put every gateway's private key in the signing module's key cache now.
+
+        The product parses a gateway's key once, when its beacon first signs (a real gateway
+        has one key; cryptography's RSA consistency check costs about 37 ms of CPU per key
+        here). 2,000 of them parsed inside the firing threads cost over a minute of CPU and
+        put the generator that far behind its schedule. The keys are the ones
+        :func:`gateway_keys` generated, so they are parsed here without that check, before
+        the schedule starts."""
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        from saltext.tributary.protocol import signing
+
+        for g in self.gateways.values():
+            path = signing.minion_key_path({"pki_dir": g.pki_dir})
+            with open(path, "rb") as fh:
+                key = load_pem_private_key(
+                    fh.read(), password=None, unsafe_skip_rsa_key_validation=True
+                )
+            with signing._key_lock:
+                signing._private_keys[path] = (os.stat(path).st_mtime, key)
+
     def start(self) -> None:
+        self.load_keys()
         self._stop.clear()
         self._quiet.clear()
         now = time.monotonic()
@@ -361,6 +385,10 @@ class SimFleet:
                 "expected": {g.id: g.seq for g in gws},
             }
 
+    def lag_s(self) -> float:
+        """How far behind its schedule the most lagging firing thread is now (0: on time)."""
+        return max(self._lag_now.values(), default=0.0)
+
     # -- threads -----------------------------------------------------------------------
     def _bus(self, opts: Mapping[str, Any], listen: bool) -> Any:
         import salt.utils.event
@@ -382,12 +410,14 @@ class SimFleet:
             while not self._quiet.is_set() and heap:
                 now = time.monotonic()
                 if heap[0][0] > now:
+                    self._lag_now[syndic] = 0.0  # caught up
                     # wake in small rounds: what fell due meanwhile goes out together
                     self._quiet.wait(max(0.005, heap[0][0] - now))
                     continue
                 due, kind, i = heapq.heappop(heap)
                 g = gws[i]
                 self.lag_max_s = max(self.lag_max_s, now - due)
+                self._lag_now[syndic] = now - due
                 ms = int(time.time() * 1000)
                 if kind == 1:
                     with self._lock:
