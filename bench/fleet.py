@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -171,6 +172,30 @@ class CpuGroups:
         out = {name: round(100 * (b[1][name] - a[1][name]) / dt, 1) for name in a[1]}
         out["machine_total_of_200"] = round(100 * (b[2] - a[2]) / dt, 1)
         return out
+
+
+class Discards(logging.Handler):
+    """Counts Salt's "Publisher discarding slow subscriber" warnings the daemons forward to
+    this process (salt-factories' log server): Salt 3008's event publisher drops a subscriber
+    whose pending writes pass ``pub_server_write_queue_size`` (10,000), and the events queued
+    for it with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            msg = record.getMessage()
+            if "discarding slow subscriber" in msg:
+                reason = next(
+                    (r for r in ("drain queue full", "stream closed", "drain timeout") if r in msg),
+                    "other",
+                )
+                self.counts[reason] = self.counts.get(reason, 0) + 1
+
+
+DISCARDS = Discards()
 
 
 # -- the relay's own state ---------------------------------------------------------------------
@@ -439,6 +464,7 @@ def run(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
             "wrong_sample": dict(list(wrong.items())[:5]),
             "generator_errors": counts["errors"],
             "relay_counters": relay.counters(),
+            "bus_subscribers_discarded_whole_run": dict(DISCARDS.counts),
         }
         out["relay_spool_bytes"] = os.path.getsize(spool)
     return out
@@ -469,7 +495,7 @@ def ramp(args, fleet: SimFleet, relay: Relay, cpu: CpuGroups, rates: list[float]
         # generator on time (not one catching up), or records that it did not get there
         behind_s = caught_up(fleet, timeout=120)
         lag0 = fleet.lag_max_s = 0.0
-        k0 = relay.counters()
+        k0, x0 = relay.counters(), dict(DISCARDS.counts)
         c0, i0, d0, s0 = fleet.counts(), relay.indexed(), relay.depth(), cpu.sample()
         time.sleep(args.step_s)
         c1, i1, d1, s1 = fleet.counts(), relay.indexed(), relay.depth(), cpu.sample()
@@ -495,6 +521,13 @@ def ramp(args, fleet: SimFleet, relay: Relay, cpu: CpuGroups, rates: list[float]
             # gaps the ledger saw open meanwhile (none lost: readings still in transit when
             # their gateway's heartbeat arrived) and replays it asked for
             "gaps_opened": k1.get("gaps_opened", 0) - k0.get("gaps_opened", 0),
+            # events (batches and heartbeats) fired on the syndic masters and taken in by the
+            # relay, and the top master's bus dropping slow subscribers meanwhile
+            "events_fired": (c1["batches"] - c0["batches"]) + (c1["heartbeats"] - c0["heartbeats"]),
+            "events_in_relay": k1.get("events_in", 0) - k0.get("events_in", 0),
+            "bus_subscribers_discarded": {
+                k: n - x0.get(k, 0) for k, n in DISCARDS.counts.items() if n > x0.get(k, 0)
+            },
             "replays_requested": k1.get("replays_requested", 0) - k0.get("replays_requested", 0),
             "relay_engine_cpu_us_per_reading": round(eng_cpu / indexed * 1e6, 1)
             if indexed
@@ -603,6 +636,7 @@ def gap_repair(args, fleet: SimFleet, relay: Relay, es: Any) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
+    logging.getLogger().addHandler(DISCARDS)
     out: dict[str, Any] = {}
     try:
         run(args, out)
