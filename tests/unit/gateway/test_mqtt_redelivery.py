@@ -1,7 +1,7 @@
 """A crash between spool commit and broker acknowledgement numbers nothing twice.
 
-Real Mosquitto broker, real paho client: the first subscriber commits every message to the
-spool but its acknowledgements never leave (its connection dies first, as under kill -9); the
+Real Mosquitto broker, the source's own connection: the first subscriber commits every message
+to the spool but its acknowledgements never leave (its connection dies first, as under kill -9); the
 broker redelivers the unacknowledged QoS 1 messages, flagged DUP, to the next subscriber with
 the same persistent session, which recognises them in the spool and only acknowledges them.
 """
@@ -54,13 +54,12 @@ def test_redelivered_after_commit_is_not_numbered_twice(tmp_path):
     try:
         first = _source(broker.port, path)
         # The acknowledgements of this subscriber never reach the broker.
-        first.client.ack = lambda mid, qos: None  # type: ignore[method-assign]
+        first.client.ack_many = lambda mids: None  # type: ignore[method-assign]
         broker.publish("sensors/t1/temperature", [str(i) for i in range(40)])
         _wait(lambda: _counters(path).get("spooled", 0) == 40)
         # Die without a DISCONNECT and without the stop() flush: like kill -9.
         first._stop.set()
-        first.client.loop_stop()
-        first.client.socket().close()
+        first.client.kill()
 
         second = _source(broker.port, path)
         try:

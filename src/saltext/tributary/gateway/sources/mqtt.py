@@ -1,12 +1,13 @@
-"""The MQTT source: a paho-mqtt subscriber thread that spools readings durably.
+"""The MQTT source: a subscriber thread that spools readings durably.
 
-It runs off the minion's loop (paho's network thread plus one flusher thread), so a beacon run
-never waits on the broker. Messages are taken with QoS 1 on a persistent session
+It runs off the minion's loop (the connection's network thread plus one flusher thread), so a
+beacon run never waits on the broker. Messages are taken with QoS 1 on a persistent session
 (``clean_session=False`` and a fixed client id): the broker keeps queueing while the minion is
 down. Acknowledgements are manual and sent only after the readings are committed to the spool,
 so a crash between receipt and commit makes the broker redeliver instead of losing data.
-Reconnects are paho's, with capped exponential backoff; a broker restart or a network loss
-does not leave the subscriber dead.
+Reconnects use capped exponential backoff; a broker restart or a network loss does not leave
+the subscriber dead. The connection itself is :mod:`.mqttwire` (why not paho's loop: its
+module docstring and BENCHMARKS.md, gateway efficiency).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from saltext.tributary.gateway.filters import Filters
+from saltext.tributary.gateway.sources.mqttwire import Message, MqttConnection
 from saltext.tributary.gateway.sources.payload import Mapper
 from saltext.tributary.gateway.spool import GatewaySpool, SpoolFull
 from saltext.tributary.protocol.reading import TS_MAX_MS, TS_MIN_MS, Reading, RejectedReading
@@ -74,10 +76,12 @@ class MqttSource:
     """Subscribe, parse, spool, then acknowledge."""
 
     #: One spool transaction per this many seconds (or FLUSH_ROWS readings), whichever first.
-    FLUSH_EVERY_S = 0.05
+    #: A reading waits at most this long for its commit and acknowledgement; the broker's
+    #: in-flight window (``max_inflight_messages``) must hold what arrives meanwhile.
+    FLUSH_EVERY_S = 0.1
     FLUSH_ROWS = 500
-    #: An acknowledgement handed to paho is recorded as sent only after this long on a
-    #: connection that stayed up: one queued just before the connection died may never have
+    #: An acknowledgement handed to the connection is recorded as sent only after this long on
+    #: a connection that stayed up: one queued just before the connection died may never have
     #: reached the broker, which then redelivers (DUP) a message the record must still match.
     ACK_SETTLE_S = 10.0
 
@@ -89,8 +93,6 @@ class MqttSource:
         filters: Filters | None = None,
         **spool_kw: Any,
     ):
-        import paho.mqtt.client as mqtt  # gateway extra
-
         self.broker = broker
         self.mapper = mapper
         self.filters = filters or Filters([])
@@ -100,7 +102,7 @@ class MqttSource:
         self._pending: list[Reading] = []
         self._pending_acks: list[tuple[int, bytes]] = []
         self._acked: list[tuple[str, int]] = []
-        #: (monotonic time, connection generation, packet id) of acknowledgements handed to paho
+        #: (monotonic time, connection generation, packet id) of acknowledgements handed over
         self._ack_sent: list[tuple[float, int, int]] = []
         self._generation = 0
         self._pending_counts: Counter[str] = Counter()
@@ -108,24 +110,23 @@ class MqttSource:
         self._stop = threading.Event()
         self.connected = False
         self.subscribed = False
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=broker.client_id,
-            clean_session=False,
-            manual_ack=True,
+        self.client = MqttConnection(
+            broker.host,
+            broker.port,
+            broker.client_id,
+            [(sub, broker.qos) for sub in mapper.subscriptions],
+            keepalive=broker.keepalive,
+            username=broker.username or None,
+            password=broker_password(broker) if broker.username else None,
+            tls_ca=broker.tls_ca,
+            reconnect_min=broker.reconnect_min,
+            reconnect_max=broker.reconnect_max,
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            on_subscribe=self._on_subscribe,
+            on_disconnect=self._on_disconnect,
+            name=f"tributary-mqtt-{broker.client_id}"[:60],
         )
-        if broker.username:
-            self.client.username_pw_set(broker.username, broker_password(broker))
-        if broker.tls_ca:
-            self.client.tls_set(ca_certs=broker.tls_ca)
-        self.client.reconnect_delay_set(
-            min_delay=max(1, int(broker.reconnect_min)), max_delay=int(broker.reconnect_max)
-        )
-        self.client.max_inflight_messages_set(1000)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
         self._flusher = threading.Thread(target=self._flush_loop, name="tributary-mqtt-flush")
         self._flusher.daemon = True
         self._spool: GatewaySpool | None = None
@@ -133,8 +134,7 @@ class MqttSource:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
-        self.client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive)
-        self.client.loop_start()
+        self.client.start()
         self._flusher.start()
         # A minion stopping normally (SIGTERM -> exit) commits and acknowledges what it holds,
         # so the broker does not redeliver readings that are already spooled.
@@ -150,8 +150,7 @@ class MqttSource:
             self._flush()  # commit, then queue the PUBACKs ...
         except Exception as exc:  # not committed -> not acknowledged -> redelivered later
             log.warning("tributary mqtt: final spool flush failed: %s", exc)
-        self.client.disconnect()  # ... which paho sends before the DISCONNECT
-        self.client.loop_stop()
+        self.client.stop()  # ... which the connection writes before its DISCONNECT
         if self._spool is not None:
             try:
                 self._spool.set_state("broker", "stopped")
@@ -162,31 +161,31 @@ class MqttSource:
         except Exception:
             pass
 
-    # -- paho callbacks (network thread) ----------------------------------------------------
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None):
-        if rc == 0 or getattr(rc, "value", None) == 0:
-            self.connected = True
-            log.info("tributary mqtt: connected to %s:%s", self.broker.host, self.broker.port)
-            for sub in self.mapper.subscriptions:
-                client.subscribe(sub, qos=self.broker.qos)
-        else:
-            log.warning("tributary mqtt: broker refused connection: %s", rc)
+    # -- connection callbacks (network thread) ----------------------------------------------
+    def _on_connect(self, session_present: bool) -> None:
+        self.connected = True
+        log.info(
+            "tributary mqtt: connected to %s:%s (session %s)",
+            self.broker.host,
+            self.broker.port,
+            "resumed" if session_present else "new",
+        )
         with self._lock:
             self._pending_counts["connects"] += 1
 
-    def _on_subscribe(self, client: Any, userdata: Any, mid: Any, rcs: Any, props: Any = None):
+    def _on_subscribe(self, granted: list[int]) -> None:
         with self._lock:
             self._pending_counts["subscribed"] += 1
             self.subscribed = True
 
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None):
+    def _on_disconnect(self, reason: str) -> None:
         self.connected = False
         self._generation += 1  # acknowledgements still settling may not have left
         self.subscribed = False
         if not self._stop.is_set():
-            log.warning("tributary mqtt: disconnected (%s); paho reconnects with backoff", rc)
+            log.warning("tributary mqtt: disconnected (%s); reconnecting with backoff", reason)
 
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+    def _on_message(self, msg: Message) -> None:
         # Hot path (one call per MQTT message): plain dict counting, one lock round.
         now_ms = clock.now_ms()
         digest = b""
@@ -231,7 +230,7 @@ class MqttSource:
         if full:
             try:
                 self._flush()
-            except Exception as exc:  # the flusher thread retries; never raise into paho
+            except Exception as exc:  # the flusher retries; never raise into the network thread
                 log.warning("tributary mqtt: spool append failed (%s); will retry", exc)
 
     # -- spooling (flusher thread) ----------------------------------------------------------
@@ -288,8 +287,7 @@ class MqttSource:
                 if g == gen:
                     self._acked.append((self.broker.client_id, mid))
             del self._ack_sent[:settled]
-        for mid, _ in acks:
-            self.client.ack(mid, 1)
+        self.client.ack_many([mid for mid, _ in acks])
 
     def _append(
         self,
@@ -339,7 +337,7 @@ class MqttSource:
             with self._lock:
                 self._pending_counts["redelivered_duplicates"] += 1
                 self._acked.append((self.broker.client_id, mid))
-            self.client.ack(mid, 1)
+            self.client.ack_many([mid])
         return seen
 
     @property
