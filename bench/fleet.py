@@ -378,7 +378,8 @@ def run(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
         if eng is None:
             raise RuntimeError(f"the relay engine's process not found: {how}")
         groups = {
-            "relay_engine": lambda: tree(eng),
+            "relay_engine": lambda: tree(eng),  # with its process tap (detector, rules)
+            "relay_engine_own": lambda: tree(eng)[:1],  # the relay process alone
             "top_master_other": lambda: [
                 p for p in tree(top.pid) if p.pid not in {q.pid for q in tree(eng)}
             ],
@@ -505,6 +506,7 @@ def ramp(args, fleet: SimFleet, relay: Relay, cpu: CpuGroups, rates: list[float]
         indexed = i1 - i0
         pct = CpuGroups.percent(s0, s1)
         eng_cpu = pct["relay_engine"] / 100 * dt
+        own_cpu = pct["relay_engine_own"] / 100 * dt
         target = len(fleet.gateways) * args.sensors / rate
         stages = {k: k1.get(k, 0) - k0.get(k, 0) for k in k1 if k.startswith("cpu_ns:")}
         step = {
@@ -534,6 +536,9 @@ def ramp(args, fleet: SimFleet, relay: Relay, cpu: CpuGroups, rates: list[float]
             else None,
             # the relay's own stage timers (thread CPU; the rest of the engine's CPU is Salt
             # reading and unpacking the bus, the counters, the process tap)
+            "relay_engine_own_cpu_us_per_reading": round(own_cpu / indexed * 1e6, 1)
+            if indexed
+            else None,
             "relay_stage_cpu_us_per_reading": per_reading(stages, indexed) if stages else None,
             "relay_engine_rss_mib": rss_mib(cpu.groups["relay_engine"]()),
             "top_master_other_rss_mib": rss_mib(cpu.groups["top_master_other"]()),
