@@ -271,7 +271,12 @@ def test_syndic_master_down_one_minute_gaps_replayed(faults):
     es, top, syndic = faults["es"], faults["top"], faults["syndic"]
     brokers, gateways = faults["brokers"], faults["gateways"]
     gw_b = gateways[GW_B]
-    before = relay_status(top)["gateways"].get(GW_B, {}).get("replays_requested", 0)
+    status_before = relay_status(top)
+    before = status_before["gateways"].get(GW_B, {}).get("replays_requested", 0)
+    # the ledger's gap counters, as `salt-run tributary.status` reports them (relay.counters)
+    gaps_before = {
+        k: status_before["relay"]["counters"].get(k, 0) for k in ("gaps_opened", "gaps_repaired")
+    }
     stream = Stream(brokers, "f4-lost", per_tick=10, every=1).start()
     wait_for(lambda: es_count(es, GW_B, "f4-lost") > 0, timeout=60, what="f4 readings flowing")
     syndic.master.terminate()
@@ -337,4 +342,18 @@ def test_syndic_master_down_one_minute_gaps_replayed(faults):
 
     # none open, none given up (a heartbeat may open a short-lived tail gap past the range)
     wait_for(lambda: not open_gaps_in_lost_range(), timeout=60, what="the lost range closed")
+    # The ledger counted the lost range's gap opening and then closing after a replay request
+    # (gaps_repaired, not gaps_filled). The status runner refreshes the ledger after reading the
+    # counters, so a close it just saw shows in its next answer: poll.
+    gap_counts: dict[str, int] = {}
+
+    def gap_counters_rose() -> bool:
+        counters = relay_status(top)["relay"]["counters"]
+        gap_counts.update({k: counters.get(k, 0) for k in gaps_before})
+        return all(gap_counts[k] > gaps_before[k] for k in gaps_before)
+
+    try:
+        wait_for(gap_counters_rose, timeout=30, what="gaps_opened and gaps_repaired rising")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: before {gaps_before}, now {gap_counts}") from None
     wait_for(lambda: GW_B not in silent_gateways(top), timeout=60, what=f"{GW_B} cleared")
