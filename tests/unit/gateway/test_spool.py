@@ -303,3 +303,28 @@ def test_a_spool_restored_from_a_backup_starts_a_new_epoch(tmp_path):
         assert c.epoch == b.epoch
     finally:
         c.close()
+
+
+def test_status_and_age_cut_read_the_sequence_not_the_whole_table(tmp_path):
+    """held count is last - first + 1 and the age cut is a bisection of the sequence: both must
+    agree with a full scan, across appends in several transactions and trims of the oldest."""
+    s = GatewaySpool(str(tmp_path / "a.db"), max_age_s=60)
+    try:
+        for k in range(7):
+            s.append(readings(300, start=300 * k))
+            # spread the spool times: each append 10 s after the last, as a run of minutes
+            s.db.execute("UPDATE readings SET added = ? WHERE seq > ?", (T0 + 10_000 * k, 300 * k))
+        for cutoff in (T0 - 1, T0, T0 + 5_000, T0 + 30_000, T0 + 60_000, T0 + 10**9):
+            scan = s.db.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM readings WHERE added < ?", (cutoff,)
+            ).fetchone()[0]
+            assert s._last_added_before(cutoff) == scan, cutoff
+        s.next_batches(max_run_bytes=10**6)
+        s.trim(now_ms=T0 + 30_000 + 60_000)  # drops the rows added before T0 + 30 s
+        count = s.db.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
+        assert count == 2100 - 900
+        st = s.status()
+        assert st["held"] == {"first": 901, "last": 2100, "count": count}
+        assert st["oldest_age_s"] > 0
+    finally:
+        s.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -186,16 +187,42 @@ def parsed(name: str, parse_fn: Callable[[Any], tuple[B | None, list[str]]], con
     return opts
 
 
+#: Salt calls a beacon's ``validate()`` before every run (once a second); a verdict is kept
+#: this long per distinct config, so a file a config names (a CA, a password file) that goes
+#: away is still noticed within a minute.
+VERDICT_TTL_S = 60.0
+_VERDICTS: dict[tuple[str, str], tuple[float, tuple[bool, str]]] = {}
+
+
+def cached_verdict(
+    label: str, parse_fn: Callable[[Any], tuple[Any, list[str]]], config: Any
+) -> tuple[bool, str]:
+    """:func:`schema.verdict`, remembered for :data:`VERDICT_TTL_S` per config; never raises."""
+    try:
+        key = (label, repr(config))
+    except Exception:  # an object whose repr fails: no caching
+        return schema.verdict(label, parse_fn, config)
+    now = time.monotonic()
+    hit = _VERDICTS.get(key)
+    if hit is not None and now < hit[0]:
+        return hit[1]
+    result = schema.verdict(label, parse_fn, config)
+    if len(_VERDICTS) >= 64:
+        _VERDICTS.clear()
+    _VERDICTS[key] = (now + VERDICT_TTL_S, result)
+    return result
+
+
 def validate_sysfs(config: Any) -> tuple[bool, str]:
     """Validate a ``tributary_sysfs`` beacon config; never raises."""
-    return schema.verdict("tributary_sysfs", parse_sysfs, config)
+    return cached_verdict("tributary_sysfs", parse_sysfs, config)
 
 
 def validate_health(config: Any) -> tuple[bool, str]:
     """Validate a ``tributary_health`` beacon config; never raises."""
-    return schema.verdict("tributary_health", parse_health, config)
+    return cached_verdict("tributary_health", parse_health, config)
 
 
 def validate_mqtt(config: Any) -> tuple[bool, str]:
     """Validate a ``tributary_mqtt`` beacon config; never raises."""
-    return schema.verdict("tributary_mqtt", parse_mqtt, config)
+    return cached_verdict("tributary_mqtt", parse_mqtt, config)
