@@ -209,27 +209,3 @@ def test_a_master_that_does_not_answer_keeps_its_queue_and_backs_off():
     link.next_try = 0
     link.flush()
     assert len(sent) == 1 and not link.up.pending() and link.delay == 0
-
-
-def test_no_channel_before_the_syndic_has_its_key(tmp_path):
-    """Salt's authentication makes a key pair when ``minion.pem`` is missing: the uplink waits
-    (backing off, queue kept) until salt-syndic has made the syndic's own key."""
-    from saltext.tributary.syndic.uplink import Link
-
-    cfg, _ = parse_uplink({"backoff": {"min_s": 60, "max_s": 120}})
-    sent: list = []
-    opened: list = []
-
-    def factory(opts):
-        opened.append(opts["pki_dir"])
-        return ScriptedChannel(sent, [False])
-
-    link = Link("a:1", {"id": "syn-1", "pki_dir": str(tmp_path)}, cfg, factory)
-    link.up.take(BATCH, {"v": 1})
-    link.flush()
-    assert opened == [] and sent == [] and len(link.up.events) == 1 and link.delay == 60
-    assert not (tmp_path / "minion.pem").exists()
-    (tmp_path / "minion.pem").write_text("the syndic's key")
-    link.next_try = 0
-    link.flush()
-    assert opened == [str(tmp_path)] and len(sent) == 1 and not link.up.pending()

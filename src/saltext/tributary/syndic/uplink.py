@@ -26,7 +26,6 @@ they are grouped into requests. The engine does the I/O.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from collections import OrderedDict, deque
@@ -220,7 +219,6 @@ class Link:
             kind, load, size = request
             try:
                 if self.channel is None:
-                    self._check_key()
                     self.channel = self.channel_factory(self.opts)
                 self.channel.send(load, timeout=self.cfg.timeout_s, tries=1)
             except Exception as exc:  # a failed request is retried with backoff
@@ -240,19 +238,6 @@ class Link:
                 return
             self.up.sent(kind, size)
             self.delay = 0.0
-
-    def _check_key(self) -> None:
-        """The syndic's own key must be there before a channel is opened with it: Salt's
-        authentication makes a new key pair when ``pki_dir/minion.pem`` is missing, and when
-        this engine starts before salt-syndic has made its key, the top master cached the
-        engine's new key for the syndic's id and refused salt-syndic's own (the fleet bench
-        saw a syndic never start that way)."""
-        pki = self.opts.get("pki_dir")
-        if pki and not os.path.exists(os.path.join(str(pki), "minion.pem")):
-            raise FileNotFoundError(
-                f"the syndic's key {os.path.join(str(pki), 'minion.pem')} is not there yet"
-                " (salt-syndic makes it); waiting rather than making one"
-            )
 
     def report_drops(self) -> None:
         c = self.up.counters
