@@ -1,5 +1,6 @@
 """bench/factories_engines/pytest_engine.py (bench only): salt-factories' event-forwarding
-engine that forwards the start events salt-factories waits for and nothing else."""
+engine that forwards the start events salt-factories waits for and the auth events it accepts
+keys on, nothing else."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def test_only_start_events_and_the_stop_sentinel_are_queued() -> None:
         "salt/master/top/start",
         "salt/syndic/fleet-syndic-1/start",
         "salt/minion/gw-1/start",
+        "salt/auth",
         "salt/beacon/sim-0-0001/tributary_mqtt/batch",
         "salt/job/20261130181800123456/ret/sim-0-0001",
         "salt/master/top/start/extra",
@@ -32,6 +34,7 @@ def test_only_start_events_and_the_stop_sentinel_are_queued() -> None:
         "salt/master/top/start",
         "salt/syndic/fleet-syndic-1/start",
         "salt/minion/gw-1/start",
+        "salt/auth",
         None,
     ]
 
