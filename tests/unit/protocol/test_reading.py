@@ -37,12 +37,16 @@ def test_make_reading_coerces_ints_and_keeps_metadata():
         (("a/b", "m", 1.0, TS), "bad_sensor"),
         (("s", "m e", 1.0, TS), "bad_metric"),
         (("s" * 129, "m", 1.0, TS), "bad_sensor"),
+        (("s\n", "m", 1.0, TS), "bad_sensor"),  # "$" alone would let a trailing newline in
+        (("s", "m\n", 1.0, TS), "bad_metric"),
     ],
 )
 def test_bad_readings_name_their_reason(args, reason):
-    with pytest.raises(RejectedReading) as exc:
-        make_reading(*args)
-    assert exc.value.reason == reason
+    make_reading("s", "m", 1.0, TS)  # good names are remembered; a bad one never passes
+    for _ in range(2):
+        with pytest.raises(RejectedReading) as exc:
+            make_reading(*args)
+        assert exc.value.reason == reason
 
 
 def test_doc_id_round_trip_with_colons_in_the_gateway_id():

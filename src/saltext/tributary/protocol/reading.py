@@ -19,7 +19,7 @@ from saltext.tributary.protocol.errors import ReasonError
 TS_MIN_MS = 946_684_800_000
 TS_MAX_MS = 4_102_444_800_000
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 
 
 class RejectedReading(ReasonError):
@@ -42,12 +42,21 @@ class Reading:
         return f"{self.sensor}/{self.metric}"
 
 
+#: Names already checked (a gateway has a few hundred sensors at most; bounded all the same).
+_GOOD_NAMES: set[str] = set()
+_GOOD_NAMES_MAX = 4096
+
+
 def check_name(kind: str, name: object) -> str:
     """Return ``name`` if it is a usable sensor or metric name, else raise RejectedReading."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if type(name) is str and name in _GOOD_NAMES:
+        return name
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise RejectedReading(
             f"bad_{kind}", f"{kind} name {name!r} is not [A-Za-z0-9_.:@-]{{1,128}}"
         )
+    if type(name) is str and len(_GOOD_NAMES) < _GOOD_NAMES_MAX:
+        _GOOD_NAMES.add(name)
     return name
 
 
