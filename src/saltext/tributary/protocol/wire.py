@@ -59,7 +59,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -86,9 +86,9 @@ class WireError(ReasonError):
     """A batch whose structure is unusable."""
 
 
-@dataclass(frozen=True, slots=True)
-class SpooledReading:
-    """A reading as stored in a spool: numbered, keyed by ``<sensor>/<metric>``."""
+class SpooledReading(NamedTuple):
+    """A reading as stored in a spool: numbered, keyed by ``<sensor>/<metric>`` (a named tuple,
+    as :class:`~saltext.tributary.protocol.reading.Reading`: one is built per reading emitted)."""
 
     seq: int
     key: str
