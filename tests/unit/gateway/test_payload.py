@@ -63,6 +63,22 @@ def test_unknown_topic():
     assert reason(mapper(NUM), "sensors/t1/temperature/extra", b"1") == "unknown_topic"
 
 
+def test_topics_are_remembered_within_a_bound_and_answer_the_same_every_time(monkeypatch):
+    m = mapper(NUM, {"topic": "bad/{sensor}", "format": "number", "sensor": "{nope}"})
+    monkeypatch.setattr(Mapper, "TOPIC_CACHE", 8)
+    for _ in range(3):  # first sight, then from the cache: same answers
+        (r,) = m.parse("sensors/t1/temperature", b"1", NOW)
+        assert (r.sensor, r.metric) == ("t1", "temperature")
+        assert reason(m, "other/t1", b"1") == "unknown_topic"
+        assert reason(m, "bad/x", b"1") == "bad_topic"  # a template it cannot fill: never kept
+    assert "bad/x" not in m._topics
+    for i in range(50):  # a flood of distinct topics never grows the cache past its bound
+        m.parse(f"sensors/s{i}/temperature", b"1", NOW)
+        assert len(m._topics) <= 8
+    (r,) = m.parse("sensors/t1/temperature", b"2", NOW)
+    assert (r.sensor, r.value) == ("t1", 2.0)
+
+
 def test_json_fields_dotted_and_timestamp_seconds():
     m = mapper(JSON)
     rs = m.parse(

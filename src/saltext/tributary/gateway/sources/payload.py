@@ -296,8 +296,13 @@ def _reject_constant(name: str) -> Any:
 class Mapper:
     """Turns (topic, payload) into readings with the first matching rule."""
 
+    #: Topics remembered with their rule, sensor and metric (a site has a bounded set of
+    #: topics; the cache is emptied if a flood of distinct ones fills it).
+    TOPIC_CACHE = 4096
+
     def __init__(self, rules: list[TopicRule]) -> None:
         self.rules = rules
+        self._topics: dict[str, tuple[TopicRule, str, str] | None] = {}
 
     @property
     def subscriptions(self) -> list[str]:
@@ -309,6 +314,21 @@ class Mapper:
             if m:
                 return rule, m.groupdict()
         return None
+
+    def _route(self, topic: str) -> tuple[TopicRule, str, str] | None:
+        """The rule, sensor and metric of ``topic`` (None: no rule matches); remembered. A
+        template that cannot be filled raises RejectedReading and is not remembered."""
+        found = self.match(topic)
+        known: tuple[TopicRule, str, str] | None = None
+        if found is not None:
+            rule, caps = found
+            sensor = _fill(rule.sensor, caps, caps.get("sensor") or topic.rsplit("/", 1)[-1])
+            metric = _fill(rule.metric, caps, caps.get("metric") or "value")
+            known = (rule, sensor, metric)
+        if len(self._topics) >= self.TOPIC_CACHE:
+            self._topics.clear()
+        self._topics[topic] = known
+        return known
 
     def parse(
         self, topic: str, payload: bytes, now_ms: int, rejects: list[RejectedReading] | None = None
@@ -322,12 +342,13 @@ class Mapper:
             rejects = []
         if len(payload) > MAX_PAYLOAD:
             raise RejectedReading("too_large", f"{len(payload)} bytes > {MAX_PAYLOAD}")
-        found = self.match(topic)
-        if found is None:
+        try:
+            known = self._topics[topic]
+        except KeyError:
+            known = self._route(topic)
+        if known is None:
             raise RejectedReading("unknown_topic", topic)
-        rule, caps = found
-        sensor = _fill(rule.sensor, caps, caps.get("sensor") or topic.rsplit("/", 1)[-1])
-        metric = _fill(rule.metric, caps, caps.get("metric") or "value")
+        rule, sensor, metric = known
         if rule.fmt == "number":
             try:
                 text = payload.decode("ascii").strip()
