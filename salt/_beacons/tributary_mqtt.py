@@ -66,8 +66,6 @@ The ``site`` of the readings comes from the ``site`` grain unless ``- site: <nam
 import logging
 
 try:
-    import paho.mqtt.client  # noqa: F401
-
     import saltext.tributary as tributary_pkg
     from saltext.tributary.gateway import beacons as gw_beacons
     from saltext.tributary.gateway import config as gw_config
@@ -87,7 +85,7 @@ def __virtual__():
     if not HAS_LIBS:
         return (
             False,
-            f"tributary_mqtt: saltext.tributary[gateway] (paho-mqtt) is not installed: {MISSING}",
+            f"tributary_mqtt: saltext.tributary is not installed: {MISSING}",
         )
     return tributary_pkg.loadable(__virtualname__, __tributary_version__)
 
