@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import pathlib
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -20,10 +21,11 @@ def _pem_key(key) -> bytes:
     )
 
 
-def make_pki(d: pathlib.Path) -> dict[str, str]:
+def make_ca(common_name: str = "tributary test CA") -> tuple[x509.Certificate, Any]:
+    """A self-signed CA certificate valid for a day, and its key."""
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tributary test CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     ca = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
@@ -35,6 +37,15 @@ def make_pki(d: pathlib.Path) -> dict[str, str]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
+    return ca, ca_key
+
+
+def make_pki(d: pathlib.Path) -> dict[str, str]:
+    """A CA and a server certificate for localhost / 127.0.0.1 signed by it, as PEM files in
+    ``d``: ``{"ca": path, "cert": path, "key": path}``."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca, ca_key = make_ca()
+    ca_name = ca.subject
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
