@@ -46,6 +46,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -642,10 +643,16 @@ def gap_repair(args, fleet: SimFleet, relay: Relay, es: Any) -> dict[str, Any]:
 def main() -> None:
     args = parse_args()
     logging.getLogger().addHandler(DISCARDS)
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # `timeout` sends SIGTERM: stop the daemons and print what was measured until then
+    signal.signal(signal.SIGTERM, interrupted)
     out: dict[str, Any] = {}
     try:
         run(args, out)
-    except Exception as exc:  # print what was measured before it
+    except (Exception, KeyboardInterrupt) as exc:  # print what was measured before it
         out["error"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
