@@ -279,6 +279,14 @@ def test_syndic_master_down_one_minute_gaps_replayed(faults):
     }
     stream = Stream(brokers, "f4-lost", per_tick=10, every=1).start()
     wait_for(lambda: es_count(es, GW_B, "f4-lost") > 0, timeout=60, what="f4 readings flowing")
+    # The top judges B silent from the last heartbeat its relay holds: have one before the
+    # outage (run alone, right after the topology starts, B's first heartbeat may not be there;
+    # on Salt 3006.29 it was not, and B was never found silent).
+    wait_for(
+        lambda: relay_status(top)["gateways"].get(GW_B, {}).get("gateway_spool"),
+        timeout=30,
+        what=f"a heartbeat of {GW_B} held by the top's relay",
+    )
     syndic.master.terminate()
     down = time.monotonic()
     # Everything past this cursor is emitted while no master runs.
