@@ -214,10 +214,6 @@ class MqttConnection:
         if mids:
             self._queue(pubacks(mids))
 
-    def ack(self, mid: int, qos: int = 1) -> None:
-        if qos:
-            self._queue(pubacks([mid]))
-
     def disconnect(self) -> None:
         """Write what is queued (acknowledgements first), then DISCONNECT and close."""
         with self._out_lock:
