@@ -90,6 +90,12 @@ def test_outgoing_packets():
     assert subscribe_packet(1, [("a/#", 1)]) == b"\x82\x08\x00\x01\x00\x03a/#\x01"
 
 
+def test_stopping_a_connection_that_never_started_is_quiet():
+    conn = MqttConnection("127.0.0.1", 1, "gw-never", [], on_message=lambda m: None)
+    conn.stop()  # joins no thread, closes its wake-up sockets
+    assert conn._wake_r.fileno() == -1
+
+
 # -- a real broker -------------------------------------------------------------------------------
 class Recorder:
     def __init__(self):

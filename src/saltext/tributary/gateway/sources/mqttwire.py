@@ -225,10 +225,12 @@ class MqttConnection:
         self.disconnect()
         if self._sock is None:  # not connected (backing off): nothing to say goodbye on
             self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
+            self._stop.set()
+            self._wake()
+            self._thread.join(timeout)
         self._stop.set()
-        self._wake()
-        self._thread.join(timeout)
         for s in (self._wake_r, self._wake_w):
             s.close()
 
