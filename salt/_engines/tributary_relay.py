@@ -16,7 +16,8 @@ Unsigned, mis-signed or unknown-key batches go to the dead-letter index with the
 (``allow_unsigned: true`` lets unsigned ones through during a migration).
 
 A gap-repair thread (``saltext.tributary.relay.repair``) asks gateways to replay what the ledger
-shows missing, through LocalClient (it works through syndics).
+shows missing: ``tributary.replay`` jobs published through LocalClient without waiting (they
+work through syndics), their answers taken from this engine's own bus subscription.
 
 Scale-out (``scaleout``, see ``saltext.tributary.relay.scaleout`` and README "Scale-out"): the
 relay can also run on each syndic master (``role: syndic``), indexing its own gateways
@@ -215,11 +216,12 @@ def start(**config):
             relay_status.describe_error(exc),
         )
     receipts = _scaleout(relay, rcfg)
-    repairer = None
+    repairer = replays = None
     if rcfg.gaps.enabled and rcfg.scaleout.role != "syndic":  # the top repairs for the fleet
+        replays = repair_lib.salt_job_replayer(__opts__, rcfg.gaps.timeout_s)
         repairer = repair_lib.GapRepairer(
             lambda: relay_spool.RelaySpool(rcfg.spool_path).ledger,
-            repair_lib.local_client_replay(__opts__, rcfg.gaps.timeout_s),
+            replays,
             grace_s=rcfg.gaps.grace_s,
             check_s=rcfg.gaps.check_s,
             backoff_s=rcfg.gaps.backoff_s,
@@ -234,7 +236,7 @@ def start(**config):
         )
         repairer.start()
     try:
-        _serve(relay)
+        _serve(relay, replays)
     finally:
         if repairer is not None:
             repairer.stop()
@@ -272,7 +274,7 @@ def _subscribers(relay, es_cfg, rcfg):
     ]
 
 
-def _serve(relay):
+def _serve(relay, replays=None):
     """Drain the master bus with an event handler on the engine's own IOLoop.
 
     ``get_event()`` would run every read through a SyncWrapper thread (Salt 3007): py-spy put
@@ -292,6 +294,8 @@ def _serve(relay):
 
     async def handle(raw):
         tag, data = bus.unpack(raw)
+        if replays is not None and isinstance(tag, str) and replays.take(tag, data):
+            return  # a gateway's answer to a replay request
         pipeline.take_event(relay, tag, data)
 
     bus.subscribe("")

@@ -52,7 +52,10 @@ tributary-mosquitto-validator:
 {%-   endfor %}
 {%-   set plain = lines | join('\n') ~ '\n' %}
 {#- The password file is hashed by mosquitto_passwd (salted, so not reproducible): it is
-    rewritten only when the pillar credentials change, detected with a keyed digest. #}
+    rewritten only when the pillar credentials change, detected with a SHA-256 digest of them,
+    prefixed with the minion id so equal credentials on two gateways differ. It is not keyed
+    with a secret: the file is root-only (umask 077), and root on the gateway can read the
+    plain credentials from its pillar anyway. #}
 {%-   set digest = ('tributary-mosquitto:' ~ grains['id'] ~ ':' ~ plain) | sha256 %}
 
 tributary-mosquitto-password-file:

@@ -274,8 +274,10 @@ def test_syndic_master_down_one_minute_gaps_replayed(faults):
     status_before = relay_status(top)
     before = status_before["gateways"].get(GW_B, {}).get("replays_requested", 0)
     # the ledger's gap counters, as `salt-run tributary.status` reports them (relay.counters)
+    # (replays_answered: the gateway's answer to a replay job came back on the top's bus)
     gaps_before = {
-        k: status_before["relay"]["counters"].get(k, 0) for k in ("gaps_opened", "gaps_repaired")
+        k: status_before["relay"]["counters"].get(k, 0)
+        for k in ("gaps_opened", "gaps_repaired", "replays_answered")
     }
     stream = Stream(brokers, "f4-lost", per_tick=10, every=1).start()
     wait_for(lambda: es_count(es, GW_B, "f4-lost") > 0, timeout=60, what="f4 readings flowing")
@@ -361,7 +363,7 @@ def test_syndic_master_down_one_minute_gaps_replayed(faults):
         return all(gap_counts[k] > gaps_before[k] for k in gaps_before)
 
     try:
-        wait_for(gap_counters_rose, timeout=30, what="gaps_opened and gaps_repaired rising")
+        wait_for(gap_counters_rose, timeout=30, what="the gap and replay counters rising")
     except AssertionError as exc:
         raise AssertionError(f"{exc}: before {gaps_before}, now {gap_counts}") from None
     wait_for(lambda: GW_B not in silent_gateways(top), timeout=60, what=f"{GW_B} cleared")
