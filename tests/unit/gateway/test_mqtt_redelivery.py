@@ -74,3 +74,30 @@ def test_redelivered_after_commit_is_not_numbered_twice(tmp_path):
         assert counters["redelivered_duplicates"] == 40
     finally:
         broker.cleanup()
+
+
+def test_a_broker_window_of_20_does_not_hold_the_gateway_to_one_window_per_flush(tmp_path):
+    """Mosquitto sends a subscriber at most ``max_inflight_messages`` (20 by default)
+    unacknowledged QoS 1 messages. The source acknowledges after each spool commit; it commits
+    as soon as the broker goes quiet, not only every ``FLUSH_EVERY_S``. With that interval set
+    to an hour here, 500 messages arrive only if the quiet-broker commits happen (without
+    them: 20, then nothing for an hour)."""
+    broker = start_broker(extra="max_inflight_messages 20\n")
+    path = str(tmp_path / "spool.db")
+    try:
+        src = MqttSource(
+            BrokerConfig(port=broker.port, client_id="gw-window"),
+            Mapper(compile_rules(RULES)),
+            path,
+        )
+        src.FLUSH_EVERY_S = 3600.0
+        src.start()
+        try:
+            _wait(lambda: src.subscribed)
+            broker.publish("sensors/t1/temperature", [str(i) for i in range(500)])
+            _wait(lambda: _counters(path).get("spooled", 0) == 500, timeout=60)
+        finally:
+            src.stop()
+        assert _counters(path)["last_seq"] == 500
+    finally:
+        broker.cleanup()

@@ -125,6 +125,7 @@ class MqttSource:
             on_connect=self._on_connect,
             on_subscribe=self._on_subscribe,
             on_disconnect=self._on_disconnect,
+            on_idle=self._on_idle,
             name=f"tributary-mqtt-{broker.client_id}"[:60],
         )
         self._flusher = threading.Thread(target=self._flush_loop, name="tributary-mqtt-flush")
@@ -234,6 +235,20 @@ class MqttSource:
                 log.warning("tributary mqtt: spool append failed (%s); will retry", exc)
 
     # -- spooling (flusher thread) ----------------------------------------------------------
+    def _on_idle(self) -> None:
+        """Messages came and the broker has sent nothing since (``MqttConnection.idle_s``):
+        commit and acknowledge them now. Mosquitto sends a subscriber at most
+        ``max_inflight_messages`` unacknowledged QoS 1 messages (20 by default), so waiting for
+        the next ``FLUSH_EVERY_S`` would cap a gateway at one window per flush interval (200
+        messages/s); a steady stream keeps the connection busy and is still committed in
+        groups."""
+        if not self._pending_acks:
+            return
+        try:
+            self._flush()
+        except Exception as exc:  # the flusher retries; never raise into the network thread
+            log.warning("tributary mqtt: spool append failed (%s); will retry", exc)
+
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.FLUSH_EVERY_S):
             try:

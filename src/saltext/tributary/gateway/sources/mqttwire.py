@@ -183,6 +183,8 @@ class MqttConnection:
         on_connect: Callable[[bool], None] | None = None,
         on_subscribe: Callable[[list[int]], None] | None = None,
         on_disconnect: Callable[[str], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
+        idle_s: float = 0.005,
         name: str = "tributary-mqtt",
     ):
         self.host, self.port, self.client_id = host, port, client_id
@@ -194,6 +196,12 @@ class MqttConnection:
         self.on_connect = on_connect
         self.on_subscribe = on_subscribe
         self.on_disconnect = on_disconnect
+        #: called on the network thread when messages came and the broker then sent nothing
+        #: for ``idle_s``: a broker that sends at most ``max_inflight_messages`` unacknowledged
+        #: messages waits for acknowledgements, so that is the moment to give them
+        self.on_idle = on_idle
+        self.idle_s = idle_s
+        self._delivered = False
         self._out_lock = threading.Lock()
         self._queued: list[bytes] = []
         self._closing = False
@@ -370,7 +378,15 @@ class MqttConnection:
                 wait = self.keepalive - (now - last_out)
                 if ping_sent is not None:
                     wait = min(wait, self.keepalive - (now - ping_sent))
-                for key, _ in sel.select(max(0.05, wait)):
+                timeout = max(0.05, wait)
+                if self._delivered and self.on_idle is not None:
+                    timeout = min(timeout, self.idle_s)
+                ready = sel.select(timeout)
+                if not ready and self._delivered:
+                    self._delivered = False
+                    self._idle()
+                    continue
+                for key, _ in ready:
                     if key.fileobj is self._wake_r:
                         try:
                             self._wake_r.recv(4096)
@@ -416,6 +432,7 @@ class MqttConnection:
         """Dispatch one packet; True if it was a PINGRESP."""
         kind = first >> 4
         if kind == 3:
+            self._delivered = True
             self._callback(self.on_message, decode_publish(first, body))
         elif kind == 13:
             return True
@@ -438,6 +455,14 @@ class MqttConnection:
         else:
             raise ProtocolError(f"unexpected packet type {kind}")
         return False
+
+    def _idle(self) -> None:
+        if self.on_idle is None:
+            return
+        try:
+            self.on_idle()
+        except Exception:  # a callback bug must not end the connection thread
+            log.exception("tributary mqtt: idle callback failed")
 
     def _callback(self, fn: Callable, arg: object) -> None:
         try:
