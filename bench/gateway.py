@@ -159,14 +159,15 @@ def _signing_cost(batches: list[dict]) -> float:
         shutil.rmtree(pki, ignore_errors=True)
 
 
-def mqtt_source_cpu(n: int = 20_000) -> dict[str, Any]:
-    """CPU of the real MQTT source (paho QoS 1, manual ack, parse, spool) in this process,
-    fed by mosquitto_pub in another process through a real Mosquitto broker."""
+def mqtt_source_cpu(n: int = 20_000, broker_extra: str = "") -> dict[str, Any]:
+    """CPU of the real MQTT source (its own QoS 1 connection, acknowledgements after the spool
+    commit, parse, spool) in this process, fed by mosquitto_pub in another process through a
+    real Mosquitto broker (the tests' configuration plus ``broker_extra``)."""
     from saltext.tributary.gateway.sources.mqtt import BrokerConfig, MqttSource
     from tests.support.mosquitto import start_broker
 
     tmp = tempfile.mkdtemp(prefix="tributary-bench-")
-    broker = start_broker()
+    broker = start_broker(extra=broker_extra)
     src = None
     try:
         path = os.path.join(tmp, "spool.db")
@@ -486,6 +487,8 @@ def run() -> dict[str, Any]:
     out: dict[str, Any] = {
         "cpu": cpu_path(),
         "mqtt_source": mqtt_source_cpu(),
+        # Mosquitto's default window: 20 unacknowledged messages in flight to the subscriber
+        "mqtt_source_broker_window_20": mqtt_source_cpu(5_000, "max_inflight_messages 20\n"),
         "spool": spool_rates(),
         "wire_bytes_per_reading": wire_sizes(),
         "targets": {

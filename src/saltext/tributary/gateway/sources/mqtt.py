@@ -238,10 +238,9 @@ class MqttSource:
     def _on_idle(self) -> None:
         """Messages came and the broker has sent nothing since (``MqttConnection.idle_s``):
         commit and acknowledge them now. Mosquitto sends a subscriber at most
-        ``max_inflight_messages`` unacknowledged QoS 1 messages (20 by default), so waiting for
-        the next ``FLUSH_EVERY_S`` would cap a gateway at one window per flush interval (200
-        messages/s); a steady stream keeps the connection busy and is still committed in
-        groups."""
+        ``max_inflight_messages`` unacknowledged QoS 1 messages (20 by default) and then waits
+        for acknowledgements, which would otherwise wait for the next ``FLUSH_EVERY_S``; a
+        steady stream keeps the connection busy and is still committed in groups."""
         if not self._pending_acks:
             return
         try:
