@@ -117,6 +117,26 @@ def test_receipts_are_chunked_and_strictly_ordered(tmp_path):
     assert receipts[1]["ts_ms"] > receipts[0]["ts_ms"]
 
 
+def test_receipt_time_stays_ahead_of_the_last_one_over_a_restart_with_the_clock_back(
+    tmp_path, monkeypatch
+):
+    """The top refuses a receipt not newer than the last it took. A syndic relay restarted
+    after its clock stepped back an hour carries its last receipt time over (kept in its
+    ledger) instead of stamping older ones, which the top would refuse as stale."""
+    spool, ledger = syndic_ledger(tmp_path)
+    cfg = ScaleoutConfig(role="syndic", syndic_id="syndic-1")
+    (before,) = ReceiptSender("syndic-1", cfg).next_receipts(ledger)
+    spool.close()
+    stepped_back = before["ts_ms"] - 3_600_000
+    monkeypatch.setattr(scaleout, "now_ms", lambda: stepped_back)
+    spool, ledger = syndic_ledger(tmp_path)  # the restarted relay
+    sender = ReceiptSender("syndic-1", cfg)
+    (after,) = sender.next_receipts(ledger)
+    (later,) = sender.next_receipts(ledger)
+    assert before["ts_ms"] < after["ts_ms"] < later["ts_ms"]
+    spool.close()
+
+
 def top_relay(tmp_path, master_pki, keys, clock=None, **so):
     relay = make_relay(
         tmp_path,

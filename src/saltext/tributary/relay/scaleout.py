@@ -54,6 +54,10 @@ from saltext.tributary.util.clock import now_ms
 
 log = logging.getLogger(__name__)
 
+#: the syndic relay's last receipt time, kept over restarts (see ``ReceiptSender._resume_ts``)
+SENT_DDL = (
+    "CREATE TABLE IF NOT EXISTS scaleout_sent (syndic TEXT PRIMARY KEY, ts_ms INTEGER NOT NULL)"
+)
 RECEIPT_TAG = "tributary/receipt/{syndic}"
 #: (gateway, epoch) entries per receipt event (each a few dozen bytes: a receipt stays far
 #: below the 32 KiB a batch event may be).
@@ -124,16 +128,37 @@ class ReceiptSender:
         self._since = 0.0  # everything the ledger holds goes up first (a restart heals too)
         self._last_full = clock()
         self._last_ts = 0
+        self._resumed = False
 
     def _ts(self) -> int:
         ts = max(now_ms(), self._last_ts + 1)  # strictly increasing: a stale one is refused
         self._last_ts = ts
         return ts
 
+    def _resume_ts(self, db: sqlite3.Connection) -> None:
+        """Carry the last receipt time over a restart: the top refuses a receipt not newer
+        than the last it took, so a syndic relay restarted after its clock stepped back would
+        otherwise be refused (and taken over) until its clock passed the old time again."""
+        db.execute(SENT_DDL)
+        row = db.execute("SELECT ts_ms FROM scaleout_sent WHERE syndic=?", (self.syndic_id,))
+        last = row.fetchone()
+        self._last_ts = max(self._last_ts, int(last[0]) if last else 0)
+        self._resumed = True
+
+    def _save_ts(self, db: sqlite3.Connection) -> None:
+        db.execute(
+            "INSERT INTO scaleout_sent VALUES (?, ?) ON CONFLICT(syndic) DO UPDATE SET"
+            " ts_ms = excluded.ts_ms",
+            (self.syndic_id, self._last_ts),
+        )
+
     def next_receipts(
         self, ledger: Ledger, spool_depth: tuple[int, float | None] = (0, None)
     ) -> list[dict[str, Any]]:
-        """The unsigned receipts to send now (at least one: the liveness)."""
+        """The unsigned receipts to send now (at least one: the liveness). The last receipt
+        time is kept in the ledger's database before they are returned."""
+        if not self._resumed:
+            self._resume_ts(ledger.db)
         now = self.clock()
         full = now - self._last_full >= self.cfg.full_receipt_s
         since = now - self.cfg.full_window_s if full else self._since
@@ -148,7 +173,7 @@ class ReceiptSender:
             found[i : i + ENTRIES_PER_RECEIPT] for i in range(0, len(found), ENTRIES_PER_RECEIPT)
         ] or [[]]
         depth, oldest = spool_depth
-        return [
+        out = [
             {
                 "v": 1,
                 "syndic": self.syndic_id,
@@ -159,6 +184,8 @@ class ReceiptSender:
             }
             for chunk in chunks
         ]
+        self._save_ts(ledger.db)
+        return out
 
 
 # -- top side ---------------------------------------------------------------------------------
