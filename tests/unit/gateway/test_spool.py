@@ -328,3 +328,46 @@ def test_status_and_age_cut_read_the_sequence_not_the_whole_table(tmp_path):
         assert st["oldest_age_s"] > 0
     finally:
         s.close()
+
+
+def test_inflight_records_recognise_a_redelivery_until_settled(spool):
+    """One in-flight record per commit: a message committed but not known acknowledged is
+    recognised by (source, packet id, digest); packet ids are reused, so the newest commit
+    holding an id decides; settling a commit's record forgets its messages."""
+    first = spool.append_messages(
+        readings(3), inflight=[("c", 1, b"d-one.."), ("c", 2, b"d-two.."), ("c", 3, b"d-3....")]
+    )
+    assert first.first == 1 and first.last == 3 and len(first.inflight_ids) == 1
+    assert spool.committed_unacked("c", 2, b"d-two..")
+    assert not spool.committed_unacked("c", 2, b"other..")  # same packet id, another message
+    assert not spool.committed_unacked("other-client", 2, b"d-two..")
+    assert not spool.committed_unacked("c", 9, b"d-two..")
+    # packet id 2 reused by a newer commit: that one decides
+    second = spool.append_messages(readings(1, start=10), inflight=[("c", 2, b"d-new..")])
+    assert spool.committed_unacked("c", 2, b"d-new..")
+    assert not spool.committed_unacked("c", 2, b"d-two..")
+    assert spool.committed_unacked("c", 3, b"d-3....")  # still the first commit's
+    # the first commit's acknowledgements settled: forgotten, in the next commit
+    spool.append_messages([], acked=first.inflight_ids)
+    assert not spool.committed_unacked("c", 3, b"d-3....")
+    assert spool.committed_unacked("c", 2, b"d-new..")
+    spool.append_messages([], acked=second.inflight_ids)
+    assert not spool.committed_unacked("c", 2, b"d-new..")
+
+
+def test_inflight_records_are_bounded_and_older_spools_still_answer(spool, monkeypatch):
+    from saltext.tributary.gateway import spool as spool_mod
+
+    monkeypatch.setattr(spool_mod, "INFLIGHT_KEEP", 3)
+    for n in range(10):
+        spool.append_messages([], inflight=[("c", 100 + n, b"digest..")])
+    kept = spool.db.execute("SELECT COUNT(*) FROM inflight_flushes").fetchone()[0]
+    assert kept == 3
+    assert spool.committed_unacked("c", 109, b"digest..")
+    assert not spool.committed_unacked("c", 100, b"digest..")
+    # a record written by the per-message table of earlier releases is still honoured
+    spool.db.execute("INSERT INTO inflight (src, mid, digest) VALUES ('c', 7, x'0102')")
+    assert spool.committed_unacked("c", 7, b"\x01\x02")
+    # packed ids are 16-bit: an odd byte offset never matches
+    spool.append_messages([], inflight=[("c", 0x0102, b"aaaaaaaa"), ("c", 0x0300, b"bbbbbbbb")])
+    assert not spool.committed_unacked("c", 0x0203, b"aaaaaaaa")

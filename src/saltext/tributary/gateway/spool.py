@@ -21,11 +21,12 @@ import json
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from saltext.tributary.protocol.reading import Reading
 from saltext.tributary.protocol.wire import (
@@ -48,6 +49,8 @@ CREATE TABLE IF NOT EXISTS readings (seq INTEGER PRIMARY KEY, sid INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS inflight (src TEXT NOT NULL, mid INTEGER NOT NULL, digest BLOB NOT NULL,
                                      acked INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (src, mid));
+CREATE TABLE IF NOT EXISTS inflight_flushes (id INTEGER PRIMARY KEY, src TEXT NOT NULL,
+                                             mids BLOB NOT NULL, digests BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL,
                                     body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS command_rate (device TEXT NOT NULL, ts INTEGER NOT NULL);
@@ -58,6 +61,22 @@ CREATE TABLE IF NOT EXISTS aside (id INTEGER PRIMARY KEY, key TEXT NOT NULL, ts 
 """
 #: Readings set aside (implausible values) kept for inspection; the oldest go first.
 ASIDE_KEEP = 1000
+#: Bytes of a broker message's digest kept for redelivery checks (the MQTT source's blake2b-64).
+DIGEST_BYTES = 8
+#: Commits whose broker messages are remembered at most (a commit whose acknowledgements were
+#: never sent, before a crash, is only needed until the broker redelivers them on reconnect).
+INFLIGHT_KEEP = 1024
+
+
+class Appended(NamedTuple):
+    """What :meth:`GatewaySpool.append` committed: the sequence range (0, 0 if no reading)
+    and the ids of its in-flight records (one per message source), to settle later."""
+
+    first: int
+    last: int
+    inflight_ids: tuple[int, ...] = ()
+
+
 #: Floor for the on-disk bytes per reading used by the byte budget (the budget itself uses the
 #: measured pages in use per row; bench/gateway.py measured ~60 B/reading incl. the WAL).
 ROW_BYTES = 32
@@ -211,8 +230,19 @@ class GatewaySpool:
         return before
 
     def committed_unacked(self, src: str, mid: int, digest: bytes) -> bool:
-        """True if this broker message was committed but its acknowledgement never sent."""
+        """True if this broker message was committed but its acknowledgement is not known to
+        have left: the newest commit that holds packet id ``mid`` of ``src`` decides (packet
+        ids are reused), and the message is that one if its digest matches."""
+        want_mid, want = struct.pack(">H", mid), _digest(digest)
         with self._lock:
+            rows = self.db.execute(
+                "SELECT mids, digests FROM inflight_flushes WHERE src=? ORDER BY id DESC", (src,)
+            )
+            for mids, digests in rows:
+                pos = _last_mid(mids, want_mid)
+                if pos is not None:
+                    return bool(digests[pos * DIGEST_BYTES : (pos + 1) * DIGEST_BYTES] == want)
+            # a spool written before in-flight records were kept per commit
             row = self.db.execute(
                 "SELECT 1 FROM inflight WHERE src=? AND mid=? AND digest=? AND acked=0",
                 (src, mid, digest),
@@ -244,20 +274,33 @@ class GatewaySpool:
         readings: Sequence[Reading],
         counts: Mapping[str, int] | None = None,
         aside: Sequence[tuple[Reading, str]] = (),
-        inflight: Sequence[tuple[str, int, bytes]] = (),
-        acked: Sequence[tuple[str, int]] = (),
     ) -> tuple[int, int]:
         """Append readings in one transaction; returns (first_seq, last_seq) (0, 0 if none).
-
-        ``inflight`` records the broker messages ``(source, packet id, digest)`` these readings
-        came from, in the same transaction, until ``acked`` marks them acknowledged: a QoS 1
-        message the broker redelivers after a crash between commit and acknowledgement is
-        recognised by :meth:`committed_unacked` instead of being numbered twice.
 
         ``counts`` are added to the counters in the same transaction, so a crash never leaves
         counters and data disagreeing. ``aside`` are readings set aside with their reason
         (implausible values), kept for inspection but never numbered or emitted. A full disk
         raises :class:`SpoolFull` with nothing committed.
+        """
+        done = self.append_messages(readings, counts, aside)
+        return done.first, done.last
+
+    def append_messages(
+        self,
+        readings: Sequence[Reading],
+        counts: Mapping[str, int] | None = None,
+        aside: Sequence[tuple[Reading, str]] = (),
+        inflight: Sequence[tuple[str, int, bytes]] = (),
+        acked: Sequence[int] = (),
+    ) -> Appended:
+        """:meth:`append`, with the broker messages the readings came from.
+
+        ``inflight`` records those messages ``(source, packet id, digest)`` in the same
+        transaction (one record per source per commit; its ids are returned) until ``acked``
+        (in-flight record ids of earlier commits whose acknowledgements have left) settles
+        them: a QoS 1 message the broker redelivers after a crash between commit and
+        acknowledgement is recognised by :meth:`committed_unacked` instead of being numbered
+        twice.
         """
         try:
             return self._append(readings, counts, aside, inflight, acked)
@@ -273,8 +316,8 @@ class GatewaySpool:
         counts: Mapping[str, int] | None,
         aside: Sequence[tuple[Reading, str]],
         inflight: Sequence[tuple[str, int, bytes]] = (),
-        acked: Sequence[tuple[str, int]] = (),
-    ) -> tuple[int, int]:
+        acked: Sequence[int] = (),
+    ) -> Appended:
         with self._lock:
             try:
                 with sqlite.transaction(self.db):
@@ -289,8 +332,8 @@ class GatewaySpool:
         counts: Mapping[str, int] | None,
         aside: Sequence[tuple[Reading, str]],
         inflight: Sequence[tuple[str, int, bytes]],
-        acked: Sequence[tuple[str, int]],
-    ) -> tuple[int, int]:
+        acked: Sequence[int],
+    ) -> Appended:
         last = int(self._meta("last_seq") or 0)
         first = last + 1
         now = clock.now_ms()
@@ -311,14 +354,30 @@ class GatewaySpool:
                 (ASIDE_KEEP,),
             )
         if acked:
-            self.db.executemany("UPDATE inflight SET acked=1 WHERE src=? AND mid=?", acked)
+            self.db.executemany("DELETE FROM inflight_flushes WHERE id=?", [(i,) for i in acked])
+        ids: tuple[int, ...] = ()
         if inflight:
-            self.db.executemany(
-                "INSERT OR REPLACE INTO inflight (src, mid, digest) VALUES (?, ?, ?)",
-                inflight,
-            )
+            ids = self._record_inflight(inflight)
         self._bump({"spooled": len(rows), **(counts or {})})
-        return (first, last) if rows else (0, 0)
+        return Appended(first, last, ids) if rows else Appended(0, 0, ids)
+
+    def _record_inflight(self, inflight: Sequence[tuple[str, int, bytes]]) -> tuple[int, ...]:
+        """One row per source: its packet ids and digests packed (far cheaper than a row per
+        message); rows beyond the newest :data:`INFLIGHT_KEEP` are forgotten."""
+        by_src: dict[str, tuple[list[int], list[bytes]]] = {}
+        for src, mid, digest in inflight:
+            mids, digests = by_src.setdefault(src, ([], []))
+            mids.append(mid)
+            digests.append(_digest(digest))
+        ids = []
+        for src, (mids, digests) in by_src.items():
+            cur = self.db.execute(
+                "INSERT INTO inflight_flushes (src, mids, digests) VALUES (?, ?, ?)",
+                (src, struct.pack(f">{len(mids)}H", *mids), b"".join(digests)),
+            )
+            ids.append(int(cur.lastrowid or 0))
+        self.db.execute("DELETE FROM inflight_flushes WHERE id <= ?", (ids[-1] - INFLIGHT_KEEP,))
+        return tuple(ids)
 
     # -- records (command audit) ---------------------------------------------------------------
     def append_record(self, kind: str, ts_ms: int, body: Mapping[str, Any]) -> int:
@@ -693,3 +752,15 @@ class GatewaySpool:
             "counters": counters,
             "state": states,
         }
+
+
+def _digest(digest: bytes) -> bytes:
+    return bytes(digest[:DIGEST_BYTES]).ljust(DIGEST_BYTES, b"\0")
+
+
+def _last_mid(mids: bytes, want: bytes) -> int | None:
+    """Index of the last packed 16-bit packet id ``want`` in ``mids``, or None."""
+    i = mids.rfind(want)
+    while i > 0 and i % 2:
+        i = mids.rfind(want, 0, i + 1)
+    return None if i < 0 else i // 2

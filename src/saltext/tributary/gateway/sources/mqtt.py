@@ -101,8 +101,10 @@ class MqttSource:
         self.spool_kw = spool_kw
         self._pending: list[Reading] = []
         self._pending_acks: list[tuple[int, bytes]] = []
-        self._acked: list[tuple[str, int]] = []
+        #: in-flight record ids (spool) whose acknowledgements have settled
+        self._acked: list[int] = []
         #: (monotonic time, connection generation, packet id) of acknowledgements handed over
+        #: (time sent, connection generation, in-flight record id) of committed messages
         self._ack_sent: list[tuple[float, int, int]] = []
         self._generation = 0
         self._pending_counts: Counter[str] = Counter()
@@ -276,7 +278,7 @@ class MqttSource:
                 self._spool = GatewaySpool(self.spool_path, **self.spool_kw)
             spool = self._spool
             try:
-                self._append(spool, readings, counts, aside, acks, acked)
+                ids = self._append(spool, readings, counts, aside, acks, acked)
                 if self._reported_state != self.state:
                     spool.set_state("broker", self.state)
                     self._reported_state = self.state
@@ -288,18 +290,19 @@ class MqttSource:
                 self._acked[:0] = acked
                 self._pending_counts.update(counts)
                 raise
-            # Marked acknowledged in a later commit, once settled on a live connection (a
-            # record left unmarked is harmless: the broker does not redeliver what it saw
-            # acknowledged, and the next message with that packet id replaces the record).
+            # Settled (the in-flight record dropped) in a later commit, once the
+            # acknowledgements have been out for ACK_SETTLE_S on a live connection (a record
+            # left is harmless: the broker does not redeliver what it saw acknowledged, and a
+            # newer commit with the same packet id decides for it).
             now, gen = time.monotonic(), self._generation
-            self._ack_sent.extend((now, gen, mid) for mid, _ in acks)
+            self._ack_sent.extend((now, gen, rid) for rid in ids)
             settled = 0
-            for t, g, mid in self._ack_sent:
+            for t, g, rid in self._ack_sent:
                 if now - t < self.ACK_SETTLE_S:
                     break
                 settled += 1
                 if g == gen:
-                    self._acked.append((self.broker.client_id, mid))
+                    self._acked.append(rid)
             del self._ack_sent[:settled]
         self.client.ack_many([mid for mid, _ in acks])
 
@@ -310,16 +313,17 @@ class MqttSource:
         counts: Counter[str],
         aside: list[tuple[Reading, str]],
         acks: list[tuple[int, bytes]],
-        acked: list[tuple[str, int]],
-    ) -> None:
-        """Commit readings with the messages they came from. A failure that is not the disk's
-        or SQLite's (a value the spool cannot store) never blocks the messages behind it:
-        readings that are not storable are rejected and counted, and if the rest still fails
-        the whole flush is rejected and counted, and its messages are acknowledged."""
+        acked: list[int],
+    ) -> tuple[int, ...]:
+        """Commit readings with the messages they came from; returns the in-flight record ids.
+        A failure that is not the disk's or SQLite's (a value the spool cannot store) never
+        blocks the messages behind it: readings that are not storable are rejected and
+        counted, and if the rest still fails the whole flush is rejected and counted, and its
+        messages are acknowledged."""
         inflight = [(self.broker.client_id, mid, dg) for mid, dg in acks]
         try:
-            spool.append(readings, counts, aside, inflight=inflight, acked=acked)
-            return
+            done = spool.append_messages(readings, counts, aside, inflight, acked)
+            return done.inflight_ids
         except (SpoolFull, sqlite3.OperationalError):
             raise  # transient or the disk's: nothing acknowledged, retried
         except Exception as exc:
@@ -328,14 +332,14 @@ class MqttSource:
         good_aside = [(r, why) for r, why in aside if storable(r)]
         rejected = Counter({"rejected:store_error": len(readings) - len(good)})
         try:
-            spool.append(good, counts + rejected, good_aside, inflight=inflight, acked=acked)
-            return
+            done = spool.append_messages(good, counts + rejected, good_aside, inflight, acked)
+            return done.inflight_ids
         except (SpoolFull, sqlite3.OperationalError):
             raise
         except Exception:
             log.exception("tributary mqtt: rejecting %d readings that cannot be stored", len(good))
         rejected = Counter({"rejected:store_error": len(readings)})
-        spool.append([], counts + rejected, [], inflight=inflight, acked=acked)
+        return spool.append_messages([], counts + rejected, [], inflight, acked).inflight_ids
 
     def _redelivered(self, mid: int, digest: bytes) -> bool:
         """A DUP message we committed before a crash, whose acknowledgement never left."""
@@ -348,9 +352,10 @@ class MqttSource:
             log.warning("tributary mqtt: redelivery check failed (%s); accepting the message", exc)
             return False
         if seen:
+            # acknowledged now; its commit's in-flight record stays (if this acknowledgement is
+            # lost too, the next redelivery is recognised again) until newer ones replace it
             with self._lock:
                 self._pending_counts["redelivered_duplicates"] += 1
-                self._acked.append((self.broker.client_id, mid))
             self.client.ack_many([mid])
         return seen
 
