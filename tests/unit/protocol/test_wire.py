@@ -133,3 +133,54 @@ def test_non_finite_row_value_is_rejected():
     batch["r"][0][2] = math.inf
     out = decode_batch(batch)
     assert [r["reason"] for r in out.rejected] == ["not_finite"]
+
+
+def test_a_sensors_decimals_hold_every_value_exactly_in_any_order():
+    """A sensor's decimals are the fewest at which every one of its values is an exact integer
+    mantissa below 2**53 (None past MAX_DECIMALS or past 2**53: floats), whatever the order of
+    its values; every value decodes exactly and the batch always packs. (A sensor reporting
+    1e-06 and 2.5e15 in one batch once gave a mantissa msgpack could not pack, which stopped
+    the gateway's emission.)"""
+    from saltext.tributary.protocol import wire
+
+    def fits(v: float, d: int) -> bool:
+        m = round(v * 10**d)
+        return abs(m) < 2**53 and m / 10**d == v
+
+    rng = random.Random(11)
+    pool = [0.0, -0.0, 1.0, 20.5, 23.47, 0.1, 0.3, 1e-6, 123456.789, 1 / 3, 2.5e15, 7.125]
+    for trial in range(400):
+        values = [
+            rng.choice(pool)
+            if rng.random() < 0.5
+            else round(rng.uniform(-50, 50), rng.randint(0, 7))
+            for _ in range(rng.randint(1, 12))
+        ]
+        own = [wire._decimals(v) for v in values]
+        expected = None
+        if None not in own:
+            lo = max(d for d in own if d is not None)
+            expected = next((d for d in range(lo, 7) if all(fits(v, d) for v in values)), None)
+        for order in (values, values[::-1]):
+            batch = encode_batch(
+                "ep", [SpooledReading(1 + i, "s/m", "", T0 + i, v) for i, v in enumerate(order)]
+            )
+            assert batch["d"][0] == expected, (trial, order)
+            packed_size(batch)  # packs
+            assert [r["value"] for r in decode_batch(batch).readings] == order
+
+
+def test_an_aggregate_of_a_sensor_with_a_wide_range_still_packs():
+    """Aggregates carry one decimal more than the readings: a sensor with 0.001 and 1e15 in
+    one window keeps floats instead of a mantissa past 2**53 (which msgpack cannot pack)."""
+    from saltext.tributary.protocol.wire import encode_agg_batch
+
+    rows_ = [
+        SpooledReading(1, "s/m", "", T0, 0.001),
+        SpooledReading(2, "s/m", "", T0 + 1, 1e15),
+        SpooledReading(3, "t/m", "", T0 + 2, 20.5),
+    ]
+    batch = encode_agg_batch("ep", rows_, 60)
+    assert batch["d"] == [None, 2]
+    packed_size(batch)
+    assert decode_batch(batch).readings

@@ -104,16 +104,31 @@ def is_record_key(key: Any) -> bool:
     return isinstance(key, str) and key.startswith("@")
 
 
-def _decimals(value: float) -> int | None:
-    """Smallest d <= MAX_DECIMALS such that value == round(value * 10**d) / 10**d."""
+_POW10 = [10**d for d in range(MAX_DECIMALS + 1)]
+
+
+def _decimals(value: float, start: int = 0) -> int | None:
+    """Smallest d in start..MAX_DECIMALS such that value == round(value * 10**d) / 10**d."""
     if not math.isfinite(value):
         return None
-    for d in range(MAX_DECIMALS + 1):
-        scale = 10**d
+    for d in range(start, MAX_DECIMALS + 1):
+        scale = _POW10[d]
         mant = round(value * scale)
         if abs(mant) < 2**53 and mant / scale == value:
             return d
     return None
+
+
+def _widen(d: int, value: float) -> int | None:
+    """The decimals a sensor needs once ``value`` joins values that needed ``d``: ``d`` if
+    ``value`` is exact with ``d`` decimals (then it needs no more: one test, the common case),
+    else the smallest larger count that holds it (None: none does)."""
+    if math.isfinite(value):
+        scale = _POW10[d]
+        mant = round(value * scale)
+        if abs(mant) < 2**53 and mant / scale == value:
+            return d
+    return _decimals(value, d + 1)
 
 
 def encode_batch(
@@ -132,6 +147,7 @@ def encode_batch(
     sensors: list[str] = []
     units: list[str] = []
     decs: list[int | None] = []
+    mags: list[float] = []
     t0 = min(r.ts_ms for r in rows)
     for r in rows:
         i = index.get(r.key)
@@ -140,10 +156,17 @@ def encode_batch(
             sensors.append(r.key)
             units.append(r.unit or "")
             decs.append(None if r.body is not None else 0)
+            mags.append(0.0)
         d = decs[i]
         if d is not None:
-            rd = _decimals(r.value)
-            decs[i] = None if rd is None else max(d, rd)
+            decs[i] = _widen(d, r.value)
+            if abs(r.value) > mags[i]:
+                mags[i] = abs(r.value)
+    # Every mantissa must stay an exact integer (and fit msgpack's int64): a sensor whose
+    # largest value would pass 2**53 at the decimals another of its values needs keeps floats.
+    for i, d in enumerate(decs):
+        if d is not None and round(mags[i] * _POW10[d]) >= 2**53:
+            decs[i] = None
     out_rows: list[list[Any]] = []
     for n, r in enumerate(rows):
         if r.seq != first + n:
@@ -207,6 +230,7 @@ def encode_agg_batch(
     sensors: list[str] = []
     units: list[str] = []
     decs: list[int | None] = []
+    mags: list[float] = []
     for (key, _w), g in groups.items():
         i = index.get(key)
         if i is None:
@@ -214,15 +238,20 @@ def encode_agg_batch(
             sensors.append(key)
             units.append(g[0] or "")
             decs.append(None if is_record_key(key) else 0)
+            mags.append(0.0)
         d = decs[i]
         if d is not None and not is_record_key(key):
             for v in (g[4], g[5]):
                 rd = _decimals(v)
                 d = None if rd is None or d is None else max(d, rd)
             decs[i] = d
+            mags[i] = max(mags[i], abs(g[4]), abs(g[5]))
     # A mean carries one decimal more than the readings it summarises (20 and 21 -> 20.5);
-    # min and max stay exact at that scale.
-    decs = [None if d is None or d >= MAX_DECIMALS else d + 1 for d in decs]
+    # min and max stay exact at that scale. Mantissas stay below 2**53 (see encode_batch).
+    decs = [
+        None if d is None or d >= MAX_DECIMALS or round(mags[i] * _POW10[d + 1]) >= 2**53 else d + 1
+        for i, d in enumerate(decs)
+    ]
     t0 = min(g[1] for g in groups.values())
     out_rows: list[list[Any]] = []
     for (key, _w), g in sorted(groups.items(), key=lambda kv: kv[1][7]):
