@@ -114,7 +114,6 @@ class GatewaySpool:
         self.max_age_s = max_age_s
         self._lock = threading.Lock()
         self._sensor_ids: dict[str, int] = {}
-        self._sensor_keys: dict[int, tuple[str, str]] = {}
         self.db = self._open()
         self.epoch: str = self._meta("epoch") or ""
         if self._rewound():
@@ -443,39 +442,33 @@ class GatewaySpool:
         return [{"seq": q, "kind": k, **json.loads(b)} for q, k, b in reversed(rows)]
 
     # -- reading back --------------------------------------------------------------------------
-    def _keys(self) -> dict[int, tuple[str, str]]:
-        rows = self.db.execute("SELECT id, key, unit FROM sensors").fetchall()
-        return {sid: (key, unit) for sid, key, unit in rows}
-
     def _rows(self, lo: int, hi: int | None, limit: int) -> list[SpooledReading]:
         if hi is None:
             hi = 2**62
+        # the sensor's key and unit joined in SQLite; rows built without a Python step each
         cur = self.db.execute(
-            "SELECT seq, sid, ts, value FROM readings WHERE seq >= ? AND seq <= ?"
-            " ORDER BY seq LIMIT ?",
+            "SELECT r.seq, s.key, s.unit, r.ts, r.value, NULL FROM readings r"
+            " JOIN sensors s ON s.id = r.sid WHERE r.seq >= ? AND r.seq <= ?"
+            " ORDER BY r.seq LIMIT ?",
             (lo, hi, limit),
         )
-        out: list[SpooledReading] = []
-        keys = self._sensor_keys
-        records: list[int] = []
-        for seq, sid, ts, value in cur:
-            k = keys.get(sid)
-            if k is None:
-                keys.update(self._keys())
-                k = keys[sid]
-            if k[0][:1] == "@":
-                records.append(len(out))
-            out.append(SpooledReading(seq, k[0], k[1], ts, value))
-        if records:
-            wanted = [out[n].seq for n in records]
-            marks = ",".join("?" * len(wanted))
-            bodies = dict(
-                self.db.execute(f"SELECT seq, body FROM records WHERE seq IN ({marks})", wanted)
-            )
-            for n in records:
-                r = out[n]
-                body = json.loads(bodies.get(r.seq) or "{}")
-                out[n] = SpooledReading(r.seq, r.key, r.unit, r.ts_ms, r.value, body)
+        out = list(map(SpooledReading._make, cur))
+        if out:
+            # records (command audit entries) carry a body; they are few
+            bodies = self.db.execute(
+                "SELECT seq, body FROM records WHERE seq >= ? AND seq <= ?",
+                (out[0].seq, out[-1].seq),
+            ).fetchall()
+            first = out[0].seq
+            where: dict[int, int] | None = None
+            for seq, body in bodies:
+                n = seq - first
+                if not (0 <= n < len(out) and out[n].seq == seq):  # a hole before it
+                    if where is None:
+                        where = {r.seq: i for i, r in enumerate(out)}
+                    n = where.get(seq, -1)
+                if n >= 0 and out[n].key[:1] == "@":
+                    out[n] = out[n]._replace(body=json.loads(body or "{}"))
         return out
 
     def _batch_within(
