@@ -282,7 +282,11 @@ def _fill(template: str | None, caps: Mapping[str, str], default: str) -> str:
 
 def _loads(payload: bytes) -> Any:
     try:
-        return json.loads(payload, parse_constant=_reject_constant)
+        if payload[:1] in _OBJECT_START and b"\0" not in payload:
+            # plain UTF-8 (what MQTT devices send): one decoder for every message, where
+            # json.loads builds one per call with these options and sniffs the encoding
+            return _JSON.decode(payload.decode("utf-8"))
+        return json.loads(payload, parse_constant=_reject_constant)  # UTF-16/32, BOMs
     except RejectedReading:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
@@ -291,6 +295,10 @@ def _loads(payload: bytes) -> Any:
 
 def _reject_constant(name: str) -> Any:
     raise RejectedReading("not_finite", f"JSON constant {name}")
+
+
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+_OBJECT_START = (b"{", b"[")
 
 
 class Mapper:
