@@ -69,7 +69,7 @@ INFLIGHT_KEEP = 1024
 
 
 class Appended(NamedTuple):
-    """What :meth:`GatewaySpool.append` committed: the sequence range (0, 0 if no reading)
+    """What :meth:`GatewaySpool.append_messages` committed: the sequence range (0, 0 if none)
     and the ids of its in-flight records (one per message source), to settle later."""
 
     first: int

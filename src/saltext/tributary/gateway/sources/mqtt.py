@@ -103,8 +103,8 @@ class MqttSource:
         self._pending_acks: list[tuple[int, bytes]] = []
         #: in-flight record ids (spool) whose acknowledgements have settled
         self._acked: list[int] = []
-        #: (monotonic time, connection generation, packet id) of acknowledgements handed over
-        #: (time sent, connection generation, in-flight record id) of committed messages
+        #: (monotonic time sent, connection generation, in-flight record id) of committed
+        #: messages whose acknowledgements were handed over
         self._ack_sent: list[tuple[float, int, int]] = []
         self._generation = 0
         self._pending_counts: Counter[str] = Counter()
