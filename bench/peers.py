@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import platform
 import shutil
 import statistics
 import subprocess
@@ -59,7 +58,6 @@ import run as rb  # noqa: E402  (bench/run.py: its helpers, and REPO/src on sys.
 
 from saltext.tributary.relay.elasticsearch import install_templates, make_client  # noqa: E402
 from tests.support.es import cache_dir  # noqa: E402
-from tests.support.topology import NEEDS_UPLINK  # noqa: E402
 
 REPO = rb.REPO
 N = int(os.environ.get("TRIBUTARY_PEERS_N", "100000"))
@@ -172,52 +170,10 @@ def start_tributary(
     )
     top = d.start("salt-master", root / "top")
     rb.wait(lambda: os.path.exists(spool), 120, "the relay engine's spool", 0.5)
-    syn_pub, syn_ret = rb.free_port(), rb.free_port()
-    synd = root / "syndic"
-    rb.write_yaml(
-        synd / "master",
-        {
-            **common,
-            "id": "peers-syndic",
-            "root_dir": str(synd),
-            "interface": "127.0.0.1",
-            "publish_port": syn_pub,
-            "ret_port": syn_ret,
-            "auto_accept": True,
-            "syndic_master": "127.0.0.1",
-            "syndic_master_port": top_ret,
-            "syndic_event_forward_timeout": 0.5,
-            "engines_dirs": [str(REPO / "salt/_engines")],
-            "engines": [
-                {
-                    "tributary_keys": {
-                        "interval": 5,
-                        "syndic_id": "peers-syndic",
-                        "signing_key": str(synd / "etc/salt/pki/minion/minion.pem"),
-                    }
-                },
-                *([{"tributary_uplink": {}}] if NEEDS_UPLINK else []),
-            ],
-        },
-    )
-    rb.write_yaml(
-        synd / "minion",
-        {
-            **common,
-            "id": "peers-syndic",
-            "root_dir": str(synd),
-            "master": "127.0.0.1",
-            "master_port": syn_ret,
-            "publish_port": 4506,
-        },
-    )
-    syn = d.start("salt-master", synd)
-    rb.wait(lambda: (synd / "etc/salt/pki/master/master.pub").exists(), 60, "syndic master keys")
-    d.start("salt-syndic", synd)
+    syn_pub, syn_ret = rb.start_syndic(d, root / "syndic", "peers-syndic", common, top_ret)
     number = {"format": "number", "unit": "C"}
     for k, gw in enumerate(GWS):
         start_gateway(d, root / gw, gw, k, common, syn_ret, syn_pub, broker_port, number)
-    del syn
     return rb.Counters(spool), top
 
 
@@ -433,17 +389,10 @@ def main() -> None:
     from tests.support.mosquitto import start_broker
 
     out: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
+        "machine": rb.machine(),
         "n": N,
         "gateways": GATEWAYS,
     }
-    import salt.version
-
-    out["machine"]["salt"] = salt.version.__version__
     exe = telegraf_binary()
     out["telegraf"] = {
         "binary": str(exe),

@@ -75,6 +75,22 @@ GW = "bench-gw-1"
 VENV_BIN = pathlib.Path(sys.executable).parent
 
 
+def machine() -> dict[str, Any]:
+    """What a bench ran on: CPUs, platform, Python and Salt versions."""
+    out: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    try:
+        import salt.version
+
+        out["salt"] = salt.version.__version__
+    except ImportError:
+        pass
+    return out
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -247,6 +263,57 @@ class Daemons:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+def start_syndic(
+    d: Daemons, synd: pathlib.Path, syndic_id: str, common: dict, top_ret: int
+) -> tuple[int, int]:
+    """A syndic master (with the key-publishing engine) and its salt-syndic below the top
+    master on ``top_ret``, configured under ``synd``; returns the syndic master's (publish,
+    ret) ports, which its gateways connect to."""
+    syn_pub, syn_ret = free_port(), free_port()
+    write_yaml(
+        synd / "master",
+        {
+            **common,
+            "id": syndic_id,
+            "root_dir": str(synd),
+            "interface": "127.0.0.1",
+            "publish_port": syn_pub,
+            "ret_port": syn_ret,
+            "auto_accept": True,
+            "syndic_master": "127.0.0.1",
+            "syndic_master_port": top_ret,
+            "syndic_event_forward_timeout": 0.5,
+            "engines_dirs": [str(REPO / "salt/_engines")],
+            "engines": [
+                {
+                    "tributary_keys": {
+                        "interval": 5,
+                        "syndic_id": syndic_id,
+                        "signing_key": str(synd / "etc/salt/pki/minion/minion.pem"),
+                    }
+                },
+                # Salt 3008's salt-syndic forwards no events (README, Versions tested)
+                *([{"tributary_uplink": {}}] if NEEDS_UPLINK else []),
+            ],
+        },
+    )
+    write_yaml(
+        synd / "minion",
+        {
+            **common,
+            "id": syndic_id,
+            "root_dir": str(synd),
+            "master": "127.0.0.1",
+            "master_port": syn_ret,
+            "publish_port": 4506,
+        },
+    )
+    d.start("salt-master", synd)
+    wait(lambda: (synd / "etc/salt/pki/master/master.pub").exists(), 60, "syndic master keys")
+    d.start("salt-syndic", synd)
+    return syn_pub, syn_ret
 
 
 def tree_rss(pid: int) -> int:
@@ -635,49 +702,7 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
             naive_relay(client, mopts, bus, out)
 
         # syndic master + salt-syndic + one gateway below the top master
-        syn_pub, syn_ret = free_port(), free_port()
-        synd = root / "syndic"
-        write_yaml(
-            synd / "master",
-            {
-                **common,
-                "id": "bench-syndic",
-                "root_dir": str(synd),
-                "interface": "127.0.0.1",
-                "publish_port": syn_pub,
-                "ret_port": syn_ret,
-                "auto_accept": True,
-                "syndic_master": "127.0.0.1",
-                "syndic_master_port": top_ret,
-                "syndic_event_forward_timeout": 0.5,
-                "engines_dirs": [str(REPO / "salt/_engines")],
-                "engines": [
-                    {
-                        "tributary_keys": {
-                            "interval": 5,
-                            "syndic_id": "bench-syndic",
-                            "signing_key": str(synd / "etc/salt/pki/minion/minion.pem"),
-                        }
-                    },
-                    # Salt 3008's salt-syndic forwards no events (README, Versions tested)
-                    *([{"tributary_uplink": {}}] if NEEDS_UPLINK else []),
-                ],
-            },
-        )
-        write_yaml(
-            synd / "minion",
-            {
-                **common,
-                "id": "bench-syndic",
-                "root_dir": str(synd),
-                "master": "127.0.0.1",
-                "master_port": syn_ret,
-                "publish_port": 4506,
-            },
-        )
-        d.start("salt-master", synd)
-        time.sleep(3)
-        d.start("salt-syndic", synd)
+        syn_pub, syn_ret = start_syndic(d, root / "syndic", "bench-syndic", common, top_ret)
         gwd = root / GW
         write_yaml(
             gwd / "minion",
@@ -960,20 +985,7 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
 def main() -> None:
     from tests.support.es import start_elasticsearch
 
-    out: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
-        "n": N,
-    }
-    try:
-        import salt.version
-
-        out["machine"]["salt"] = salt.version.__version__
-    except ImportError:
-        pass
+    out: dict[str, Any] = {"machine": machine(), "n": N}
     out["wire_bytes_per_reading"] = wire_bytes()
     root = pathlib.Path(tempfile.mkdtemp(prefix="tributary-bench-"))
     log("starting Elasticsearch")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import platform
 import shutil
 import statistics
 import sys
@@ -259,20 +258,13 @@ def main() -> None:
     from tests.support.es import start_elasticsearch
 
     out: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
+        "machine": B.machine(),
         "n": N,
         "rounds": ROUNDS,
         "syndics": SYNDICS,
         "gateways_per_syndic": GATEWAYS,
         "readings_per_batch": BATCH,
     }
-    import salt.version
-
-    out["machine"]["salt"] = salt.version.__version__
     root = pathlib.Path(tempfile.mkdtemp(prefix="tributary-bench-scaleout-"))
     log("starting Elasticsearch")
     node = start_elasticsearch(tls=True)

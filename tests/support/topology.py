@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import pathlib
+import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -190,26 +192,42 @@ def master_ports(master: Any) -> dict[str, int]:
     return {"publish_port": int(master.config["publish_port"])}
 
 
-def top_master_overrides(es_node, **extra: Any) -> dict[str, Any]:
-    """Settings of the top master "top": the relay engine on ``es_node`` and the repo's
-    runners; ``extra`` adds to them (a reactor, other engines' settings)."""
+def relay_master_overrides(
+    relay: Mapping[str, Any], logs: Mapping[str, str] = QUIET, **extra: Any
+) -> dict[str, Any]:
+    """Settings of a master that runs the relay engine with ``relay`` and serves the repo's
+    runners; ``extra`` adds to them (ports, a reactor, other engines' settings)."""
     return {
-        **QUIET,
+        **logs,
         "engines_dirs": [str(REPO / "salt" / "_engines")],
         "runner_dirs": [str(REPO / "salt" / "_runners")],
-        "engines": [{"tributary_relay": relay_engine_config(es_node)}],
+        "engines": [{"tributary_relay": dict(relay)}],
         **extra,
     }
 
 
+def top_master_overrides(es_node, **extra: Any) -> dict[str, Any]:
+    """Settings of the top master "top": the relay engine on ``es_node`` and the repo's
+    runners; ``extra`` adds to them (a reactor, other engines' settings)."""
+    return relay_master_overrides(relay_engine_config(es_node), **extra)
+
+
 @contextlib.contextmanager
 def running_top_master(
-    factories: Any, es_node, master_id: str = "top", **extra: Any
+    factories: Any,
+    es_node,
+    master_id: str = "top",
+    *,
+    relay: Mapping[str, Any] | None = None,
+    logs: Mapping[str, str] = QUIET,
+    **extra: Any,
 ) -> Iterator[Any]:
-    """The top master (order_masters) started by ``factories`` (a salt-factories
-    ``FactoriesManager``), terminated on the way out."""
+    """A top master (order_masters) started by ``factories`` (a salt-factories
+    ``FactoriesManager``) with the relay engine (``relay``, by default the session's
+    :func:`relay_engine_config`), terminated on the way out."""
+    config = relay if relay is not None else relay_engine_config(es_node)
     factory = factories.salt_master_daemon(
-        master_id, order_masters=True, overrides=top_master_overrides(es_node, **extra)
+        master_id, order_masters=True, overrides=relay_master_overrides(config, logs, **extra)
     )
     with factory.started():
         yield factory
@@ -369,6 +387,30 @@ def running_gateways(
     finally:
         for factory in factories.values():
             factory.terminate()
+
+
+def sqlite_rows(path: str, sql: str, args: tuple = (), timeout: float = 10) -> list[tuple]:
+    """Rows of ``sql`` from the SQLite file at ``path``, opened read-only (the daemon writing it
+    may be running or down); [] before the file or the table exists."""
+    if not os.path.exists(path):
+        return []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
+    try:
+        return db.execute(sql, args).fetchall()
+    except sqlite3.OperationalError:  # table not created yet
+        return []
+    finally:
+        db.close()
+
+
+def relay_spool_path(master: Any) -> str:
+    """The relay engine's spool (SQLite) on ``master``."""
+    return os.path.join(master.config["cachedir"], "tributary", "relay.db")
+
+
+def relay_rows(master: Any, sql: str, args: tuple = ()) -> list[tuple]:
+    """:func:`sqlite_rows` of the relay's spool on ``master``."""
+    return sqlite_rows(relay_spool_path(master), sql, args)
 
 
 def es_readings(es_node, gateway: str, sensor: str | None = None, size: int = 10000) -> list[dict]:

@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.es import start_elasticsearch
 from tests.support.mosquitto import start_broker
-from tests.support.topology import REPO, VERBOSE, running_gateways, syndic_kwargs
+from tests.support.topology import VERBOSE, running_gateways, running_top_master, syndic_kwargs
 
 FGATEWAYS = {"fgw-brisbane": "brisbane", "fgw-sydney": "sydney"}
 SYNDIC_ID = "fsyn-1"
@@ -83,17 +83,9 @@ def f_es():
 
 @pytest.fixture(scope="package")
 def f_top(salt_factories, f_es):
-    factory = salt_factories.salt_master_daemon(
-        "ftop",
-        order_masters=True,
-        overrides={
-            **VERBOSE,
-            "engines_dirs": [str(REPO / "salt" / "_engines")],
-            "runner_dirs": [str(REPO / "salt" / "_runners")],
-            "engines": [{"tributary_relay": fault_relay_config(f_es)}],
-        },
-    )
-    with factory.started():
+    with running_top_master(
+        salt_factories, f_es, "ftop", relay=fault_relay_config(f_es), logs=VERBOSE
+    ) as factory:
         yield factory
 
 

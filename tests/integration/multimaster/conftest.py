@@ -29,7 +29,11 @@ import pytest
 from tests.integration.faults.conftest import fault_relay_config
 from tests.support.es import free_port
 from tests.support.mosquitto import start_broker
-from tests.support.topology import QUIET, REPO, running_gateways, syndic_kwargs
+from tests.support.topology import (
+    relay_master_overrides,
+    running_gateways,
+    syndic_kwargs,
+)
 
 GATEWAY = "mgw-1"
 SYNDIC_ID = "msyn-1"
@@ -83,15 +87,12 @@ def mm_tops(salt_factories, es_node, mm_ports):
         factories[name] = salt_factories.salt_master_daemon(
             name,
             order_masters=True,
-            overrides={
-                **QUIET,
-                "ret_port": port,
+            overrides=relay_master_overrides(
+                mm_relay_config(es_node),
+                ret_port=port,
                 # the syndic routes a job's return to the syndic_master entry equal to master_id
-                "master_id": f"127.0.0.1:{port}",
-                "engines_dirs": [str(REPO / "salt" / "_engines")],
-                "runner_dirs": [str(REPO / "salt" / "_runners")],
-                "engines": [{"tributary_relay": mm_relay_config(es_node)}],
-            },
+                master_id=f"127.0.0.1:{port}",
+            ),
         )
     first, *others = factories.values()
     try:

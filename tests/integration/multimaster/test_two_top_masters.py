@@ -20,7 +20,7 @@ import pytest
 
 from tests.integration.faults.helpers import Stream, assert_exactly, sleep_outage
 from tests.integration.multimaster.conftest import GATEWAY, SYNDIC_ID, TOPS
-from tests.support.topology import es_count, es_readings, wait_for
+from tests.support.topology import es_count, es_readings, relay_rows, sqlite_rows, wait_for
 
 log = logging.getLogger(__name__)
 pytestmark = pytest.mark.usefixtures("multimaster")
@@ -29,41 +29,23 @@ A, B = TOPS
 OUTAGE_S = 15
 
 
-def spool_path(top) -> str:
-    return os.path.join(top.config["cachedir"], "tributary", "relay.db")
-
-
-def _query(top, sql: str, args: tuple = ()) -> list[tuple]:
-    """Read a relay's spool (SQLite) without writing to it; [] before the engine made it."""
-    path = spool_path(top)
-    if not os.path.exists(path):
-        return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        return db.execute(sql, args).fetchall()
-    except sqlite3.OperationalError:  # table not created yet
-        return []
-    finally:
-        db.close()
-
-
 def counters(top) -> dict[str, int]:
     """The relay's fleet counters, and this gateway's as ``<name>@gateway``."""
-    out = dict(_query(top, "SELECT name, n FROM counters"))
-    rows = _query(top, "SELECT name, n FROM gateway_counters WHERE gateway=?", (GATEWAY,))
+    out = dict(relay_rows(top, "SELECT name, n FROM counters"))
+    rows = relay_rows(top, "SELECT name, n FROM gateway_counters WHERE gateway=?", (GATEWAY,))
     out.update({f"{name}@gateway": n for name, n in rows})
     return out
 
 
 def key_sources(top) -> set[str]:
-    rows = _query(top, "SELECT source FROM gateway_keys WHERE gateway=?", (GATEWAY,))
+    rows = relay_rows(top, "SELECT source FROM gateway_keys WHERE gateway=?", (GATEWAY,))
     return {r[0] for r in rows}
 
 
 def ledger_ranges(top, epoch: str) -> list[tuple[int, int]]:
     return [
         (lo, hi)
-        for lo, hi in _query(
+        for lo, hi in relay_rows(
             top,
             "SELECT lo, hi FROM ledger_ranges WHERE gateway=? AND epoch=? ORDER BY lo",
             (GATEWAY, epoch),
@@ -91,15 +73,7 @@ class Timeline:
         self.marks.append((round(time.monotonic() - self.t0, 1), what))
 
     def sample(self) -> tuple:
-        gw: dict[str, int] = {}
-        if os.path.exists(self.gw_spool):
-            db = sqlite3.connect(f"file:{self.gw_spool}?mode=ro", uri=True, timeout=5)
-            try:
-                gw = dict(db.execute("SELECT name, n FROM counters").fetchall())
-            except sqlite3.OperationalError:
-                pass
-            finally:
-                db.close()
+        gw = dict(sqlite_rows(self.gw_spool, "SELECT name, n FROM counters", timeout=5))
         row: list[int] = [gw.get("batches", 0), gw.get("emitted", 0)]
         for top in self.tops.values():
             c = counters(top)

@@ -17,7 +17,7 @@ import contextlib
 import pytest
 
 from tests.support.mosquitto import running_brokers
-from tests.support.topology import QUIET, REPO, running_gateways, syndic_kwargs
+from tests.support.topology import running_gateways, running_top_master, syndic_kwargs
 
 SYNDICS = {"so-syn-1": "so-gw-1", "so-syn-2": "so-gw-2"}
 TAKEOVER_S = 6
@@ -63,17 +63,9 @@ def syndic_relay_config(es_node, syndic_id: str) -> dict:
 
 @pytest.fixture(scope="package")
 def so_top(salt_factories, es_node):
-    factory = salt_factories.salt_master_daemon(
-        "so-top",
-        order_masters=True,
-        overrides={
-            **QUIET,
-            "engines_dirs": [str(REPO / "salt" / "_engines")],
-            "runner_dirs": [str(REPO / "salt" / "_runners")],
-            "engines": [{"tributary_relay": top_relay_config(es_node)}],
-        },
-    )
-    with factory.started():
+    with running_top_master(
+        salt_factories, es_node, "so-top", relay=top_relay_config(es_node)
+    ) as factory:
         yield factory
 
 

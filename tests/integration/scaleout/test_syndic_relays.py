@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sqlite3
 import time
 
 import psutil
@@ -21,7 +20,7 @@ import pytest
 
 from tests.integration.faults.helpers import Stream, assert_exactly, sleep_outage
 from tests.integration.scaleout.conftest import SYNDICS, TAKEOVER_S
-from tests.support.topology import es_readings, wait_for
+from tests.support.topology import es_readings, relay_rows, relay_spool_path, wait_for
 
 log = logging.getLogger(__name__)
 pytestmark = pytest.mark.usefixtures("scaleout_topology")
@@ -30,23 +29,9 @@ DOWN, UP = "so-syn-1", "so-syn-2"
 OUTAGE_S = 20
 
 
-def _query(master, sql: str, args: tuple = ()) -> list[tuple]:
-    """Read a relay's spool (SQLite, read-only); [] before the engine made it."""
-    path = os.path.join(master.config["cachedir"], "tributary", "relay.db")
-    if not os.path.exists(path):
-        return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        return db.execute(sql, args).fetchall()
-    except sqlite3.OperationalError:  # table not created yet
-        return []
-    finally:
-        db.close()
-
-
 def counters(master) -> dict[str, int]:
-    out = dict(_query(master, "SELECT name, n FROM counters"))
-    for gw, name, n in _query(master, "SELECT gateway, name, n FROM gateway_counters"):
+    out = dict(relay_rows(master, "SELECT name, n FROM counters"))
+    for gw, name, n in relay_rows(master, "SELECT gateway, name, n FROM gateway_counters"):
         out[f"{name}@{gw}"] = n
     return out
 
@@ -54,7 +39,7 @@ def counters(master) -> dict[str, int]:
 def ranges(master, gateway: str, epoch: str) -> list[tuple[int, int]]:
     return [
         tuple(r)
-        for r in _query(
+        for r in relay_rows(
             master,
             "SELECT lo, hi FROM ledger_ranges WHERE gateway=? AND epoch=? ORDER BY lo",
             (gateway, epoch),
@@ -65,7 +50,7 @@ def ranges(master, gateway: str, epoch: str) -> list[tuple[int, int]]:
 def relay_engine(master) -> psutil.Process | None:
     """The tributary_relay engine process of a salt-master: its child holding the relay spool
     open (the process title may be cut short; several engines run there)."""
-    spool = os.path.realpath(os.path.join(master.config["cachedir"], "tributary", "relay.db"))
+    spool = os.path.realpath(relay_spool_path(master))
     try:
         children = psutil.Process(master.pid).children(recursive=True)
     except psutil.Error:
@@ -87,8 +72,8 @@ def test_two_syndic_relays_one_down_exactly_once(scaleout_topology):
     # syndic's key set bound it there).
     wait_for(
         lambda: (
-            {s for (s,) in _query(top, "SELECT syndic FROM scaleout_relays")} == set(SYNDICS)
-            and {g for (g,) in _query(top, "SELECT gateway FROM gateway_keys")}
+            {s for (s,) in relay_rows(top, "SELECT syndic FROM scaleout_relays")} == set(SYNDICS)
+            and {g for (g,) in relay_rows(top, "SELECT gateway FROM gateway_keys")}
             >= set(SYNDICS.values())
         ),
         timeout=90,

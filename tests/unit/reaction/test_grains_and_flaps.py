@@ -7,27 +7,9 @@ import pytest
 from saltext.tributary.gateway.config import validate_health
 from saltext.tributary.gateway.sources.health import GRAINS_MAX_BYTES, pick_grains
 from saltext.tributary.reaction.alerts import AlertBook, RuleEngine, bounded_grains, event_tag
-from saltext.tributary.reaction.rules import grains_match, parse_rules, validate_rules
+from saltext.tributary.reaction.rules import grains_match, validate_rules
 from saltext.tributary.util import clock
-
-T0 = 1_800_000_000_000
-S = 1000
-
-
-def rules(*items):
-    got, errors = parse_rules(list(items))
-    assert not errors, errors
-    return got
-
-
-def reading(value, ts, gateway="gw-1", site="bne", sensor="boiler-1", metric="temperature"):
-    return (
-        gateway,
-        site,
-        "ep",
-        0,
-        {"sensor": sensor, "metric": metric, "ts_ms": ts, "value": value},
-    )
+from tests.unit.reaction.helpers import T0, S, reading, rules
 
 
 def states(docs):

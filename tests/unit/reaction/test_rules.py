@@ -5,26 +5,8 @@ from __future__ import annotations
 import pytest
 
 from saltext.tributary.reaction.alerts import AlertBook, RuleEngine, event_tag
-from saltext.tributary.reaction.rules import parse_rules, validate_rules
-
-T0 = 1_800_000_000_000
-S = 1000
-
-
-def rules(*items):
-    got, errors = parse_rules(list(items))
-    assert not errors, errors
-    return got
-
-
-def reading(value, ts, gateway="gw-1", site="bne", sensor="boiler-1", metric="temperature"):
-    return (
-        gateway,
-        site,
-        "ep",
-        0,
-        {"sensor": sensor, "metric": metric, "ts_ms": ts, "value": value},
-    )
+from saltext.tributary.reaction.rules import validate_rules
+from tests.unit.reaction.helpers import T0, S, reading, rules
 
 
 def states(docs):
