@@ -15,7 +15,7 @@ COMPAT_TESTS := tests/integration/test_end_to_end.py tests/integration/faults/te
 COMPAT_SKIP := not elasticsearch_down and not mapping_conflict and not malformed_and_forged
 export SALT_VERSION VENV
 
-.PHONY: setup demo test test-main compat lint unit bench clean
+.PHONY: setup demo test test-main compat compat-run lint unit bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -28,15 +28,23 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# What CI runs: the whole suite on SALT_VERSION, then the compatibility tiers.
+# What CI runs: the whole suite on SALT_VERSION, then the compatibility tiers. The fault
+# package (its own Elasticsearch, masters and gateways; most of its time is outages waited
+# out) runs beside the rest of the suite, and the tiers beside each other
+# (scripts/side-by-side.sh prints each session's output whole when all have ended).
 test: test-main
-	@set -e; for v in $(filter-out $(SALT_VERSION),$(COMPAT_SALT)); do \
-	  $(MAKE) --no-print-directory compat SALT_VERSION=$$v VENV=.venv-$$v; done
+	@bash scripts/compat.sh $(filter-out $(SALT_VERSION),$(COMPAT_SALT))
 
+FAULTS := tests/integration/faults
 test-main: lint
-	$(PY) -m pytest tests -q
+	@bash scripts/side-by-side.sh \
+	  suite "$(PY) -m pytest tests -q --ignore=$(FAULTS)" \
+	  faults "$(PY) -m pytest $(FAULTS) -q"
 
-compat: setup
+# One tier alone: `make compat SALT_VERSION=3007.16`.
+compat: setup compat-run
+
+compat-run:
 	$(PY) -m pytest $(COMPAT_TESTS) -q -k "$(COMPAT_SKIP)"
 
 unit: setup
