@@ -15,6 +15,7 @@ Configuration (minion config or pillar)::
             # username: gateway
             # password: secret
             # tls_ca: /etc/mosquitto/certs/ca.crt
+            inflight_window: 20   # the broker's max_inflight_messages (Mosquitto's default)
         - topics:
             - topic: "sensors/{sensor}/temperature"
               metric: temperature

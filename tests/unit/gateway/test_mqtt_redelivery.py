@@ -90,7 +90,7 @@ def test_a_broker_window_of_20_does_not_hold_the_gateway_to_one_window_per_flush
             Mapper(compile_rules(RULES)),
             path,
         )
-        src.FLUSH_EVERY_S = 3600.0
+        src.FLUSH_EVERY_S = src.BACKSTOP_S = 3600.0  # no timed commit: only the quiet broker
         src.start()
         try:
             _wait(lambda: src.subscribed)
@@ -99,5 +99,50 @@ def test_a_broker_window_of_20_does_not_hold_the_gateway_to_one_window_per_flush
         finally:
             src.stop()
         assert _counters(path)["last_seq"] == 500
+    finally:
+        broker.cleanup()
+
+
+def _commits(path: str) -> int:
+    """Spool commits that held acknowledged messages (one in-flight record each; none settles
+    within ACK_SETTLE_S, longer than these tests)."""
+    spool = GatewaySpool(path)
+    try:
+        return int(spool.db.execute("SELECT COUNT(*) FROM inflight_flushes").fetchone()[0])
+    finally:
+        spool.close()
+
+
+def test_a_trickle_waits_for_its_time_and_half_a_window_commits_at_once(tmp_path):
+    """Below half the broker's window (``broker.inflight_window``, 20 here), messages that
+    came one by one are not committed one by one when the broker goes quiet: they wait for
+    FLUSH_EVERY_S. Half a window unacknowledged and a quiet broker commits them all, in one
+    transaction; and when FLUSH_EVERY_S comes in a quiet spell, the network thread commits
+    without waiting for another message (the flusher thread is held off here)."""
+    broker = start_broker()
+    path = str(tmp_path / "spool.db")
+    try:
+        src = MqttSource(
+            BrokerConfig(port=broker.port, client_id="gw-trickle", inflight_window=20),
+            Mapper(compile_rules(RULES)),
+            path,
+        )
+        src.FLUSH_EVERY_S = src.BACKSTOP_S = 3600.0
+        src.start()
+        try:
+            _wait(lambda: src.subscribed)
+            for i in range(3):  # three publishers: three messages with quiet between them
+                broker.publish("sensors/t1/temperature", [str(i)])
+            _wait(lambda: len(src._pending_acks) == 3)
+            assert _counters(path).get("spooled", 0) == 0  # held: 3 < 10, not yet their time
+            broker.publish("sensors/t1/temperature", [str(i) for i in range(3, 10)])
+            _wait(lambda: _counters(path).get("spooled", 0) == 10)
+            assert _commits(path) == 1
+            src.FLUSH_EVERY_S = 0.2
+            broker.publish("sensors/t1/temperature", ["10"])
+            _wait(lambda: _counters(path).get("spooled", 0) == 11, timeout=10)
+            assert _commits(path) == 2
+        finally:
+            src.stop()
     finally:
         broker.cleanup()

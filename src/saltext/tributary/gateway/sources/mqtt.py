@@ -49,6 +49,12 @@ class BrokerConfig:
     qos: int = option(1, choices=(0, 1))
     reconnect_min: float = option(0.5, range=(0.1, 3600))
     reconnect_max: float = option(30.0, range=(0.1, 86400))
+    inflight_window: int = option(
+        20,
+        range=(1, 65535),
+        doc="the broker's max_inflight_messages (Mosquitto's default 20): when half of it"
+        " waits for acknowledgement and the broker goes quiet, commit and acknowledge at once",
+    )
 
     def problems(self, path: str) -> list[str]:
         """What the credentials say about each other, by key path."""
@@ -75,11 +81,20 @@ def broker_password(broker: BrokerConfig) -> str | None:
 class MqttSource:
     """Subscribe, parse, spool, then acknowledge."""
 
-    #: One spool transaction per this many seconds (or FLUSH_ROWS readings), whichever first.
-    #: A reading waits at most this long for its commit and acknowledgement; the broker's
-    #: in-flight window (``max_inflight_messages``) must hold what arrives meanwhile.
+    #: A reading waits at most this long for its commit and its message for its
+    #: acknowledgement (the broker's in-flight window, ``max_inflight_messages``, must hold
+    #: what arrives meanwhile): the network thread commits when a message comes this long
+    #: after the first uncommitted one, when that time comes in a quiet spell, after
+    #: FLUSH_ROWS readings, and when the broker goes quiet with half its window unacknowledged.
     FLUSH_EVERY_S = 0.1
     FLUSH_ROWS = 500
+    #: The flusher thread's period: it commits what the network thread has not (readings held
+    #: while the connection is down, a commit that failed) and records the connection state.
+    #: (It was the only timer once, at FLUSH_EVERY_S: a wake-up of its own and one of the
+    #: network thread to write the acknowledgements, ten times a second.)
+    BACKSTOP_S = 1.0
+    #: After a failed commit (a full disk), the network thread tries again this much later.
+    RETRY_S = 1.0
     #: An acknowledgement handed to the connection is recorded as sent only after this long on
     #: a connection that stayed up: one queued just before the connection died may never have
     #: reached the broker, which then redelivers (DUP) a message the record must still match.
@@ -107,6 +122,12 @@ class MqttSource:
         #: messages whose acknowledgements were handed over
         self._ack_sent: list[tuple[float, int, int]] = []
         self._generation = 0
+        #: monotonic time of the first message not yet committed (None: nothing waits)
+        self._first_pending: float | None = None
+        self._retry_at = 0.0
+        #: a quiet broker with this many messages unacknowledged is probably waiting for them
+        #: (its window is full): commit now rather than at the next FLUSH_EVERY_S
+        self._idle_min = max(1, broker.inflight_window // 2)
         self._pending_counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -229,29 +250,49 @@ class MqttSource:
                 self._pending_aside.extend(aside)
             if msg.qos > 0:
                 self._pending_acks.append((msg.mid, digest))
-            full = len(self._pending) >= self.FLUSH_ROWS
-        if full:
+            now = time.monotonic()
+            if self._first_pending is None:
+                self._first_pending = now
+                self.client.wake_at = now + self.FLUSH_EVERY_S  # commit by then, come what may
+            self.client.quiet_wanted = len(self._pending_acks) >= self._idle_min
+            due = (
+                len(self._pending) >= self.FLUSH_ROWS
+                or now - self._first_pending >= self.FLUSH_EVERY_S
+            ) and now >= self._retry_at
+        if due:
             try:
                 self._flush()
             except Exception as exc:  # the flusher retries; never raise into the network thread
                 log.warning("tributary mqtt: spool append failed (%s); will retry", exc)
 
-    # -- spooling (flusher thread) ----------------------------------------------------------
-    def _on_idle(self) -> None:
-        """Messages came and the broker has sent nothing since (``MqttConnection.idle_s``):
-        commit and acknowledge them now. Mosquitto sends a subscriber at most
-        ``max_inflight_messages`` unacknowledged QoS 1 messages (20 by default) and then waits
-        for acknowledgements, which would otherwise wait for the next ``FLUSH_EVERY_S``; a
-        steady stream keeps the connection busy and is still committed in groups."""
-        if not self._pending_acks:
-            return
+    # -- spooling (network thread, flusher thread) ------------------------------------------
+    def _on_idle(self) -> float | None:
+        """On the network thread: the broker went quiet with at least half its window
+        (``broker.inflight_window``) unacknowledged, or the first uncommitted message has
+        waited FLUSH_EVERY_S. Commit and acknowledge now; returns when to be called again.
+
+        Mosquitto sends a subscriber at most ``max_inflight_messages`` unacknowledged QoS 1
+        messages (20 by default) and then waits for acknowledgements. Fewer than half of that
+        wait for their time instead: a commit per message of a sensor publishing now and then
+        costs a transaction and wake-ups for each (bench/gateway.py, paced source)."""
+        with self._lock:
+            first, unacked = self._first_pending, len(self._pending_acks)
+        if first is None:
+            return None
+        now = time.monotonic()
+        if now < self._retry_at:
+            return self._retry_at - now
+        if unacked < self._idle_min and now - first < self.FLUSH_EVERY_S:
+            return first + self.FLUSH_EVERY_S - now  # not yet: called again then
         try:
             self._flush()
-        except Exception as exc:  # the flusher retries; never raise into the network thread
+        except Exception as exc:  # retried; never raise into the network thread
             log.warning("tributary mqtt: spool append failed (%s); will retry", exc)
+            return self.RETRY_S
+        return None
 
     def _flush_loop(self) -> None:
-        while not self._stop.wait(self.FLUSH_EVERY_S):
+        while not self._stop.wait(self.BACKSTOP_S):
             try:
                 self._flush()
             except SpoolFull as exc:
@@ -274,6 +315,8 @@ class MqttSource:
             acks, self._pending_acks = self._pending_acks, []
             acked, self._acked = self._acked, []
             counts, self._pending_counts = self._pending_counts, Counter()
+            first, self._first_pending = self._first_pending, None
+            self.client.quiet_wanted = False
             if self._spool is None:
                 self._spool = GatewaySpool(self.spool_path, **self.spool_kw)
             spool = self._spool
@@ -289,6 +332,9 @@ class MqttSource:
                 self._pending_acks[:0] = acks
                 self._acked[:0] = acked
                 self._pending_counts.update(counts)
+                self._first_pending = first if first is not None else time.monotonic()
+                self._retry_at = time.monotonic() + self.RETRY_S
+                self.client.wake_at = self._retry_at
                 raise
             # Settled (the in-flight record dropped) in a later commit, once the
             # acknowledgements have been out for ACK_SETTLE_S on a live connection (a record

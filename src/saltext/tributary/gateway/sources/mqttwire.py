@@ -183,7 +183,7 @@ class MqttConnection:
         on_connect: Callable[[bool], None] | None = None,
         on_subscribe: Callable[[list[int]], None] | None = None,
         on_disconnect: Callable[[str], None] | None = None,
-        on_idle: Callable[[], None] | None = None,
+        on_idle: Callable[[], float | None] | None = None,
         idle_s: float = 0.005,
         name: str = "tributary-mqtt",
     ):
@@ -196,11 +196,15 @@ class MqttConnection:
         self.on_connect = on_connect
         self.on_subscribe = on_subscribe
         self.on_disconnect = on_disconnect
-        #: called on the network thread when messages came and the broker then sent nothing
-        #: for ``idle_s``: a broker that sends at most ``max_inflight_messages`` unacknowledged
-        #: messages waits for acknowledgements, so that is the moment to give them
+        #: called on the network thread when nothing has come from the broker for ``idle_s``
+        #: after messages, if ``quiet_wanted`` (a broker that sends at most
+        #: ``max_inflight_messages`` unacknowledged messages waits for acknowledgements, so
+        #: that is the moment to give them), and when ``wake_at`` (monotonic) passes. Both are
+        #: set by the callbacks; it returns None, or in how many seconds to call it again.
         self.on_idle = on_idle
         self.idle_s = idle_s
+        self.quiet_wanted = True
+        self.wake_at: float | None = None
         self._delivered = False
         self._out_lock = threading.Lock()
         self._queued: list[bytes] = []
@@ -257,7 +261,10 @@ class MqttConnection:
     def _queue(self, data: bytes) -> None:
         with self._out_lock:
             self._queued.append(data)
-            if self._woken:
+            # Queued from a callback on the network thread itself (the commit when the broker
+            # goes quiet): its loop takes the queue before it waits again, so no wake-up write
+            # (a socketpair send and an extra select return cost more than the PUBACKs).
+            if self._woken or threading.get_ident() == self._thread.ident:
                 return
             self._woken = True
         self._wake()
@@ -379,12 +386,19 @@ class MqttConnection:
                 if ping_sent is not None:
                     wait = min(wait, self.keepalive - (now - ping_sent))
                 timeout = max(0.05, wait)
-                if self._delivered and self.on_idle is not None:
+                quiet = self._delivered and self.quiet_wanted and self.on_idle is not None
+                if quiet:
                     timeout = min(timeout, self.idle_s)
+                wake_at = self.wake_at
+                if wake_at is not None:
+                    timeout = min(timeout, max(0.0, wake_at - now))
                 ready = sel.select(timeout)
-                if not ready and self._delivered:
+                if not ready and (quiet or (wake_at is not None and time.monotonic() >= wake_at)):
                     self._delivered = False
-                    self._idle()
+                    self.wake_at = None
+                    again = self._idle()
+                    if again is not None:
+                        self.wake_at = time.monotonic() + again
                     continue
                 for key, _ in ready:
                     if key.fileobj is self._wake_r:
@@ -456,13 +470,14 @@ class MqttConnection:
             raise ProtocolError(f"unexpected packet type {kind}")
         return False
 
-    def _idle(self) -> None:
+    def _idle(self) -> float | None:
         if self.on_idle is None:
-            return
+            return None
         try:
-            self.on_idle()
+            return self.on_idle()
         except Exception:  # a callback bug must not end the connection thread
             log.exception("tributary mqtt: idle callback failed")
+            return None
 
     def _callback(self, fn: Callable, arg: object) -> None:
         try:
