@@ -10,6 +10,9 @@ Parts:
    path the beacon uses: MQTT payload parse (number and JSON formats) -> filters -> spool
    append (500-reading commits, as the MQTT flusher does) -> batch encode + cursor move
    (``next_batches``), and separately the per-batch signing cost amortised per reading.
+   The real MQTT source in process through a real broker: as fast as mosquitto_pub sends
+   (``mqtt_source``, and with Mosquitto's default window of 20), and paced by a publisher
+   process (``mqtt_source_paced_*``: 100 messages/s one by one, 1,000/s in bursts of 100).
 2. Spool append and read rates (readings/s) for the same sizes.
 3. Wire bytes per reading: raw batches and aggregated batches (bandwidth budget).
 4. Memory: a real ``salt-minion`` (against a real ``salt-master`` and Mosquitto) running all
@@ -25,6 +28,7 @@ Targets (issue 3; benchmarks, not tests): <= 20 us CPU/reading through beacon + 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -37,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -159,10 +164,11 @@ def _signing_cost(batches: list[dict]) -> float:
         shutil.rmtree(pki, ignore_errors=True)
 
 
-def mqtt_source_cpu(n: int = 20_000, broker_extra: str = "") -> dict[str, Any]:
-    """CPU of the real MQTT source (its own QoS 1 connection, acknowledgements after the spool
-    commit, parse, spool) in this process, fed by mosquitto_pub in another process through a
-    real Mosquitto broker (the tests' configuration plus ``broker_extra``)."""
+@contextlib.contextmanager
+def _mqtt_source(broker_extra: str = "") -> Iterator[tuple[Any, str]]:
+    """The real MQTT source (its own QoS 1 connection, acknowledgements after the spool commit,
+    parse, spool) running in this process, subscribed to a real Mosquitto broker (the tests'
+    configuration plus ``broker_extra``); yields the broker and the spool path."""
     from saltext.tributary.gateway.sources.mqtt import BrokerConfig, MqttSource
     from tests.support.mosquitto import start_broker
 
@@ -180,27 +186,92 @@ def mqtt_source_cpu(n: int = 20_000, broker_extra: str = "") -> dict[str, Any]:
         deadline = time.monotonic() + 30
         while not src.subscribed and time.monotonic() < deadline:
             time.sleep(0.05)
-        spool = GatewaySpool(path)
-        c0, w0 = time.process_time(), time.perf_counter()
-        broker.publish("sensors/b1/temperature", [f"{20 + i % 100 / 10:.1f}" for i in range(n)])
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if spool.counters().get("spooled", 0) >= n:
-                break
-            time.sleep(0.01)
-        c1, w1 = time.process_time(), time.perf_counter()
-        got = spool.counters().get("spooled", 0)
-        spool.close()
-        return {
-            "readings": got,
-            "cpu_us_per_reading": round((c1 - c0) / max(1, got) * 1e6, 2),
-            "readings_per_s": round(got / (w1 - w0)),
-        }
+        yield broker, path
     finally:
         if src is not None:
             src.stop()
         broker.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _spooled(path: str) -> int:
+    spool = GatewaySpool(path)
+    try:
+        return int(spool.counters().get("spooled", 0))
+    finally:
+        spool.close()
+
+
+def mqtt_source_cpu(n: int = 20_000, broker_extra: str = "") -> dict[str, Any]:
+    """CPU of the MQTT source in this process for ``n`` readings as fast as they come, fed by
+    mosquitto_pub in another process."""
+    with _mqtt_source(broker_extra) as (broker, path):
+        c0, w0 = time.process_time(), time.perf_counter()
+        broker.publish("sensors/b1/temperature", [f"{20 + i % 100 / 10:.1f}" for i in range(n)])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _spooled(path) < n:
+            time.sleep(0.01)
+        c1, w1 = time.process_time(), time.perf_counter()
+        got = _spooled(path)
+        return {
+            "readings": got,
+            "cpu_us_per_reading": round((c1 - c0) / max(1, got) * 1e6, 2),
+            "readings_per_s": round(got / (w1 - w0)),
+        }
+
+
+#: A paced publisher (another process): ``rate`` of the bench's messages a second at QoS 1, in
+#: bursts of ``burst``, for ``seconds``.
+_PACED = """
+import sys, time
+sys.path[:0] = {paths!r}
+import paho.mqtt.client as mqtt
+import gateway
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-paced")
+c.max_inflight_messages_set(1000)
+c.connect("127.0.0.1", {port})
+c.loop_start()
+msgs = gateway._messages({rate})
+tick = time.monotonic()
+end = tick + {seconds}
+while time.monotonic() < end:
+    for i in range(0, {rate}, {burst}):
+        for topic, payload in msgs[i : i + {burst}]:
+            c.publish(topic, payload, qos=1)
+        tick += {burst} / {rate}
+        time.sleep(max(0.0, tick - time.monotonic()))
+c.loop_stop()
+"""
+
+
+def mqtt_source_paced(rate: int, burst: int, seconds: float = 15.0) -> dict[str, Any]:
+    """CPU of the MQTT source in this process per message at a steady ``rate`` in bursts of
+    ``burst`` (1: one by one), measured over ``seconds`` after 2 s of warm-up: what commits
+    and wake-ups cost when messages do not come all at once."""
+    with _mqtt_source() as (broker, path):
+        code = _PACED.format(
+            paths=[str(REPO / "bench"), str(REPO), str(REPO / "src")],
+            port=broker.port,
+            rate=rate,
+            burst=burst,
+            seconds=seconds + 4,
+        )
+        pub = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            time.sleep(2)  # warm-up, not a wait for a condition: the pace is the workload
+            n0, c0, w0 = _spooled(path), time.process_time(), time.perf_counter()
+            time.sleep(seconds)
+            n1, c1, w1 = _spooled(path), time.process_time(), time.perf_counter()
+        finally:
+            pub.wait(timeout=seconds + 30)
+        got = n1 - n0
+        return {
+            "rate": rate,
+            "burst": burst,
+            "readings": got,
+            "cpu_us_per_reading": round((c1 - c0) / max(1, got) * 1e6, 2),
+            "readings_per_s": round(got / (w1 - w0)),
+        }
 
 
 def spool_rates(n: int = N) -> dict[str, Any]:
@@ -489,6 +560,9 @@ def run() -> dict[str, Any]:
         "mqtt_source": mqtt_source_cpu(),
         # Mosquitto's default window: 20 unacknowledged messages in flight to the subscriber
         "mqtt_source_broker_window_20": mqtt_source_cpu(5_000, "max_inflight_messages 20\n"),
+        # paced: what a commit and its wake-ups cost per message when messages trickle in
+        "mqtt_source_paced_100_per_s_one_by_one": mqtt_source_paced(100, 1),
+        "mqtt_source_paced_1000_per_s_bursts_of_100": mqtt_source_paced(1000, 100),
         "spool": spool_rates(),
         "wire_bytes_per_reading": wire_sizes(),
         "targets": {
