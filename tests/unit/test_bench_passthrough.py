@@ -74,12 +74,25 @@ def passthrough() -> Iterator[tuple[int, int]]:
     loop = asyncio.new_event_loop()
     p = es_passthrough.Passthrough(("127.0.0.1", up_port), "8.19.21")
     server = loop.run_until_complete(asyncio.start_server(p.handle, "127.0.0.1", port))
-    threading.Thread(target=loop.run_forever, daemon=True).start()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+
+    async def shutdown() -> None:
+        # the connections' handlers end inside the running loop (a handler left pending is
+        # closed later by the garbage collector, on a closed loop: an unraisable error)
+        server.close()
+        handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
     try:
         yield port, up_port
     finally:
-        loop.call_soon_threadsafe(server.close)
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
+        runner.join(timeout=10)
+        loop.close()
         upstream.shutdown()
         upstream.server_close()
 
