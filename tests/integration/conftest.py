@@ -103,3 +103,16 @@ def pytest_runtest_makereport(item, call):
             factories = [topo["top"], topo["syndic"], *topo["gateways"].values()]
             daemonlogs.attach(item, report, factories, topo.get("es"))
             return
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each outage test's time to recovery (README states what to expect): the fault package,
+    scale-out and multi-master record theirs with ``faults.helpers.assert_exactly``. Here, not
+    in the fault package, so that a session without that package (``make test`` runs it in a
+    session of its own) still prints the others'."""
+    from tests.integration.faults.helpers import RECOVERY
+
+    if RECOVERY:
+        terminalreporter.section("time to recovery (fault ended -> every reading indexed once)")
+        for name, seconds in RECOVERY.items():
+            terminalreporter.write_line(f"{name}: {seconds} s")

@@ -121,13 +121,3 @@ def faults(f_es, f_top, f_syndic, f_gateways, f_brokers):
         "gateways": f_gateways,
         "brokers": f_brokers,
     }
-
-
-def pytest_terminal_summary(terminalreporter):
-    """Each fault test's time to recovery (README states what to expect)."""
-    from tests.integration.faults.helpers import RECOVERY
-
-    if RECOVERY:
-        terminalreporter.section("time to recovery (fault ended -> every reading indexed once)")
-        for name, seconds in RECOVERY.items():
-            terminalreporter.write_line(f"{name}: {seconds} s")
