@@ -28,18 +28,19 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# What CI runs: the whole suite on SALT_VERSION, then the compatibility tiers. The fault
-# package (its own Elasticsearch, masters and gateways; most of its time is outages waited
-# out) runs beside the rest of the suite, and the tiers beside each other
-# (scripts/side-by-side.sh prints each session's output whole when all have ended).
+# What CI runs: the whole suite on SALT_VERSION, then the compatibility tiers. The packages
+# that start topologies of their own (the fault scenarios, whose time is mostly outages waited
+# out; two top masters; relays on the syndic masters) run in a second pytest session beside the
+# rest of the suite, and the tiers beside each other (scripts/side-by-side.sh prints each
+# session's output whole when all have ended).
 test: test-main
 	@bash scripts/compat.sh $(filter-out $(SALT_VERSION),$(COMPAT_SALT))
 
-FAULTS := tests/integration/faults
+OWN_TOPOLOGY := tests/integration/faults tests/integration/multimaster tests/integration/scaleout
 test-main: lint
 	@bash scripts/side-by-side.sh \
-	  suite "$(PY) -m pytest tests -q --ignore=$(FAULTS)" \
-	  faults "$(PY) -m pytest $(FAULTS) -q"
+	  suite "$(PY) -m pytest tests -q $(addprefix --ignore=,$(OWN_TOPOLOGY))" \
+	  own-topology "$(PY) -m pytest $(OWN_TOPOLOGY) -q"
 
 # One tier alone: `make compat SALT_VERSION=3007.16`.
 compat: setup compat-run

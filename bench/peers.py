@@ -16,6 +16,9 @@ the same broker, and measures:
   CPU seconds of each side's processes during its phase.
   ``TRIBUTARY_PEERS_GATEWAYS`` (default 1) gateways behind the syndic, each its own
   salt-minion and beacon on the same broker, share Tributary's N readings evenly.
+  ``TRIBUTARY_PEERS_ANOMALIES=0`` turns the relay's detector off (Telegraf has none);
+  ``TRIBUTARY_PEERS_RUN_BYTES`` sets the beacon's ``batch.max_run_bytes`` (at most the
+  beacon's hard cap, 128 KiB; above it the beacon's ``validate()`` refuses the config).
 * ``es_outage``: readings at a steady rate (``TRIBUTARY_PEERS_RATE``, default 500/s) on a topic
   both subscribe to, Elasticsearch stopped for ``TRIBUTARY_PEERS_OUTAGE_S`` (default 120 s) and
   started again; then readings lost (acknowledged by the broker, never indexed) and duplicated
@@ -71,6 +74,10 @@ TELEGRAF_TAGS = "custom,inputs.mqtt_consumer,outputs.elasticsearch,parsers.value
 #: gateways behind the syndic (each its own salt-minion and beacon on the same broker); the
 #: throughput phase splits Tributary's N readings evenly across them
 GATEWAYS = int(os.environ.get("TRIBUTARY_PEERS_GATEWAYS", "1"))
+#: the gateway beacon's ``batch.max_run_bytes`` (unset: the beacon's default)
+RUN_BYTES = int(os.environ.get("TRIBUTARY_PEERS_RUN_BYTES", "0"))
+#: ``TRIBUTARY_PEERS_ANOMALIES=0``: the relay with its detector off
+ANOMALIES = os.environ.get("TRIBUTARY_PEERS_ANOMALIES", "1") != "0"
 GWS = [f"peers-gw-{k}" for k in range(1, GATEWAYS + 1)]
 TG_INDEX = "peers-telegraf"
 TR_INDEX = "peers-readings-*"
@@ -152,6 +159,7 @@ def start_tributary(
         "bulk": {"max_docs": 5000, "max_wait_s": 0.05},
         "spool_path": spool,
         "trusted_syndics": ["peers-syndic"],
+        "anomalies": {"enabled": ANOMALIES},
     }
     rb.write_yaml(
         root / "top/master",
@@ -211,6 +219,7 @@ def start_gateway(
                 "tributary_mqtt": [
                     {"broker": {"host": "127.0.0.1", "port": broker_port}},
                     {"topics": topics},
+                    *([{"batch": {"max_run_bytes": RUN_BYTES}}] if RUN_BYTES else []),
                     {"interval": 1},
                 ]
             },

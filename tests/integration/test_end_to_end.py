@@ -193,9 +193,9 @@ def test_salt_syndic_itself_forwards_a_gateway_event(topology, event_listener):
                 "event.fire_master", '{"n": 1}', "canary/syndic"
             )
             assert ret.returncode == 0 and ret.data is True, ret
-            # salt-syndic forwards every 0.5 s (syndic_mode sync): 30 s is 60 chances; on 3008,
+            # salt-syndic forwards every 0.5 s (syndic_mode sync): 15 s is 30 chances; on 3008,
             # where it never arrives, this wait is the canary's cost
             matched = event_listener.wait_for_events(
-                [(top.id, "canary/syndic")], timeout=30, after_time=start
+                [(top.id, "canary/syndic")], timeout=15, after_time=start
             )
     assert matched.found_all_events, "the event did not reach the top master"

@@ -8,7 +8,7 @@ from saltext.tributary.gateway import beacons as gw_beacons
 from saltext.tributary.gateway import config as gw_config
 from saltext.tributary.gateway.spool import SpoolFull
 from saltext.tributary.protocol.reading import RejectedReading, make_reading
-from saltext.tributary.protocol.wire import decode_batch
+from saltext.tributary.protocol.wire import decode_batch, packed_size
 from tests.support.keys import write_keypair
 
 T0 = 1_700_000_000_000
@@ -118,3 +118,37 @@ def test_the_heartbeat_reports_what_was_emitted_not_a_held_backlog(cfg, opts):
     assert hb["tag"] == "health" and [e for e in out[:-1] if e["tag"] == "batch"] == []
     assert hb["last_seq"] == ev["last"] == 1  # emitted
     assert hb["numbered_seq"] == 501  # numbered, held back by the budget
+
+
+@pytest.mark.parametrize(
+    ("wmem", "cap"),
+    [("212992\n", 106_496), ("65536\n", 32_768), ("4194304\n", gw_config.HARD_RUN_BYTES)],
+)
+def test_run_cap_is_half_the_kernels_socket_send_buffer(tmp_path, wmem, cap):
+    path = tmp_path / "wmem_default"
+    path.write_text(wmem)
+    assert gw_config.run_bytes_cap(str(path)) == cap
+
+
+def test_run_cap_without_the_kernels_figure_is_the_hard_cap(tmp_path):
+    assert gw_config.run_bytes_cap(str(tmp_path / "absent")) == gw_config.HARD_RUN_BYTES
+    (tmp_path / "junk").write_text("")
+    assert gw_config.run_bytes_cap(str(tmp_path / "junk")) == gw_config.HARD_RUN_BYTES
+
+
+def test_a_run_never_emits_more_than_the_machines_cap(cfg, opts, monkeypatch):
+    """On a kernel with a 64 KiB send buffer a run asked for 96 KiB emits at most 32 KiB (the
+    rest waits for the next run) and says once why."""
+    monkeypatch.setattr(gw_beacons, "run_bytes_cap", lambda: 32_768)
+    cfg["batch"] = {"max_bytes": 8192, "max_run_bytes": 98_304}
+    rs = [make_reading(f"s{i % 50}", "t", i * 1.25, T0 + i, "C") for i in range(40_000)]
+    gw_beacons.spool_readings(cfg, {}, rs, [])
+    warned: list[str] = []
+    monkeypatch.setattr(gw_beacons.log, "warning", lambda msg, *a: warned.append(msg % a))
+    monkeypatch.setattr(gw_beacons, "_WARNED_CAPS", set())
+    first = gw_beacons.emit(cfg, opts, {})
+    second = gw_beacons.emit(cfg, opts, {})
+    for run in (first, second):  # the batches, plus each event's signature and tag
+        assert run and sum(packed_size(ev) for ev in run) <= 32_768 + 512 * len(run)
+    assert second[0]["first"] == first[-1]["last"] + 1
+    assert [w for w in warned if "lowered to 32768" in w] == warned and len(warned) == 1

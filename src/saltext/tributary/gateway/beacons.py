@@ -16,7 +16,6 @@ from dataclasses import replace
 from typing import Any
 
 from saltext.tributary.gateway.config import (
-    HARD_RUN_BYTES,
     SITE_PATTERN,
     batch_options,
     config_to_dict,
@@ -24,6 +23,7 @@ from saltext.tributary.gateway.config import (
     parse_mqtt,
     parse_sysfs,
     parsed,
+    run_bytes_cap,
     spool_options,
     spool_path,
 )
@@ -177,6 +177,10 @@ def _budget_for(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
     return REGISTRY.ensure("budget", path, bw, build)
 
 
+#: the lowered run caps already logged (once each per minion process)
+_WARNED_CAPS: set[int] = set()
+
+
 def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, Any]) -> list[dict]:
     """The beacon's output: the next unsent batches within the byte caps, as events.
 
@@ -191,7 +195,15 @@ def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, A
     batch = batch_options(cfg)
     site = site_of(cfg, grains)
     max_batch = batch.max_bytes
-    max_run = min(batch.max_run_bytes, HARD_RUN_BYTES)
+    max_run = min(batch.max_run_bytes, run_bytes_cap())
+    if max_run < batch.max_run_bytes and max_run not in _WARNED_CAPS:
+        _WARNED_CAPS.add(max_run)
+        log.warning(
+            "tributary: batch.max_run_bytes %d lowered to %d, half this kernel's default socket"
+            " send buffer (net.core.wmem_default): a larger beacon run would stop the minion",
+            batch.max_run_bytes,
+            max_run,
+        )
     budget = _budget_for(cfg, opts)
     if budget is not None:
         batches = budget.emit(spool, max_batch_bytes=max_batch, site=str(site) if site else None)

@@ -4,6 +4,7 @@ for both the loader's ``validate()`` and the beacon run, and the spool location.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -23,9 +24,27 @@ from saltext.tributary.util.schema import REQUIRED, option
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_BYTES = 32_768
-#: One beacon run's output stays far below the 256 KiB that wedged a minion here.
+#: One beacon run's output. Salt fires it from the minion's event loop as one message on the
+#: minion's own event socket and waits for the write to finish, while that same loop is the
+#: socket's reader: a run larger than the socket's send buffer never finishes and the minion
+#: stops for good (measured: 512 KiB runs, BENCHMARKS.md "The beacon's ceiling").
 DEFAULT_RUN_BYTES = 98_304
 HARD_RUN_BYTES = 131_072
+#: the kernel's default send buffer of a socket (Linux), which Salt's event socket keeps
+WMEM_DEFAULT = "/proc/sys/net/core/wmem_default"
+
+
+@functools.lru_cache(maxsize=4)
+def run_bytes_cap(path: str = WMEM_DEFAULT) -> int:
+    """The most one beacon run may emit on this machine: :data:`HARD_RUN_BYTES`, or half the
+    kernel's default socket send buffer where that is smaller (a small board's kernel may set
+    it lower; half leaves room for Salt's envelope and the kernel's own accounting)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            wmem = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return HARD_RUN_BYTES
+    return max(1024, min(HARD_RUN_BYTES, wmem // 2))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
