@@ -528,11 +528,13 @@ class GatewaySpool:
         *,
         max_batch_bytes: int = 32_768,
         max_run_bytes: int = 98_304,
-        max_rows: int = 8_000,
+        read_rows: int = 8_000,
         site: str | None = None,
     ) -> list[dict[str, Any]]:
         """The next unsent readings as batches within the byte caps; moves the cursor.
 
+        Rows are read from the spool at least ``read_rows`` at a time, more (up to 50,000)
+        when the last full batch's bytes per reading say the rest of the run needs them.
         The cursor moves in the same call: an emitted batch that never reaches the top master
         is found as a gap there and replayed from this spool.
         """
@@ -547,7 +549,7 @@ class GatewaySpool:
             if not rows or (guess is not None and len(rows) < guess):
                 # enough for the rest of the run at once when its bytes per reading are known
                 want = int((max_run_bytes - spent) / per_row * 1.05) if per_row else 0
-                rows, dropped = self.peek_unsent(min(max(max_rows, want), 50_000))
+                rows, dropped = self.peek_unsent(min(max(read_rows, want), 50_000))
                 if not rows:
                     break
             else:
