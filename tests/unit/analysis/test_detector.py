@@ -112,6 +112,22 @@ def test_state_is_bounded_and_survives_a_round_trip():
     assert [f.as_dict() for f in a] == [f.as_dict() for f in b] == [f.as_dict() for f in c]
 
 
+def test_the_running_histogram_total_stays_the_histograms_sum_through_rescales():
+    """The empirical tail reads a running total instead of summing the 64 bins per point; it
+    must stay the bins' sum, across the rescale (every ~28k scored points) and a restart."""
+    rnd = random.Random(3)
+    m = SeriesModel()
+    rescaled = False
+    for i in range(32_000):
+        w = m.hist_w
+        m.observe(MONDAY + i * MIN, rnd.gauss(10.0, 1.0), CFG)
+        rescaled = rescaled or m.hist_w < w
+        if i % 997 == 0 or m.hist_w < w:
+            assert m.hist_sum == pytest.approx(sum(m.hist), rel=1e-9)
+    assert rescaled
+    assert SeriesModel.from_bytes(m.to_bytes()).hist_sum == pytest.approx(m.hist_sum, rel=1e-12)
+
+
 def test_least_recently_seen_series_are_evicted_and_counted():
     d = Detector(max_series=3)
     for key in ("a", "b", "c", "a", "d", "e"):

@@ -131,6 +131,7 @@ class SeriesModel:
         "err_s",
         "hi",
         "hist",
+        "hist_sum",
         "hist_w",
         "last_ts",
         "last_value",
@@ -179,6 +180,7 @@ class SeriesModel:
         # the smoothed raw scores seen (exponentially decayed counts: a new count weighs
         # hist_w, which grows; both are rescaled before they get large)
         self.hist = array("d", bytes(8 * HIST_BINS))
+        self.hist_sum = 0.0  # sum(hist), kept as it changes (not stored: from_bytes sums it)
         self.hist_w = 1.0
         self.lo = math.inf  # the range of values seen
         self.hi = -math.inf
@@ -260,7 +262,11 @@ class SeriesModel:
             fb = avg * HIST_BINS / cfg.clip_z
             bi = int(fb) if fb < HIST_BINS else HIST_BINS - 1  # (NaN: the top bin)
             hw = self.hist_w
-            emp = (sum(hist[bi:]) + hw) / (sum(hist) + hw)
+            total = self.hist_sum
+            # the share at or above bin bi, summing the shorter side (the smoothed score is
+            # usually low, so the bins below it are few)
+            above = total - sum(hist[:bi]) if bi < HIST_BINS // 2 else sum(hist[bi:])
+            emp = (above + hw) / (total + hw)
             if emp > tail:
                 tail = emp
             score = math.log(tail + 1e-10) / LOG_SCALE
@@ -270,12 +276,15 @@ class SeriesModel:
                 score = 0.0
             if not gap:
                 hist[bi] += hw
+                total += hw
                 hw /= 1.0 - 1.0 / cfg.tail_n
                 if hw > 1e6:
                     for j in range(HIST_BINS):
                         hist[j] /= hw
                     hw = 1.0
+                    total = sum(hist)
                 self.hist_w = hw
+                self.hist_sum = total
             # a value beyond every value seen (by a share of their range) is an anomaly
             rng = self.hi - self.lo
             if rng <= 0.0:
@@ -446,6 +455,7 @@ class SeriesModel:
                 raise ValueError("truncated model state")
             setattr(m, name, arr)
             off += 8 * length
+        m.hist_sum = sum(m.hist)
         m.seen = bytearray(data[off : off + PATTERN_SIZE // 8])
         if len(m.seen) != PATTERN_SIZE // 8:
             raise ValueError("truncated model state")
