@@ -167,6 +167,52 @@ def test_bad_payloads_are_counted_and_the_beacon_keeps_running(topology):
     assert es_count(es, gw, "e2e-bad") == 4
 
 
+def test_a_backlog_past_the_beacons_ceiling_drains(topology):
+    """A burst larger than one beacon run carries (96 KiB, about 12k readings) is sent by the
+    gateway's drain thread straight to its syndic master (gateway/drain.py): every reading is
+    indexed exactly once, and the gateway counts what the drain sent."""
+    es, gateways, brokers = topology["es"], topology["gateways"], topology["brokers"]
+    gw = next(iter(GATEWAYS))
+    n = 60_000
+    before = _status(gateways[gw])["counters"]
+    cli = gateways[gw].salt_call_cli(timeout=60)
+    # beacon runs paused (the MQTT subscriber keeps spooling): the burst waits in the spool
+    # whatever this machine's intake rate, and the first run after it finds it all there
+    assert cli.run("beacons.disable").data["result"] is True
+    try:
+        unsent = _status(gateways[gw])["unsent"]
+        brokers[gw].publish("sensors/e2e-drain/temperature", [str(i) for i in range(n)])
+        wait_for(
+            lambda: _status(gateways[gw])["unsent"] >= unsent + n,
+            timeout=120,
+            what="the burst spooled",
+        )
+    finally:
+        assert cli.run("beacons.enable").data["result"] is True
+    wait_for(
+        lambda: es_count(es, gw, "e2e-drain") >= n, timeout=240, what="the burst in Elasticsearch"
+    )
+    query = {"bool": {"must": [{"term": {"gateway": gw}}, {"term": {"sensor": "e2e-drain"}}]}}
+    res = es.search(
+        "tributary-readings-*",
+        {
+            "size": 0,
+            "query": query,
+            "aggs": {"v": {"extended_stats": {"field": "value"}}},
+        },
+    )
+    # each of the values 0..n-1 once: their count, sum and sum of squares (exact in doubles)
+    stats = res["aggregations"]["v"]
+    assert es_count(es, gw, "e2e-drain") == stats["count"] == n
+    assert stats["sum"] == sum(range(n))
+    assert stats["sum_of_squares"] == sum(i * i for i in range(n))
+    after = _status(gateways[gw])["counters"]
+    drained = after.get("drained", 0) - before.get("drained", 0)
+    assert after.get("drains", 0) > before.get("drains", 0)
+    assert 0 < drained < n
+    assert after.get("drain_failures", 0) == before.get("drain_failures", 0)
+
+
 @pytest.mark.xfail(
     NEEDS_UPLINK,
     strict=True,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +27,7 @@ from saltext.tributary.gateway.config import (
     spool_options,
     spool_path,
 )
+from saltext.tributary.gateway.drain import Drain, MasterSender, can_drain
 from saltext.tributary.gateway.filters import Filters, compile_filters
 from saltext.tributary.gateway.registry import Registry
 from saltext.tributary.gateway.sources import health as health_mod
@@ -205,13 +206,54 @@ def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, A
             max_run,
         )
     budget = _budget_for(cfg, opts)
+    site_s = str(site) if site else None
     if budget is not None:
-        batches = budget.emit(spool, max_batch_bytes=max_batch, site=str(site) if site else None)
-    else:
-        batches = spool.next_batches(
-            max_batch_bytes=max_batch, max_run_bytes=max_run, site=str(site) if site else None
-        )
+        batches = budget.emit(spool, max_batch_bytes=max_batch, site=site_s)
+        return [{"tag": "batch", **finalize_batch(b, opts)} for b in batches]
+    drain = _drain_for(cfg, opts) if batch.drain else None
+    if drain is None:
+        batches = spool.next_batches(max_batch_bytes=max_batch, max_run_bytes=max_run, site=site_s)
+        return [{"tag": "batch", **finalize_batch(b, opts)} for b in batches]
+    if drain.running():
+        return []  # the drain is sending the spool's next readings
+    with drain.lock:
+        batches = spool.next_batches(max_batch_bytes=max_batch, max_run_bytes=max_run, site=site_s)
+        behind = spool.last_run_full and spool.unsent() > 0
+    if behind:  # the run carried all it may and more is waiting: send it from a thread
+        take = _drain_take(drain, cfg, opts, max_batch, batch.drain_run_bytes, site_s)
+        drain.start(take, lambda: MasterSender(opts))
     return [{"tag": "batch", **finalize_batch(b, opts)} for b in batches]
+
+
+def _drain_for(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Drain | None:
+    """The spool's backlog drain (``gateway/drain.py``), on a minion that can send one."""
+    if not can_drain(opts):
+        return None
+    path = spool_path(cfg, opts)
+    return REGISTRY.ensure(
+        "drain", path, None, lambda _: Drain(GatewaySpool(path, **spool_options(cfg)))
+    )
+
+
+def _drain_take(
+    drain: Drain,
+    cfg: Mapping[str, Any],
+    opts: Mapping[str, Any],
+    max_batch: int,
+    run_bytes: int,
+    site: str | None,
+) -> Callable[[], list[dict[str, Any]]]:
+    """One drain request's events: the next batches, tagged as this beacon's run would be."""
+    gateway = str(opts["id"])
+    tag = f"salt/beacon/{gateway}/{cfg.get('_beacon_name') or 'tributary_mqtt'}/batch"
+
+    def take() -> list[dict[str, Any]]:
+        batches = drain.spool.next_batches(
+            max_batch_bytes=max_batch, max_run_bytes=run_bytes, site=site
+        )
+        return [{"tag": tag, "data": {**finalize_batch(b, opts), "id": gateway}} for b in batches]
+
+    return take
 
 
 SITE_RE = re.compile(SITE_PATTERN)

@@ -30,6 +30,9 @@ DEFAULT_BATCH_BYTES = 32_768
 #: stops for good (measured: 512 KiB runs, BENCHMARKS.md "The beacon's ceiling").
 DEFAULT_RUN_BYTES = 98_304
 HARD_RUN_BYTES = 131_072
+#: One request of a backlog drain (``gateway/drain.py``): sent to the master directly, not
+#: through the minion's event socket, so the socket's buffer does not bound it.
+DRAIN_RUN_BYTES = 524_288
 #: the kernel's default send buffer of a socket (Linux), which Salt's event socket keeps
 WMEM_DEFAULT = "/proc/sys/net/core/wmem_default"
 
@@ -74,6 +77,10 @@ class BatchOptions:
 
     max_bytes: int = option(DEFAULT_BATCH_BYTES, range=(1024, HARD_RUN_BYTES))
     max_run_bytes: int = option(DEFAULT_RUN_BYTES, range=(1024, HARD_RUN_BYTES))
+    drain: bool = option(
+        True, doc="send a backlog past one run a second from a thread of its own (README)"
+    )
+    drain_run_bytes: int = option(DRAIN_RUN_BYTES, range=(1024, 4 * 1024 * 1024))
 
 
 SITE_PATTERN = r"[A-Za-z0-9_.:-]{1,64}"

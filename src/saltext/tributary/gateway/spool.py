@@ -116,6 +116,8 @@ class GatewaySpool:
         self._sensor_ids: dict[str, int] = {}
         #: wire bytes per reading of the last batch emitted: how many the next one may hold
         self._bytes_per_reading = 0.0
+        #: whether the last ``next_batches`` stopped at its run's byte cap (not for want of rows)
+        self.last_run_full = False
         self.db = self._open()
         self.epoch: str = self._meta("epoch") or ""
         if self._rewound():
@@ -507,6 +509,10 @@ class GatewaySpool:
                 break
         return rows, int(self._meta("undelivered_dropped") or 0)
 
+    def unsent(self) -> int:
+        """Readings numbered and not yet emitted (two meta reads)."""
+        return max(0, int(self._meta("last_seq") or 0) - int(self._meta("cursor") or 0))
+
     def mark_emitted(self, batch: Mapping[str, Any], readings: int) -> None:
         """Move the cursor past ``batch`` and count it (one transaction)."""
         with self._lock, sqlite.transaction(self.db):
@@ -542,6 +548,7 @@ class GatewaySpool:
         spent = 0
         rows: list[SpooledReading] = []
         per_row = self._bytes_per_reading  # of the last batch emitted
+        self.last_run_full = False
         while spent < max_run_bytes:
             cap = min(max_batch_bytes, max_run_bytes - spent)
             guess = int(cap / per_row * 0.97) if per_row else None
@@ -566,7 +573,11 @@ class GatewaySpool:
                 per_row = self._bytes_per_reading = size / n
             rows = rows[n:]
             if cap < max_batch_bytes:
-                break  # that batch took what was left of the run's bytes: no crumbs after it
+                # that batch took what was left of the run's bytes: no crumbs after it
+                self.last_run_full = True
+                break
+        else:
+            self.last_run_full = True
         return out
 
     def replay(
