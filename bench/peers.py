@@ -18,7 +18,10 @@ the same broker, and measures:
   salt-minion and beacon on the same broker, share Tributary's N readings evenly.
   ``TRIBUTARY_PEERS_ANOMALIES=0`` turns the relay's detector off (Telegraf has none);
   ``TRIBUTARY_PEERS_RUN_BYTES`` sets the beacon's ``batch.max_run_bytes`` (at most the
-  beacon's hard cap, 128 KiB; above it the beacon's ``validate()`` refuses the config).
+  beacon's hard cap, 128 KiB; above it the beacon's ``validate()`` refuses the config);
+  ``TRIBUTARY_PEERS_DRAIN=0`` turns the gateways' backlog drain off (beacon runs only). Each
+  round's Tributary entry has the gateways' counters: readings emitted, and how many of them
+  a drain sent.
 * ``es_outage``: readings at a steady rate (``TRIBUTARY_PEERS_RATE``, default 500/s) on a topic
   both subscribe to, Elasticsearch stopped for ``TRIBUTARY_PEERS_OUTAGE_S`` (default 120 s) and
   started again; then readings lost (acknowledged by the broker, never indexed) and duplicated
@@ -46,6 +49,7 @@ import json
 import os
 import pathlib
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -76,6 +80,7 @@ TELEGRAF_TAGS = "custom,inputs.mqtt_consumer,outputs.elasticsearch,parsers.value
 GATEWAYS = int(os.environ.get("TRIBUTARY_PEERS_GATEWAYS", "1"))
 #: the gateway beacon's ``batch.max_run_bytes`` (unset: the beacon's default)
 RUN_BYTES = int(os.environ.get("TRIBUTARY_PEERS_RUN_BYTES", "0"))
+DRAIN = os.environ.get("TRIBUTARY_PEERS_DRAIN", "1") != "0"
 #: ``TRIBUTARY_PEERS_ANOMALIES=0``: the relay with its detector off
 ANOMALIES = os.environ.get("TRIBUTARY_PEERS_ANOMALIES", "1") != "0"
 GWS = [f"peers-gw-{k}" for k in range(1, GATEWAYS + 1)]
@@ -219,7 +224,12 @@ def start_gateway(
                 "tributary_mqtt": [
                     {"broker": {"host": "127.0.0.1", "port": broker_port}},
                     {"topics": topics},
-                    *([{"batch": {"max_run_bytes": RUN_BYTES}}] if RUN_BYTES else []),
+                    {
+                        "batch": {
+                            **({"max_run_bytes": RUN_BYTES} if RUN_BYTES else {}),
+                            "drain": DRAIN,
+                        }
+                    },
                     {"interval": 1},
                 ]
             },
@@ -229,6 +239,19 @@ def start_gateway(
 
 
 # -- measuring -------------------------------------------------------------------------------
+def gateway_counters(root: pathlib.Path) -> dict[str, int]:
+    """The gateways' spool counters added up (read-only: emitted, batches, drained...)."""
+    out: dict[str, int] = {}
+    for path in (p for gw in GWS for p in (root / gw).glob("**/tributary/spool.db")):
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            for name, n in db.execute("SELECT name, n FROM counters"):
+                out[name] = out.get(name, 0) + n
+        finally:
+            db.close()
+    return out
+
+
 def tg_query(topic: str) -> dict:
     return {"term": {"tag.topic": topic}}
 
@@ -507,6 +530,7 @@ def main() -> None:
                         topic, index = "", TR_INDEX
                         query, pids = tr_query(f"tput{r}"), tr_pids
                     c0, es0 = cpu(pids), rb.tree_cpu_s(es_pid)
+                    g0 = gateway_counters(root) if peer == "tributary" else {}
                     t = time.perf_counter()
                     if topic:
                         broker.publish(topic, payloads)
@@ -545,6 +569,12 @@ def main() -> None:
                             (es1 - es0) / max(1, got) * 1e6, 1
                         ),
                     }
+                    if peer == "tributary":  # how the gateways sent them: runs or drains
+                        g1 = gateway_counters(root)
+                        row[peer]["gateway_counters"] = {
+                            k: g1.get(k, 0) - g0.get(k, 0)
+                            for k in ("emitted", "batches", "drains", "drained", "drain_requests")
+                        } | {"drain_failures": g1.get("drain_failures", 0)}
                 rounds.append(row)
                 log(
                     f"round {r + 1}: "

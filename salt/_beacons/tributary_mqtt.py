@@ -35,6 +35,11 @@ Configuration (minion config or pillar)::
         - batch:
             max_bytes: 32768
             max_run_bytes: 98304
+            # a backlog larger than one run is sent by a thread of the minion, straight to
+            # the master, in requests of drain_run_bytes that the master answers (README,
+            # "Backlog drain"); false: beacon runs only, one run a second
+            drain: true
+            drain_run_bytes: 524288
         - interval: 1
 
 Per-sensor filters and a bandwidth budget (aggregate per sensor over windows instead of

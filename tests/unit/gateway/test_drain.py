@@ -15,7 +15,7 @@ import pytest
 from saltext.tributary.gateway import beacons as gw_beacons
 from saltext.tributary.gateway import drain as gw_drain
 from saltext.tributary.protocol.reading import make_reading
-from saltext.tributary.protocol.wire import decode_batch
+from saltext.tributary.protocol.wire import decode_batch, packed_size
 from tests.support.keys import write_keypair
 
 T0 = 1_700_000_000_000
@@ -100,15 +100,37 @@ def test_a_backlog_leaves_in_one_run_then_drain_requests_each_reading_once(cfg, 
     drained = [ev for req in Recorder.sent for ev in req]
     assert {ev["tag"] for ev in drained} == {"salt/beacon/gw/tributary_mqtt/batch"}
     assert {ev["data"]["id"] for ev in drained} == {"gw"}
-    # every reading exactly once, in order, first by the beacon run, then by the drain
-    assert seqs(first) + seqs([ev["data"] for ev in drained]) == list(range(1, N + 1))
-    assert len(Recorder.sent) > 1  # several requests, each within drain_run_bytes
+    # the drain stops once less than one beacon run (32 KiB here) waits: runs carry the rest,
+    # if any (test_a_drain_leaves_less_than_a_run_to_the_beacon)
+    rest: list[dict] = []
+    for _ in range(3):
+        rest += gw_beacons.emit(cfg, opts, {})
+    assert not drain.running() and len(Recorder.sent) > 1  # several requests, no new drain
+    # every reading exactly once, in order: the beacon run, the drain, then the beacon runs
+    drained_seqs = seqs([ev["data"] for ev in drained])
+    assert seqs(first) + drained_seqs + seqs(rest) == list(range(1, N + 1))
     counters = drain.spool.counters()
-    assert counters["drained"] == N - len(seqs(first))
+    assert counters["drained"] == len(drained_seqs)
     assert counters["drains"] == 1 and counters["drain_requests"] == len(Recorder.sent)
     assert drain.spool.unsent() == 0
-    # drained: the next run emits normally again (nothing left, no new drain)
-    assert gw_beacons.emit(cfg, opts, {}) == [] and not drain.running()
+    # full batches: each request's batches but its last hold about max_bytes (8 KiB here)
+    assert all(packed_size(e["data"]) > 0.9 * 8192 for r in Recorder.sent for e in r[:-1])
+
+
+def test_a_drain_leaves_less_than_a_run_to_the_beacon(cfg, opts):
+    """A drain sends full batches while a beacon run's worth or more waits, then ends."""
+    backlog(cfg, opts, 8_000)  # about 75 KB on the wire
+    drain = gw_beacons._drain_for(cfg, opts)
+    take = gw_beacons._drain_take(drain, cfg, opts, 8192, 16_384, 32_768, None)
+    requests = []
+    while events := take():
+        requests.append(events)
+    per = drain.spool.bytes_per_reading
+    assert len(requests) >= 2 and per > 0
+    left = drain.spool.unsent()
+    assert left > 0 and left * per < 32_768  # less than a run: for the beacon's runs
+    # full batches (a request's last one takes what is left of its bytes)
+    assert all(packed_size(ev["data"]) > 0.9 * 8192 for req in requests for ev in req[:-1])
 
 
 def test_beacon_runs_emit_nothing_while_a_drain_sends(cfg, opts, recorder):

@@ -509,6 +509,11 @@ class GatewaySpool:
                 break
         return rows, int(self._meta("undelivered_dropped") or 0)
 
+    @property
+    def bytes_per_reading(self) -> float:
+        """Wire bytes per reading of the last full batch this connection emitted (0: none)."""
+        return self._bytes_per_reading
+
     def unsent(self) -> int:
         """Readings numbered and not yet emitted (two meta reads)."""
         return max(0, int(self._meta("last_seq") or 0) - int(self._meta("cursor") or 0))
