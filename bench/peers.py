@@ -22,6 +22,11 @@ the same broker, and measures:
   ``TRIBUTARY_PEERS_DRAIN=0`` turns the gateways' backlog drain off (beacon runs only). Each
   round's Tributary entry has the gateways' counters: readings emitted, and how many of them
   a drain sent.
+* ``backlog``: a gateway catching up (the first gateway; Tributary only, Telegraf keeps no
+  backlog of its own): ``TRIBUTARY_PEERS_BACKLOG_N`` readings (default 200,000) published
+  while its beacon runs are paused (``salt-call beacons.disable``; the subscriber keeps
+  spooling), then the runs resumed: readings/s from resuming until the last is indexed, and
+  how many a backlog drain sent (``TRIBUTARY_PEERS_DRAIN=0`` for beacon runs alone).
 * ``es_outage``: readings at a steady rate (``TRIBUTARY_PEERS_RATE``, default 500/s) on a topic
   both subscribe to, Elasticsearch stopped for ``TRIBUTARY_PEERS_OUTAGE_S`` (default 120 s) and
   started again; then readings lost (acknowledged by the broker, never indexed) and duplicated
@@ -71,8 +76,10 @@ N = int(os.environ.get("TRIBUTARY_PEERS_N", "100000"))
 ROUNDS = int(os.environ.get("TRIBUTARY_PEERS_ROUNDS", "3"))
 RATE = int(os.environ.get("TRIBUTARY_PEERS_RATE", "500"))
 OUTAGE_S = float(os.environ.get("TRIBUTARY_PEERS_OUTAGE_S", "120"))
-#: "throughput", "es_outage" or "broker_restart" (comma-separated) to run only those parts
-PARTS = os.environ.get("TRIBUTARY_PEERS_PARTS", "throughput,es_outage,broker_restart").split(",")
+#: "throughput", "backlog", "es_outage" or "broker_restart" (comma-separated): only those parts
+PARTS = os.environ.get(
+    "TRIBUTARY_PEERS_PARTS", "throughput,backlog,es_outage,broker_restart"
+).split(",")
 TELEGRAF_VERSION = os.environ.get("TRIBUTARY_TELEGRAF_VERSION", "v1.37.2")
 TELEGRAF_TAGS = "custom,inputs.mqtt_consumer,outputs.elasticsearch,parsers.value"
 #: gateways behind the syndic (each its own salt-minion and beacon on the same broker); the
@@ -81,6 +88,7 @@ GATEWAYS = int(os.environ.get("TRIBUTARY_PEERS_GATEWAYS", "1"))
 #: the gateway beacon's ``batch.max_run_bytes`` (unset: the beacon's default)
 RUN_BYTES = int(os.environ.get("TRIBUTARY_PEERS_RUN_BYTES", "0"))
 DRAIN = os.environ.get("TRIBUTARY_PEERS_DRAIN", "1") != "0"
+BACKLOG_N = int(os.environ.get("TRIBUTARY_PEERS_BACKLOG_N", "200000"))
 #: ``TRIBUTARY_PEERS_ANOMALIES=0``: the relay with its detector off
 ANOMALIES = os.environ.get("TRIBUTARY_PEERS_ANOMALIES", "1") != "0"
 GWS = [f"peers-gw-{k}" for k in range(1, GATEWAYS + 1)]
@@ -250,6 +258,59 @@ def gateway_counters(root: pathlib.Path) -> dict[str, int]:
         finally:
             db.close()
     return out
+
+
+def gateway_unsent(root: pathlib.Path) -> int:
+    """Readings the first gateway has numbered and not yet emitted (read-only)."""
+    path = next((root / GWS[0]).glob("**/tributary/spool.db"))
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        meta = dict(db.execute("SELECT k, v FROM meta WHERE k IN ('last_seq', 'cursor')"))
+    finally:
+        db.close()
+    return int(meta["last_seq"]) - int(meta["cursor"])
+
+
+def backlog(d: Any, node: Any, broker: Any, root: pathlib.Path) -> dict[str, Any]:
+    """A gateway catching up: ``BACKLOG_N`` readings spooled while its beacon runs are paused
+    (``beacons.disable``; the MQTT subscriber keeps spooling), then the runs resumed; the
+    catch-up rate is BACKLOG_N over the time from resuming to the last one indexed."""
+    gwd = root / GWS[0]
+
+    def salt_call(fun: str) -> None:
+        subprocess.run(
+            [str(rb.VENV_BIN / "salt-call"), "-c", str(gwd), "--out", "json", fun],
+            env=d.env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    sensor = "backlog"
+    payloads = [f"{20 + (i % 997) / 100:.2f}" for i in range(BACKLOG_N)]
+    g0 = gateway_counters(root)
+    salt_call("beacons.disable")
+    try:
+        unsent = gateway_unsent(root)
+        log(f"backlog: {BACKLOG_N} readings published with beacon runs paused")
+        broker.publish(f"{gw_prefix(0)}/{sensor}/temperature", payloads)
+        rb.wait(lambda: gateway_unsent(root) >= unsent + BACKLOG_N, 300, "the backlog spooled", 0.5)
+    finally:
+        t = time.perf_counter()
+        salt_call("beacons.enable")
+    got, dt = until_indexed(node, TR_INDEX, tr_query(sensor), BACKLOG_N, t)
+    g1 = gateway_counters(root)
+    return {
+        "readings": BACKLOG_N,
+        "drain": DRAIN,
+        "readings_indexed": got,
+        "seconds_from_resume": round(dt, 2),
+        "readings_per_s": round(got / dt),
+        "gateway_counters": {
+            k: g1.get(k, 0) - g0.get(k, 0)
+            for k in ("emitted", "batches", "drains", "drained", "drain_requests")
+        },
+    }
 
 
 def tg_query(topic: str) -> dict:
@@ -595,6 +656,10 @@ def main() -> None:
                     for r in rounds
                 ),
             }
+
+        if "backlog" in PARTS:
+            out["backlog"] = backlog(d, node, broker, root)
+            log("backlog: " + json.dumps(out["backlog"]))
 
         if "es_outage" in PARTS:
 
