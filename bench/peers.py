@@ -271,7 +271,9 @@ def gateway_unsent(root: pathlib.Path) -> int:
     return int(meta["last_seq"]) - int(meta["cursor"])
 
 
-def backlog(d: Any, node: Any, broker: Any, root: pathlib.Path) -> dict[str, Any]:
+def backlog(
+    d: Any, node: Any, broker: Any, root: pathlib.Path, pids: dict[str, int], es_pid: int
+) -> dict[str, Any]:
     """A gateway catching up: ``BACKLOG_N`` readings spooled while its beacon runs are paused
     (``beacons.disable``; the MQTT subscriber keeps spooling), then the runs resumed; the
     catch-up rate is BACKLOG_N over the time from resuming to the last one indexed."""
@@ -296,9 +298,23 @@ def backlog(d: Any, node: Any, broker: Any, root: pathlib.Path) -> dict[str, Any
         broker.publish(f"{gw_prefix(0)}/{sensor}/temperature", payloads)
         rb.wait(lambda: gateway_unsent(root) >= unsent + BACKLOG_N, 300, "the backlog spooled", 0.5)
     finally:
+        c0, es0 = cpu(pids), rb.tree_cpu_s(es_pid)
         t = time.perf_counter()
         salt_call("beacons.enable")
+    # when the gateway had emitted it all (its part done), polled beside the index count
+    sent_at: list[float] = []
+
+    def watch() -> None:
+        while not sent_at and time.perf_counter() - t < 600:
+            if gateway_unsent(root) == 0:
+                sent_at.append(time.perf_counter() - t)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     got, dt = until_indexed(node, TR_INDEX, tr_query(sensor), BACKLOG_N, t)
+    c1, es1 = cpu(pids), rb.tree_cpu_s(es_pid)
+    watcher.join(5)
     g1 = gateway_counters(root)
     return {
         "readings": BACKLOG_N,
@@ -306,6 +322,9 @@ def backlog(d: Any, node: Any, broker: Any, root: pathlib.Path) -> dict[str, Any
         "readings_indexed": got,
         "seconds_from_resume": round(dt, 2),
         "readings_per_s": round(got / dt),
+        "gateway_emitted_all_after_s": round(sent_at[0], 2) if sent_at else None,
+        "cpu_share_of_a_core_by_process": {k: round((c1[k] - c0[k]) / dt, 2) for k in c1}
+        | {"elasticsearch": round((es1 - es0) / dt, 2)},
         "gateway_counters": {
             k: g1.get(k, 0) - g0.get(k, 0)
             for k in ("emitted", "batches", "drains", "drained", "drain_requests")
@@ -658,7 +677,7 @@ def main() -> None:
             }
 
         if "backlog" in PARTS:
-            out["backlog"] = backlog(d, node, broker, root)
+            out["backlog"] = backlog(d, node, broker, root, tr_pids, node.proc.pid)
             log("backlog: " + json.dumps(out["backlog"]))
 
         if "es_outage" in PARTS:

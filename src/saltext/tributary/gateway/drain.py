@@ -21,8 +21,8 @@ A request that fails (the master is away, or did not answer within ``SEND_TIMEOU
 the drain. Its batches were already counted as emitted, like a beacon run fired while the
 master is unreachable: the top master's ledger finds them as a gap and asks this gateway to
 replay them. A new drain is not started for ``RETRY_S`` after a failure; beacon runs carry the
-readings meanwhile. Counted in the spool's counters: ``drains``, ``drained`` (readings),
-``drain_requests`` and ``drain_failures``.
+readings meanwhile. Counted in the spool's counters: ``drains`` (drains that sent something),
+``drained`` (readings), ``drain_requests`` and ``drain_failures``.
 
 Not used with a ``bandwidth`` budget (the budget decides what leaves the gateway), nor where
 ``batch.drain`` is false.
@@ -125,19 +125,21 @@ class Drain:
     def _run(self, take: Callable[[], Events], sender: Callable[[], Any]) -> None:
         send = sender()
         sent = requests = 0
-        self._count({"drains": 1})
         try:
             while not self._stop.is_set():
                 with self.lock:
                     events = take()
                 if not events:
                     break
+                if not requests:
+                    self._count({"drains": 1})  # a drain that sends something
                 n = sum(len(ev["data"].get("r") or ()) for ev in events)
                 try:
                     send(events)
                 except Exception as exc:
                     self._failed_at = time.monotonic()
                     self._count({"drain_failures": 1, "drain_requests": 1})
+                    requests += 1
                     log.warning(
                         "tributary: backlog drain stopped after %d readings: sending %d to the"
                         " master failed (%s: %s); the top master repairs that gap, beacon runs"
