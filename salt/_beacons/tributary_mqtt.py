@@ -37,7 +37,7 @@ Configuration (minion config or pillar)::
             max_run_bytes: 98304
             # a backlog larger than one run is sent by a thread of the minion, straight to
             # the master, in requests of drain_run_bytes that the master answers (README,
-            # "Backlog drain"); false: beacon runs only, one run a second
+            # "Architecture": backlog drain); false: beacon runs only, one run a second
             drain: true
             drain_run_bytes: 524288
         - interval: 1

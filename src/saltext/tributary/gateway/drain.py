@@ -1,4 +1,4 @@
-"""Sending a backlog past the beacon's ceiling (README: "Backlog drain").
+"""Sending a backlog past the beacon's ceiling (README, "Architecture": backlog drain).
 
 Salt runs a beacon once a second and fires its output from the minion's event loop as one
 message on the minion's own event socket; a run larger than that socket's send buffer stops
