@@ -173,7 +173,7 @@ def test_a_backlog_past_the_beacons_ceiling_drains(topology):
     indexed exactly once, and the gateway counts what the drain sent."""
     es, gateways, brokers = topology["es"], topology["gateways"], topology["brokers"]
     gw = next(iter(GATEWAYS))
-    n = 60_000
+    n = 40_000
     before = _status(gateways[gw])["counters"]
     cli = gateways[gw].salt_call_cli(timeout=60)
     # beacon runs paused (the MQTT subscriber keeps spooling): the burst waits in the spool
@@ -209,7 +209,7 @@ def test_a_backlog_past_the_beacons_ceiling_drains(topology):
     after = _status(gateways[gw])["counters"]
     drained = after.get("drained", 0) - before.get("drained", 0)
     assert after.get("drains", 0) > before.get("drains", 0)
-    assert 0 < drained < n
+    assert n // 3 <= drained < n  # the first beacon run carries 96 KiB, the drain the rest
     assert after.get("drain_failures", 0) == before.get("drain_failures", 0)
 
 
