@@ -139,7 +139,6 @@ class Drain:
                 except Exception as exc:
                     self._failed_at = time.monotonic()
                     self._count({"drain_failures": 1, "drain_requests": 1})
-                    requests += 1
                     log.warning(
                         "tributary: backlog drain stopped after %d readings: sending %d to the"
                         " master failed (%s: %s); the top master repairs that gap, beacon runs"
