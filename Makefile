@@ -15,7 +15,7 @@ COMPAT_TESTS := tests/integration/test_end_to_end.py tests/integration/faults/te
 COMPAT_SKIP := not elasticsearch_down and not mapping_conflict and not malformed_and_forged
 export SALT_VERSION VENV
 
-.PHONY: setup demo test compat compat-run lint unit bench clean
+.PHONY: setup demo test test-main compat compat-run lint unit bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -28,23 +28,19 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# What CI runs: the whole suite on SALT_VERSION and the compatibility tiers, in four pytest
-# sessions side by side (scripts/side-by-side.sh prints each session's output whole when all
-# have ended): the rest of the suite; the packages that start topologies of their own (the
-# fault scenarios, whose time is mostly outages waited out; two top masters; relays on the
-# syndic masters); one tier per older Salt. Each session starts its own servers on free
-# loopback ports. Run one after another they took 30.8 min (2026-12-02: setup and lint 0.7,
-# the first two side by side 17.2, the tiers side by side 12.0, each tier 7.6 alone).
-COMPAT_RUN := $(filter-out $(SALT_VERSION),$(COMPAT_SALT))
+# What CI runs: the whole suite on SALT_VERSION, then the compatibility tiers. The packages
+# that start topologies of their own (the fault scenarios, whose time is mostly outages waited
+# out; two top masters; relays on the syndic masters) run in a second pytest session beside the
+# rest of the suite, and the tiers beside each other (scripts/side-by-side.sh prints each
+# session's output whole when all have ended).
+test: test-main
+	@bash scripts/compat.sh $(filter-out $(SALT_VERSION),$(COMPAT_SALT))
+
 OWN_TOPOLOGY := tests/integration/faults tests/integration/multimaster tests/integration/scaleout
-test: lint
-	@for v in $(COMPAT_RUN); do \
-	  $(MAKE) --no-print-directory setup SALT_VERSION=$$v VENV=.venv-$$v || exit 1; done
+test-main: lint
 	@bash scripts/side-by-side.sh \
 	  suite "$(PY) -m pytest tests -q $(addprefix --ignore=,$(OWN_TOPOLOGY))" \
-	  own-topology "$(PY) -m pytest $(OWN_TOPOLOGY) -q" \
-	  $(foreach v,$(COMPAT_RUN),compat-$(v) \
-	    "$(MAKE) --no-print-directory compat-run SALT_VERSION=$(v) VENV=.venv-$(v)")
+	  own-topology "$(PY) -m pytest $(OWN_TOPOLOGY) -q"
 
 # One tier alone: `make compat SALT_VERSION=3007.16`.
 compat: setup compat-run
