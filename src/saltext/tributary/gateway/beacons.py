@@ -220,7 +220,7 @@ def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, A
         batches = spool.next_batches(max_batch_bytes=max_batch, max_run_bytes=max_run, site=site_s)
         behind = spool.last_run_full and spool.unsent() > 0
     if behind:  # the run carried all it may and more is waiting: send it from a thread
-        take = _drain_take(drain, cfg, opts, max_batch, batch.drain_run_bytes, max_run, site_s)
+        take = _drain_take(drain, cfg, opts, max_batch, batch.drain_run_bytes, site_s)
         drain.start(take, lambda: MasterSender(opts))
     return [{"tag": "batch", **finalize_batch(b, opts)} for b in batches]
 
@@ -241,18 +241,19 @@ def _drain_take(
     opts: Mapping[str, Any],
     max_batch: int,
     run_bytes: int,
-    beacon_run_bytes: int,
     site: str | None,
 ) -> Callable[[], list[dict[str, Any]]]:
     """One drain request's events: the next batches, tagged as this beacon's run would be;
-    none (the drain ends) once less than a beacon run's bytes wait, so a drain sends full
-    batches and does not chase the readings as they arrive: beacon runs carry those."""
+    none (the drain ends) once less than one full batch waits, so a drain sends full batches
+    and leaves a partial one to the beacon's next run. A gateway receiving more than a run a
+    second keeps its drain going (each request waits for the master's answer, so readings
+    gather while one is in flight) instead of falling behind by the difference every second."""
     gateway = str(opts["id"])
     tag = f"salt/beacon/{gateway}/{cfg.get('_beacon_name') or 'tributary_mqtt'}/batch"
 
     def take() -> list[dict[str, Any]]:
         per = drain.spool.bytes_per_reading  # 0 before the drain's first full batch
-        if per and drain.spool.unsent() * per < beacon_run_bytes:
+        if per and drain.spool.unsent() * per < max_batch:
             return []
         batches = drain.spool.next_batches(
             max_batch_bytes=max_batch, max_run_bytes=run_bytes, site=site
