@@ -244,8 +244,9 @@ def _drain_take(
     site: str | None,
 ) -> Callable[[], list[dict[str, Any]]]:
     """One drain request's events: the next batches, tagged as this beacon's run would be;
-    none (the drain ends) once less than one full batch waits, so a drain sends full batches
-    and leaves a partial one to the beacon's next run. A gateway receiving more than a run a
+    none (the drain ends) once less than one full batch waits. A request takes whole batches
+    only (smaller ones cost more per reading above), leaving a partial one to the beacon's
+    next run. A gateway receiving more than a run a
     second keeps its drain going (each request waits for the master's answer, so readings
     gather while one is in flight) instead of falling behind by the difference every second."""
     gateway = str(opts["id"])
@@ -253,10 +254,14 @@ def _drain_take(
 
     def take() -> list[dict[str, Any]]:
         per = drain.spool.bytes_per_reading  # 0 before the drain's first full batch
-        if per and drain.spool.unsent() * per < max_batch:
-            return []
+        budget = run_bytes
+        if per:
+            waiting = drain.spool.unsent() * per
+            if waiting < max_batch:
+                return []
+            budget = min(run_bytes, int(waiting // max_batch) * max_batch)  # whole batches
         batches = drain.spool.next_batches(
-            max_batch_bytes=max_batch, max_run_bytes=run_bytes, site=site
+            max_batch_bytes=max_batch, max_run_bytes=budget, site=site
         )
         return [{"tag": tag, "data": {**finalize_batch(b, opts), "id": gateway}} for b in batches]
 
