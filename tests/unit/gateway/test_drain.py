@@ -100,8 +100,8 @@ def test_a_backlog_leaves_in_one_run_then_drain_requests_each_reading_once(cfg, 
     drained = [ev for req in Recorder.sent for ev in req]
     assert {ev["tag"] for ev in drained} == {"salt/beacon/gw/tributary_mqtt/batch"}
     assert {ev["data"]["id"] for ev in drained} == {"gw"}
-    # the drain stops once less than one batch (8 KiB here) waits: runs carry the rest, if any
-    # (test_a_drain_leaves_less_than_a_batch_to_the_beacon)
+    # the drain stops once less than one beacon run (32 KiB here) waits: runs carry the rest,
+    # if any (test_a_drain_leaves_less_than_a_run_to_the_beacon)
     rest: list[dict] = []
     for _ in range(3):
         rest += gw_beacons.emit(cfg, opts, {})
@@ -117,18 +117,18 @@ def test_a_backlog_leaves_in_one_run_then_drain_requests_each_reading_once(cfg, 
     assert all(packed_size(e["data"]) > 0.9 * 8192 for r in Recorder.sent for e in r[:-1])
 
 
-def test_a_drain_leaves_less_than_a_batch_to_the_beacon(cfg, opts):
-    """A drain sends full batches while a full batch or more waits, then ends."""
+def test_a_drain_leaves_less_than_a_run_to_the_beacon(cfg, opts):
+    """A drain sends full batches while a beacon run's worth or more waits, then ends."""
     backlog(cfg, opts, 8_000)  # about 75 KB on the wire
     drain = gw_beacons._drain_for(cfg, opts)
-    take = gw_beacons._drain_take(drain, cfg, opts, 8192, 16_384, None)
+    take = gw_beacons._drain_take(drain, cfg, opts, 8192, 16_384, 32_768, None)
     requests = []
     while events := take():
         requests.append(events)
     per = drain.spool.bytes_per_reading
     assert len(requests) >= 2 and per > 0
     left = drain.spool.unsent()
-    assert left * per < 8192  # less than a batch (if anything) is left to the beacon's next run
+    assert left > 0 and left * per < 32_768  # less than a run: for the beacon's runs
     # full batches (a request's last one takes what is left of its bytes)
     assert all(packed_size(ev["data"]) > 0.9 * 8192 for req in requests for ev in req[:-1])
 
@@ -142,9 +142,9 @@ def test_beacon_runs_emit_nothing_while_a_drain_sends(cfg, opts, recorder):
     assert gw_beacons.emit(cfg, opts, {}) == []
     recorder.gate.set()
     wait_idle(drain)
-    rest = gw_beacons.emit(cfg, opts, {})  # what is left of a batch, if anything
-    drained = seqs([ev["data"] for r in recorder.sent for ev in r])
-    assert seqs(first) + drained + seqs(rest) == list(range(1, N + 1))
+    assert seqs(first) + seqs([ev["data"] for r in recorder.sent for ev in r]) == list(
+        range(1, N + 1)
+    )
 
 
 def test_a_failed_request_ends_the_drain_and_beacon_runs_carry_on(cfg, opts, recorder):

@@ -220,7 +220,7 @@ def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, A
         batches = spool.next_batches(max_batch_bytes=max_batch, max_run_bytes=max_run, site=site_s)
         behind = spool.last_run_full and spool.unsent() > 0
     if behind:  # the run carried all it may and more is waiting: send it from a thread
-        take = _drain_take(drain, cfg, opts, max_batch, batch.drain_run_bytes, site_s)
+        take = _drain_take(drain, cfg, opts, max_batch, batch.drain_run_bytes, max_run, site_s)
         drain.start(take, lambda: MasterSender(opts))
     return [{"tag": "batch", **finalize_batch(b, opts)} for b in batches]
 
@@ -241,27 +241,21 @@ def _drain_take(
     opts: Mapping[str, Any],
     max_batch: int,
     run_bytes: int,
+    beacon_run_bytes: int,
     site: str | None,
 ) -> Callable[[], list[dict[str, Any]]]:
     """One drain request's events: the next batches, tagged as this beacon's run would be;
-    none (the drain ends) once less than one full batch waits. A request takes whole batches
-    only (smaller ones cost more per reading above), leaving a partial one to the beacon's
-    next run. A gateway receiving more than a run a
-    second keeps its drain going (each request waits for the master's answer, so readings
-    gather while one is in flight) instead of falling behind by the difference every second."""
+    none (the drain ends) once less than a beacon run's bytes wait, so a drain sends full
+    batches and does not chase the readings as they arrive: beacon runs carry those."""
     gateway = str(opts["id"])
     tag = f"salt/beacon/{gateway}/{cfg.get('_beacon_name') or 'tributary_mqtt'}/batch"
 
     def take() -> list[dict[str, Any]]:
         per = drain.spool.bytes_per_reading  # 0 before the drain's first full batch
-        budget = run_bytes
-        if per:
-            waiting = drain.spool.unsent() * per
-            if waiting < max_batch:
-                return []
-            budget = min(run_bytes, int(waiting // max_batch) * max_batch)  # whole batches
+        if per and drain.spool.unsent() * per < beacon_run_bytes:
+            return []
         batches = drain.spool.next_batches(
-            max_batch_bytes=max_batch, max_run_bytes=budget, site=site
+            max_batch_bytes=max_batch, max_run_bytes=run_bytes, site=site
         )
         return [{"tag": tag, "data": {**finalize_batch(b, opts), "id": gateway}} for b in batches]
 
