@@ -86,6 +86,35 @@ def test_a_series_evicted_from_memory_resumes_from_its_saved_state(tmp_path):
     assert svc.detector.models[("gw-a", "s1", "power")].n == 501
 
 
+def test_interleaved_series_in_one_batch_are_scored_as_if_each_came_alone(tmp_path):
+    """handle() looks a model up once per run of one series' readings: runs that alternate,
+    and a gateway whose site changes between two batches of one call, are still exact."""
+    a = readings(MONDAY, 400)
+    b = [
+        ("gw-b", "perth", e, n, {**r, "sensor": "s2", "value": r["value"] * 2})
+        for _, _, e, n, r in a
+    ]
+    mixed = []
+    for k in range(0, 400, 7):  # runs of 7 of one series, then 7 of the other
+        mixed += a[k : k + 7] + b[k : k + 7]
+    moved = [
+        ("gw-b", "darwin", e, n, {**r, "ts_ms": r["ts_ms"] + 400 * 10 * MIN})
+        for _, _, e, n, r in b[:3]
+    ]
+    together = AnomalyService(DetectorConfig(), Collect().sinks(), None)
+    together.handle(mixed + moved)
+    alone = AnomalyService(DetectorConfig(), Collect().sinks(), None)
+    for series in (a, b + moved):
+        for one in series:
+            alone.handle([one])
+    assert set(together.detector.models) == {("gw-a", "s1", "power"), ("gw-b", "s2", "power")}
+    for key, model in alone.detector.models.items():
+        assert together.detector.models[key].seen_ms > 0
+        together.detector.models[key].seen_ms = model.seen_ms = 0  # (wall clock)
+        assert together.detector.models[key].to_bytes() == model.to_bytes()
+    assert together.sites == {"gw-a": "brisbane", "gw-b": "darwin"}
+
+
 def test_a_slow_subscriber_is_shed_and_counted_never_waited_for():
     counters = Counters()
     release = threading.Event()

@@ -82,7 +82,7 @@ class DetectorConfig:
     familiar_gain: float = 0.5  # the score of a departure whose shape has been seen before
 
 
-@dataclass
+@dataclass(slots=True)
 class Finding:
     """One scored point: the score and why."""
 
@@ -113,11 +113,6 @@ class Finding:
             "state": self.state,
             "reason": self.reason,
         }
-
-
-def _tail(x: float) -> float:
-    """P(Z > x) for a standard normal Z."""
-    return 0.5 * math.erfc(x / 1.4142135623730951)
 
 
 class SeriesModel:
@@ -189,32 +184,37 @@ class SeriesModel:
 
     # -- the one hot method ---------------------------------------------------------------
     def observe(self, ts_ms: int, x: float, cfg: DetectorConfig) -> Finding:
+        # (written for speed: locals instead of repeated attribute reads, the slot arrays'
+        # updates unrolled; every float operation is the same, in the same order)
         n = self.n
         gap = False
         if n:
             step = ts_ms - self.last_ts
-            if self.dt and step > cfg.gap_factor * self.dt:
+            dt = self.dt
+            if dt and step > cfg.gap_factor * dt:
                 gap = True
             elif step > 0:
-                self.dt = step if not self.dt else self.dt + (step - self.dt) * 0.05
+                self.dt = step if not dt else dt + (step - dt) * 0.05
         self.last_ts = ts_ms
         self.same = self.same + 1 if x == self.last_value else 0
         self.last_value = x
-        hours = ts_ms // HOUR_MS + WEEK_SHIFT_H
-        w = hours % WEEK_SLOTS
+        w = (ts_ms // HOUR_MS + WEEK_SHIFT_H) % WEEK_SLOTS
         d = (24 if w >= 120 else 0) + w % 24
         wk, dy = self.wk, self.dy
         wi, di = 3 * w, 3 * d
+        s_var_mean = self.mean
+        var = self.var
+        slot_min = cfg.slot_min
         # a context's spread never goes below a small share of the series' own
-        floor = 0.01 * self.var + 1e-12 * (self.mean * self.mean + 1.0)
-        sigma = math.sqrt(self.var if self.var > floor else floor)
-        mu, seen, kind = self.mean, float(n), 2
+        floor = 0.01 * var + 1e-12 * (s_var_mean * s_var_mean + 1.0)
+        sigma = math.sqrt(var if var > floor else floor)
+        mu, seen, kind = s_var_mean, float(n), 2
         z = (x - mu) / sigma
         # the most specific time context that has learnt enough, used while it explains the
         # series better than the series as a whole does (a daily pattern), else not
-        if wk[wi + 2] >= cfg.slot_min:
+        if wk[wi + 2] >= slot_min:
             s_mu, s_var, s_seen, s_kind = wk[wi], wk[wi + 1], wk[wi + 2], 0
-        elif dy[di + 2] >= cfg.slot_min:
+        elif dy[di + 2] >= slot_min:
             s_mu, s_var, s_seen, s_kind = dy[di], dy[di + 1], dy[di + 2], 1
         else:
             s_kind = 2
@@ -222,44 +222,57 @@ class SeriesModel:
             s_sigma = math.sqrt(s_var if s_var > floor else floor)
             s_z = (x - s_mu) / s_sigma
             # both contexts' errors, measured in the series' own spread
-            e_s, e_f = (x - s_mu) / sigma, z
-            self.err_s += (e_s * e_s - self.err_s) * 0.01
-            self.err_f += (e_f * e_f - self.err_f) * 0.01
-            if self.err_s < cfg.season_gain * self.err_f:
+            e_s = (x - s_mu) / sigma
+            err_s = self.err_s
+            err_f = self.err_f
+            err_s += (e_s * e_s - err_s) * 0.01
+            err_f += (z * z - err_f) * 0.01
+            self.err_s = err_s
+            self.err_f = err_f
+            if err_s < cfg.season_gain * err_f:
                 mu, sigma, z, seen, kind = s_mu, s_sigma, s_z, s_seen, s_kind
         raw = z if z >= 0 else -z
-        if raw > cfg.clip_z:
-            raw = cfg.clip_z
+        clip_z = cfg.clip_z
+        if raw > clip_z:
+            raw = clip_z
         # likelihood of the recent raw scores against the usual ones
         score = 0.0
         state = "ok"
         reason = "departure"
-        if gap:
-            self.ring_n = 0
-            self.ring_i = 0
-            self.ring_sum = 0.0
         k = cfg.short_n
         ring = self.ring
-        i = self.ring_i
-        if self.ring_n >= k:
-            self.ring_sum -= ring[i]
+        if gap:
+            ring_n = 0
+            i = 0
+            ring_sum = 0.0
         else:
-            self.ring_n += 1
+            ring_n = self.ring_n
+            i = self.ring_i
+            ring_sum = self.ring_sum
+        if ring_n >= k:
+            ring_sum -= ring[i]
+        else:
+            ring_n += 1
         ring[i] = raw
-        self.ring_sum += raw
+        ring_sum += raw
         self.ring_i = (i + 1) % k
+        self.ring_n = ring_n
+        self.ring_sum = ring_sum
+        lo, hi = self.lo, self.hi
         if n < cfg.learn_n:
             state = "learning"
-        elif self.ring_n >= k and self.r_n:
+        elif ring_n >= k and self.r_n:
             # how rare the recent raw scores are: both as a Gaussian tail of the usual raw
             # scores (HTM's likelihood) and as the share of past smoothed scores at least as
             # high (the running empirical tail: heavy-tailed, bursty series calibrate
             # themselves); the point scores by the less surprising of the two
-            avg = self.ring_sum / k
-            r_sd = math.sqrt(self.r_var) if self.r_var > 1e-6 else 1e-3
-            tail = _tail((avg - self.r_mean) / r_sd)
+            avg = ring_sum / k
+            r_var = self.r_var
+            r_sd = math.sqrt(r_var) if r_var > 1e-6 else 1e-3
+            # P(Z > (avg - r_mean) / r_sd) for a standard normal Z
+            tail = 0.5 * math.erfc((avg - self.r_mean) / r_sd / 1.4142135623730951)
             hist = self.hist
-            fb = avg * HIST_BINS / cfg.clip_z
+            fb = avg * HIST_BINS / clip_z
             bi = int(fb) if fb < HIST_BINS else HIST_BINS - 1  # (NaN: the top bin)
             hw = self.hist_w
             total = self.hist_sum
@@ -286,21 +299,22 @@ class SeriesModel:
                 self.hist_w = hw
                 self.hist_sum = total
             # a value beyond every value seen (by a share of their range) is an anomaly
-            rng = self.hi - self.lo
+            rng = hi - lo
             if rng <= 0.0:
-                rng = 1e-3 * abs(self.hi) or 1e-9
-            if x > self.hi + cfg.range_margin * rng or x < self.lo - cfg.range_margin * rng:
+                rng = 1e-3 * abs(hi) or 1e-9
+            margin = cfg.range_margin
+            if x > hi + margin * rng or x < lo - margin * rng:
                 score = 1.0
                 reason = "beyond range"
-        if x < self.lo:
-            self.lo = x
-        if x > self.hi:
-            self.hi = x
+        if x < lo:
+            self.lo = lo = x
+        if x > hi:
+            self.hi = hi = x
         # pattern memory: the last PATTERN_N values, each quantised to one of PATTERN_Q levels
         # of the range seen so far, index one bit; a departure whose shape has been seen
         # before (its bit already set) is familiar and scores less
-        rng = self.hi - self.lo
-        fq = PATTERN_Q * (x - self.lo) / rng if rng > 0.0 else 0.0
+        rng = hi - lo
+        fq = PATTERN_Q * (x - lo) / rng if rng > 0.0 else 0.0
         q = int(fq) if fq < PATTERN_Q else (PATTERN_Q - 1 if fq >= PATTERN_Q else 0)  # NaN: 0
         pat = self.pattern = (self.pattern * PATTERN_Q + q) % PATTERN_SIZE
         seen_bits = self.seen
@@ -310,22 +324,26 @@ class SeriesModel:
         else:
             seen_bits[byte] |= bit
         anomaly = False
-        if self.quiet and not (score >= cfg.threshold and 0 < cfg.rearm_n <= self.calm):
+        threshold = cfg.threshold
+        quiet = self.quiet
+        if quiet and not (score >= threshold and 0 < cfg.rearm_n <= self.calm):
             # quiet after an alert; a new departure after rearm_n calm points alerts again
-            self.quiet -= 1
-            self.calm = self.calm + 1 if score < cfg.threshold else 0
+            self.quiet = quiet - 1
+            self.calm = self.calm + 1 if score < threshold else 0
             state = "quiet"
             score = 0.0
-        elif score >= cfg.threshold:
+        elif score >= threshold:
             anomaly = True
             self.quiet = cfg.quiet_n
             self.calm = 0
         # learn: raw-score distribution (not from a gap's first point), then the contexts
         if not gap:
-            self.r_n += 1
-            a = 1.0 / (self.r_n if self.r_n < cfg.long_n else cfg.long_n)
-            dr = raw - self.r_mean
-            self.r_mean += a * dr
+            r_n = self.r_n = self.r_n + 1
+            long_n = cfg.long_n
+            a = 1.0 / (r_n if r_n < long_n else long_n)
+            r_mean = self.r_mean
+            dr = raw - r_mean
+            self.r_mean = r_mean + a * dr
             self.r_var = (1.0 - a) * (self.r_var + a * dr * dr)
         # a wild value moves the statistics like a 3-sigma one, and at a quarter of the
         # usual rate (robust: one anomaly does not widen the band it is judged by, while a
@@ -335,27 +353,42 @@ class SeriesModel:
         slow = cfg.robust_rate if xv != x else 1.0
         if not n:
             xv = x
-        self.n = n + 1
-        a = 1.0 / (self.n if self.n < cfg.value_n else cfg.value_n)
-        if n >= cfg.slot_min:
+        n1 = self.n = n + 1
+        value_n = cfg.value_n
+        a = 1.0 / (n1 if n1 < value_n else value_n)
+        if n >= slot_min:
             a *= slow
-        dm = (x if n < cfg.slot_min else xv) - self.mean
-        self.mean += a * dm
-        self.var = (1.0 - a) * (self.var + a * dm * dm)
-        for arr, j in ((wk, wi), (dy, di)):
-            cnt = arr[j + 2] + 1.0
-            arr[j + 2] = cnt
-            b = 1.0 / (cnt if cnt < cfg.slot_n else cfg.slot_n)
-            v = x if cnt <= cfg.slot_min else xv
-            if cnt > cfg.slot_min:
-                b *= slow
-            dv = v - arr[j]
-            if cnt == 1.0:
-                arr[j] = v
-                arr[j + 1] = 0.0
-            else:
-                arr[j] += b * dv
-                arr[j + 1] = (1.0 - b) * (arr[j + 1] + b * dv * dv)
+        dm = (x if n < slot_min else xv) - s_var_mean
+        self.mean = s_var_mean + a * dm
+        self.var = (1.0 - a) * (var + a * dm * dm)
+        slot_n = cfg.slot_n
+        # the hour-of-week slot, then the hour-of-day slot (the same update, unrolled)
+        cnt = wk[wi + 2] + 1.0
+        wk[wi + 2] = cnt
+        b = 1.0 / (cnt if cnt < slot_n else slot_n)
+        v = x if cnt <= slot_min else xv
+        if cnt > slot_min:
+            b *= slow
+        if cnt == 1.0:
+            wk[wi] = v
+            wk[wi + 1] = 0.0
+        else:
+            dv = v - wk[wi]
+            wk[wi] += b * dv
+            wk[wi + 1] = (1.0 - b) * (wk[wi + 1] + b * dv * dv)
+        cnt = dy[di + 2] + 1.0
+        dy[di + 2] = cnt
+        b = 1.0 / (cnt if cnt < slot_n else slot_n)
+        v = x if cnt <= slot_min else xv
+        if cnt > slot_min:
+            b *= slow
+        if cnt == 1.0:
+            dy[di] = v
+            dy[di + 1] = 0.0
+        else:
+            dv = v - dy[di]
+            dy[di] += b * dv
+            dy[di + 1] = (1.0 - b) * (dy[di + 1] + b * dv * dv)
         return Finding(
             score,
             anomaly,
@@ -363,9 +396,9 @@ class SeriesModel:
             mu,
             (mu - 3.0 * sigma, mu + 3.0 * sigma),
             z,
-            _context(kind, w),
+            CONTEXTS[kind][w],
             int(seen),
-            n + 1,
+            n1,
             state,
             reason,
         )
@@ -497,6 +530,10 @@ def _context(kind: int, w: int) -> str:
     return "whole series (profiles still learning)"
 
 
+#: every context description, by kind and hour-of-week slot (``observe`` looks them up)
+CONTEXTS = tuple(tuple(_context(k, w) for w in range(WEEK_SLOTS)) for k in range(3))
+
+
 @dataclass
 class Detector:
     """Models for many series: at most ``max_series``, least recently seen evicted."""
@@ -509,6 +546,11 @@ class Detector:
     loader: Callable[[Hashable], SeriesModel | None] | None = None
 
     def observe(self, key: Hashable, ts_ms: int, value: float) -> Finding:
+        return self.model(key).observe(ts_ms, value, self.config)
+
+    def model(self, key: Hashable) -> SeriesModel:
+        """The model of ``key`` (restored or new if not in memory), now the most recently
+        seen; past ``max_series`` the least recently seen is evicted."""
         models = self.models
         m = models.get(key)
         if m is None:
@@ -518,4 +560,4 @@ class Detector:
                 self.evicted += 1
         else:
             models.move_to_end(key)
-        return m.observe(ts_ms, value, self.config)
+        return m

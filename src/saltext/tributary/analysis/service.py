@@ -102,20 +102,31 @@ class AnomalyService:
 
     def handle(self, readings: Sequence[tuple]) -> None:
         """Score confirmed readings ``(gateway, site, epoch, relayed_at, reading)``."""
-        observe = self.detector.observe
+        model = self.detector.model
+        cfg = self.detector.config
         dirty = self._dirty
+        sites = self.sites
         found: list[dict[str, Any]] = []
         evicted = self.detector.evicted
         now = now_ms()
-        models = self.detector.models
+        # a batch holds runs of readings of one series: the model is looked up once a run
+        key: tuple[str, str, str] = ("", "", "")
+        m = None
+        last_site: Any = None
         for gateway, site, _epoch, _now, r in readings:
-            key = (gateway, r["sensor"], r["metric"])
-            f = observe(key, r["ts_ms"], r["value"])
-            models[key].seen_ms = now
-            dirty.add(key)
-            self.sites[gateway] = site
+            sensor, metric = r["sensor"], r["metric"]
+            if m is None or sensor != key[1] or metric != key[2] or gateway != key[0]:
+                key = (gateway, sensor, metric)
+                m = model(key)
+                m.seen_ms = now
+                dirty.add(key)
+                sites[gateway] = site
+            elif site is not last_site:  # (a site is the same object throughout a batch)
+                sites[gateway] = site
+            last_site = site
+            f = m.observe(r["ts_ms"], r["value"], cfg)
             if f.anomaly:
-                found.append(anomaly_doc(gateway, site, r["sensor"], r["metric"], r["ts_ms"], f))
+                found.append(anomaly_doc(gateway, site, sensor, metric, r["ts_ms"], f))
         self.sinks.count("analysed", len(readings))
         if self.detector.evicted > evicted:
             self.sinks.count("series_evicted", self.detector.evicted - evicted)
