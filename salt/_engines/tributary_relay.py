@@ -73,6 +73,7 @@ Configuration (master config)::
             enabled: true
             threshold: 0.1345        # score of an anomaly (tuned on NAB)
             learn_n: 150             # points before a series is scored
+            point_interval_s: 0.1    # a series' readings closer than this: one point, their mean
             quiet_n: 100             # points without a new alert after one
             rearm_n: 20              # ... unless this many calm points came first (0: never)
             max_series: 100000       # models kept; the least recently seen are evicted

@@ -144,6 +144,7 @@ def wire(
             findings_index=index("findings"),
             on_anomaly=alerts.anomaly if alerts else None,
             on_finding=alerts.finding if alerts else None,
+            point_interval_s=cfg.point_interval_s,
         )
     return Consumers(service, alerts)
 

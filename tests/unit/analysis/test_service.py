@@ -115,6 +115,71 @@ def test_interleaved_series_in_one_batch_are_scored_as_if_each_came_alone(tmp_pa
     assert together.sites == {"gw-a": "brisbane", "gw-b": "darwin"}
 
 
+def test_a_series_slower_than_the_point_interval_is_scored_reading_by_reading(tmp_path):
+    """point_interval_s changes nothing for a series whose readings are further apart: the
+    same anomalies, documents and model state as without it (four weeks, ten minutes apart,
+    and an office load on a Sunday)."""
+    weeks = 4 * 7 * DAY // (10 * MIN)
+    batches = [
+        readings(MONDAY, weeks),
+        readings(MONDAY + 4 * 7 * DAY + 6 * DAY + 10 * HOUR, 6, value=50.0),
+    ]
+    out = []
+    for interval in (0.0, 0.1, 60.0):
+        c = Collect()
+        svc = AnomalyService(DetectorConfig(), c.sinks(), None, point_interval_s=interval)
+        for batch in batches:
+            svc.handle(batch)
+        (model,) = svc.detector.models.values()
+        model.seen_ms = 0
+        docs = [{k: v for k, v in d.items() if k != "detected_at"} for _, d in c.events]
+        out.append((docs, model.to_bytes(), c.counts["analysed_points"]))
+        assert c.counts["analysed"] == weeks + 6
+    assert out[0][0] and out[0] == out[1] == out[2]
+    assert out[0][2] == weeks + 6
+
+
+def test_a_fast_series_is_scored_once_per_point_interval_on_its_mean():
+    """1,000 readings a second, point_interval_s 0.1: ten points a second, each the mean of
+    its 100 readings (a batch's last interval is scored when the batch ends); a lasting jump
+    is an anomaly whose document says how many readings its point averages."""
+    c = Collect()
+    svc = AnomalyService(DetectorConfig(), c.sinks(), None, point_interval_s=0.1)
+    rnd = random.Random(3)
+
+    def fast(start: int, n: int, level: float) -> list[tuple]:
+        return [
+            (
+                "gw-v",
+                "perth",
+                "ep",
+                0,
+                {
+                    "sensor": "pump",
+                    "metric": "vibration",
+                    "ts_ms": start + i,
+                    "value": level + rnd.gauss(0, 0.1),
+                },
+            )
+            for i in range(n)
+        ]
+
+    t = MONDAY + 10 * HOUR
+    for k in range(180):  # three minutes of normal vibration, batches of 1,050 readings
+        svc.handle(fast(t + k * 1050, 1050, 1.0))
+    (model,) = svc.detector.models.values()
+    assert c.counts["analysed"] == 180 * 1050
+    # 10.5 intervals a batch: 10 whole ones and the batch's last half, scored at its end
+    assert model.n == c.counts["analysed_points"] == 180 * 11
+    assert not c.events
+    assert abs(model.mean - 1.0) < 0.05  # the mean of means, not of single readings' noise
+    svc.handle(fast(t + 180 * 1050, 1000, 5.0))  # the pump shakes for a second
+    tag, doc = c.events[0]
+    assert tag == "tributary/anomaly/gw-v/pump/vibration" and doc["readings"] == 100
+    assert doc["@timestamp"] == t + 180 * 1050 and abs(doc["value"] - 5.0) < 0.1
+    assert model.n == 180 * 11 + 10
+
+
 def test_a_slow_subscriber_is_shed_and_counted_never_waited_for():
     counters = Counters()
     release = threading.Event()

@@ -70,8 +70,12 @@ class AnomalyService:
         findings_index: Callable[[int], str] | None = None,
         on_anomaly: Callable[[dict[str, Any]], None] | None = None,
         on_finding: Callable[[dict[str, Any]], None] | None = None,
+        point_interval_s: float = 0.0,
     ) -> None:
         self.health = health
+        #: readings of one series closer together than this are scored as one point (ms;
+        #: 0: every reading is a point)
+        self.point_ms = int(point_interval_s * 1000)
         #: called with each anomaly / health transition (the engine feeds the alert rules)
         self.on_anomaly = on_anomaly
         self.on_finding = on_finding
@@ -101,7 +105,12 @@ class AnomalyService:
                 )
 
     def handle(self, readings: Sequence[tuple]) -> None:
-        """Score confirmed readings ``(gateway, site, epoch, relayed_at, reading)``."""
+        """Score confirmed readings ``(gateway, site, epoch, relayed_at, reading)``.
+
+        With ``point_interval_s``, the readings of one series that fall within that interval
+        of the first of them (by their own timestamps) are scored as one point, their mean at
+        the first one's time; the intervals still open when the batch ends are scored then.
+        A series slower than that is scored reading by reading, exactly as without it."""
         model = self.detector.model
         cfg = self.detector.config
         dirty = self._dirty
@@ -109,6 +118,12 @@ class AnomalyService:
         found: list[dict[str, Any]] = []
         evicted = self.detector.evicted
         now = now_ms()
+        step = self.point_ms
+        #: per series, its interval still open: [first ts, sum, readings, model, gateway,
+        #: site, sensor, metric]
+        opened: dict[tuple[str, str, str], list[Any]] = {}
+        b: list[Any] | None = None
+        points = 0
         # a batch holds runs of readings of one series: the model is looked up once a run
         key: tuple[str, str, str] = ("", "", "")
         m = None
@@ -121,12 +136,29 @@ class AnomalyService:
                 m.seen_ms = now
                 dirty.add(key)
                 sites[gateway] = site
+                b = opened.get(key)
             elif site is not last_site:  # (a site is the same object throughout a batch)
                 sites[gateway] = site
             last_site = site
-            f = m.observe(r["ts_ms"], r["value"], cfg)
+            ts, value = r["ts_ms"], r["value"]
+            if step:
+                if b is not None:
+                    if 0 <= ts - b[0] < step:
+                        b[1] += value
+                        b[2] += 1
+                        continue
+                    points += 1
+                    self._point(b, cfg, found)  # the interval before this reading
+                b = opened[key] = [ts, value, 1, m, gateway, site, sensor, metric]
+                continue
+            points += 1
+            f = m.observe(ts, value, cfg)
             if f.anomaly:
-                found.append(anomaly_doc(gateway, site, sensor, metric, r["ts_ms"], f))
+                found.append(anomaly_doc(gateway, site, sensor, metric, ts, f))
+        for b in opened.values():
+            points += 1
+            self._point(b, cfg, found)
+        self.sinks.count("analysed_points", points)
         self.sinks.count("analysed", len(readings))
         if self.detector.evicted > evicted:
             self.sinks.count("series_evicted", self.detector.evicted - evicted)
@@ -140,6 +172,17 @@ class AnomalyService:
         if time.monotonic() - self._last_save > self.persist_s:
             self.save()
         self.check_health()
+
+    @staticmethod
+    def _point(b: list[Any], cfg: DetectorConfig, found: list[dict[str, Any]]) -> None:
+        """Score one interval of a series (see :meth:`handle`)."""
+        ts, total, n, m, gateway, site, sensor, metric = b
+        f = m.observe(ts, total if n == 1 else total / n, cfg)
+        if f.anomaly:
+            doc = anomaly_doc(gateway, site, sensor, metric, ts, f)
+            if n > 1:
+                doc["readings"] = n  # the point is their mean
+            found.append(doc)
 
     def _count_discarded(self) -> None:
         """Count saved models the store could not read (another detector version's)."""

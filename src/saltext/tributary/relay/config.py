@@ -56,6 +56,9 @@ class AnomaliesConfig:
     enabled: bool = option(True, doc="score every confirmed reading, off the shipping path")
     threshold: float = option(0.1345, range=(0.0, 1.0), doc="score of an anomaly (NAB-tuned)")
     learn_n: int = option(150, range=(10, 10_000_000), doc="points before a series is scored")
+    point_interval_s: float = option(
+        0.1, range=(0.0, 3600.0), doc="a series' readings this close are one point (0: each)"
+    )
     quiet_n: int = option(100, range=(0, 10_000_000), doc="points without a new alert after one")
     rearm_n: int = option(
         20, range=(0, 10_000_000), doc="calm points after which a quiet series alerts again"

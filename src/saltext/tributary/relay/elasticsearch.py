@@ -126,7 +126,7 @@ KINDS: dict[str, Kind] = {
             date="@timestamp detected_at",
             keyword="gateway site sensor metric context state",
             double="value score expected band deviation",
-            long="context_samples samples",
+            long="context_samples samples readings",
             boolean="anomaly",
             geo_point="location",
         )
