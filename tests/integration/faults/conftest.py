@@ -35,7 +35,10 @@ def fault_relay_config(es_node) -> dict:
         "key_wait_s": 120,
         "trusted_syndics": [SYNDIC_ID],
         "metrics_interval_s": 5,
-        "anomalies": {"persist_s": 2},
+        # every reading a detector point: test_top_master_stopped_one_minute counts the
+        # model's samples against the readings it sent (ten a tick, within milliseconds,
+        # which the default point_interval_s would score as one point)
+        "anomalies": {"persist_s": 2, "point_interval_s": 0},
         "health": {"heartbeat_s": 5, "check_s": 1},
         # test_alert_restart.py: an alert across a restart; rules on the heartbeat's grains
         "rules": [

@@ -184,8 +184,7 @@ class SeriesModel:
 
     # -- the one hot method ---------------------------------------------------------------
     def observe(self, ts_ms: int, x: float, cfg: DetectorConfig) -> Finding:
-        # (written for speed: locals instead of repeated attribute reads, the slot arrays'
-        # updates unrolled; every float operation is the same, in the same order)
+        # (written for speed: locals instead of repeated attribute reads)
         n = self.n
         gap = False
         if n:
@@ -362,33 +361,21 @@ class SeriesModel:
         self.mean = s_var_mean + a * dm
         self.var = (1.0 - a) * (var + a * dm * dm)
         slot_n = cfg.slot_n
-        # the hour-of-week slot, then the hour-of-day slot (the same update, unrolled)
-        cnt = wk[wi + 2] + 1.0
-        wk[wi + 2] = cnt
-        b = 1.0 / (cnt if cnt < slot_n else slot_n)
-        v = x if cnt <= slot_min else xv
-        if cnt > slot_min:
-            b *= slow
-        if cnt == 1.0:
-            wk[wi] = v
-            wk[wi + 1] = 0.0
-        else:
-            dv = v - wk[wi]
-            wk[wi] += b * dv
-            wk[wi + 1] = (1.0 - b) * (wk[wi + 1] + b * dv * dv)
-        cnt = dy[di + 2] + 1.0
-        dy[di + 2] = cnt
-        b = 1.0 / (cnt if cnt < slot_n else slot_n)
-        v = x if cnt <= slot_min else xv
-        if cnt > slot_min:
-            b *= slow
-        if cnt == 1.0:
-            dy[di] = v
-            dy[di + 1] = 0.0
-        else:
-            dv = v - dy[di]
-            dy[di] += b * dv
-            dy[di + 1] = (1.0 - b) * (dy[di + 1] + b * dv * dv)
+        # the hour-of-week slot, then the hour-of-day slot
+        for arr, j in ((wk, wi), (dy, di)):
+            cnt = arr[j + 2] + 1.0
+            arr[j + 2] = cnt
+            b = 1.0 / (cnt if cnt < slot_n else slot_n)
+            v = x if cnt <= slot_min else xv
+            if cnt > slot_min:
+                b *= slow
+            if cnt == 1.0:
+                arr[j] = v
+                arr[j + 1] = 0.0
+            else:
+                dv = v - arr[j]
+                arr[j] += b * dv
+                arr[j + 1] = (1.0 - b) * (arr[j + 1] + b * dv * dv)
         return Finding(
             score,
             anomaly,
