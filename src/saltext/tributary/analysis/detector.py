@@ -201,13 +201,13 @@ class SeriesModel:
         d = (24 if w >= 120 else 0) + w % 24
         wk, dy = self.wk, self.dy
         wi, di = 3 * w, 3 * d
-        s_var_mean = self.mean
+        mean = self.mean
         var = self.var
         slot_min = cfg.slot_min
         # a context's spread never goes below a small share of the series' own
-        floor = 0.01 * var + 1e-12 * (s_var_mean * s_var_mean + 1.0)
+        floor = 0.01 * var + 1e-12 * (mean * mean + 1.0)
         sigma = math.sqrt(var if var > floor else floor)
-        mu, seen, kind = s_var_mean, float(n), 2
+        mu, seen, kind = mean, float(n), 2
         z = (x - mu) / sigma
         # the most specific time context that has learnt enough, used while it explains the
         # series better than the series as a whole does (a daily pattern), else not
@@ -357,8 +357,8 @@ class SeriesModel:
         a = 1.0 / (n1 if n1 < value_n else value_n)
         if n >= slot_min:
             a *= slow
-        dm = (x if n < slot_min else xv) - s_var_mean
-        self.mean = s_var_mean + a * dm
+        dm = (x if n < slot_min else xv) - mean
+        self.mean = mean + a * dm
         self.var = (1.0 - a) * (var + a * dm * dm)
         slot_n = cfg.slot_n
         # the hour-of-week slot, then the hour-of-day slot
