@@ -53,7 +53,7 @@ class GapsConfig:
 class AnomaliesConfig:
     """The detector fed with confirmed readings (``saltext.tributary.analysis``)."""
 
-    enabled: bool = option(True, doc="score every confirmed reading, off the shipping path")
+    enabled: bool = option(True, doc="score confirmed readings, off the shipping path")
     threshold: float = option(0.1345, range=(0.0, 1.0), doc="score of an anomaly (NAB-tuned)")
     learn_n: int = option(150, range=(10, 10_000_000), doc="points before a series is scored")
     point_interval_s: float = option(
