@@ -345,15 +345,42 @@ def until_indexed(
 ) -> tuple[int, float]:
     """Poll the count (after a refresh) every 0.25 s until ``target`` or no progress for
     ``stall_s``; returns the count and the seconds from ``t0`` to its last change."""
+    n, dt, _ = indexing_timeline(node, index, query, target, t0, stall_s)
+    return n, dt
+
+
+def indexing_timeline(
+    node: Any, index: str, query: dict, target: int, t0: float, stall_s: float = 20
+) -> tuple[int, float, dict[str, float]]:
+    """:func:`until_indexed`, and the seconds from ``t0`` until the count first reached 1 %,
+    50 % and 90 % of ``target`` (where the time went: a late start or a slow finish)."""
     last, last_t = -1, time.perf_counter()
+    marks: dict[str, float] = {}
     while True:
         n = node.count(index, query)
         now = time.perf_counter()
         if n != last:
             last, last_t = n, now
+            for name, share in (("p1", 0.01), ("p50", 0.5), ("p90", 0.9)):
+                if name not in marks and n >= share * target:
+                    marks[name] = round(now - t0, 2)
         if n >= target or now - last_t > stall_s:
-            return n, last_t - t0
+            return n, last_t - t0, marks
         time.sleep(0.25)
+
+
+def hop_percentiles(node: Any, query: dict) -> dict[str, dict[str, float]]:
+    """Percentiles (50, 95, 99) of the indexed readings' ``hop_ms`` per hop: the time each
+    reading waited on its gateway, on the way up, and in the relay."""
+    aggs = {
+        hop: {"percentiles": {"field": f"hop_ms.{hop}", "percents": [50, 95, 99]}}
+        for hop in ("gateway", "uplink", "relay")
+    }
+    resp = node.search(TR_INDEX, {"size": 0, "query": query, "aggs": aggs})
+    return {
+        hop: {k: round(v, 1) for k, v in (resp["aggregations"][hop]["values"] or {}).items()}
+        for hop in aggs
+    }
 
 
 def until_all(
@@ -631,7 +658,7 @@ def main() -> None:
                         for th in threads:
                             th.join()
                     pub_s = time.perf_counter() - t
-                    got, dt = until_indexed(node, index, query, N, t)
+                    got, dt, marks = indexing_timeline(node, index, query, N, t)
                     c1, es1 = cpu(pids), rb.tree_cpu_s(es_pid)
                     used = {k: c1[k] - c0[k] for k in c1}
                     row[peer] = {
@@ -648,6 +675,8 @@ def main() -> None:
                         "elasticsearch_cpu_us_per_reading": round(
                             (es1 - es0) / max(1, got) * 1e6, 1
                         ),
+                        # seconds from the first publish until 1 %, 50 %, 90 % were searchable
+                        "indexed_by_s": marks,
                     }
                     if peer == "tributary":  # how the gateways sent them: runs or drains
                         g1 = gateway_counters(root)
@@ -655,6 +684,7 @@ def main() -> None:
                             k: g1.get(k, 0) - g0.get(k, 0)
                             for k in ("emitted", "batches", "drains", "drained", "drain_requests")
                         } | {"drain_failures": g1.get("drain_failures", 0)}
+                        row[peer]["hop_ms"] = hop_percentiles(node, query)
                 rounds.append(row)
                 log(
                     f"round {r + 1}: "

@@ -57,8 +57,14 @@ from typing import Any
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "src")]
 
+from saltext.tributary.gateway.beacons import finalize_batch  # noqa: E402
 from saltext.tributary.protocol import signing  # noqa: E402
-from saltext.tributary.protocol.wire import SpooledReading, bytes_per_reading, encode_batch  # noqa: E402
+from saltext.tributary.protocol.wire import (  # noqa: E402
+    SpooledReading,
+    bytes_per_reading,
+    encode_batch,
+    pack_rows,
+)
 from saltext.tributary.relay.elasticsearch import install_templates, make_client  # noqa: E402
 from saltext.tributary.relay.ledger import Ledger  # noqa: E402
 from tests.support.topology import NEEDS_UPLINK  # noqa: E402
@@ -166,11 +172,16 @@ def make_key(folder: pathlib.Path) -> tuple[str, str]:
     return str(folder), pub.decode()
 
 
+def signed(batch: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    """A batch as a gateway sends it (``finalize_batch``: rows packed, emit time, signature)."""
+    return finalize_batch(batch, opts)
+
+
 # -- in-process figures ----------------------------------------------------------------------
 def signing_cost(pki: str, pub: str) -> dict[str, Any]:
     out: dict[str, Any] = {"key": "RSA 2048 (Salt's default minion key size)"}
     for rows in (500, 4000):
-        batch = encode_batch("bench", readings(rows))
+        batch = pack_rows(encode_batch("bench", readings(rows)))  # as a gateway sends it
         reps = 200
         t = time.perf_counter()
         for _ in range(reps):
@@ -434,9 +445,7 @@ def relay_burst(bus: Any, counters: Counters, eng: int | None, pki: str, epoch: 
 
     rows = readings(N)
     batches = [
-        signing.sign_batch(
-            encode_batch(epoch, rows[i : i + 1000]), {"id": "bench-pub", "pki_dir": pki}
-        )
+        signed(encode_batch(epoch, rows[i : i + 1000]), {"id": "bench-pub", "pki_dir": pki})
         for i in range(0, N, 1000)
     ]
     base = counters.get().get("indexed", 0)
@@ -457,7 +466,7 @@ def relay_burst(bus: Any, counters: Counters, eng: int | None, pki: str, epoch: 
     dt = time.perf_counter() - t
     cpu_s = tree_cpu_s(eng) - cpu0 if eng is not None else 0.0
     # the counters of the last bulk reach the spool with the next one: a 10-reading batch
-    flush = signing.sign_batch(
+    flush = signed(
         encode_batch(f"{epoch}-flush", readings(10)), {"id": "bench-pub", "pki_dir": pki}
     )
     bus.fire_event(flush, "salt/beacon/bench-pub/tributary_mqtt/batch")
@@ -496,7 +505,7 @@ def es_down(node: Any, master_pid: int, bus: Any, counters: Counters, pki: str, 
     for k in range(n_batches):
         b = encode_batch("down-epoch", rows[k * rows_per : (k + 1) * rows_per])
         bus.fire_event(
-            signing.sign_batch(b, {"id": "bench-pub", "pki_dir": pki}),
+            signed(b, {"id": "bench-pub", "pki_dir": pki}),
             "salt/beacon/bench-pub/tributary_mqtt/batch",
         )
         if k % 10 == 0:
@@ -649,7 +658,7 @@ def run_pipeline(node: Any, client: Any, root: pathlib.Path, out: dict[str, Any]
         # The engine subscribes to the bus a moment after its spool and templates exist, and
         # the bus does not keep events for late subscribers: a small warm-up batch, fired
         # until it is indexed, says the relay is listening before the measured burst.
-        warm_batch = signing.sign_batch(
+        warm_batch = signed(
             encode_batch("warm-epoch", readings(10)), {"id": "bench-pub", "pki_dir": pki}
         )
 

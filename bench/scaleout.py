@@ -47,7 +47,7 @@ sys.path[:0] = [str(REPO), str(REPO / "src"), str(REPO / "bench")]
 import run as B  # noqa: E402  (bench/run.py: daemons, keys, readings, counters)
 
 from saltext.tributary.protocol import signing  # noqa: E402
-from saltext.tributary.protocol.wire import encode_batch  # noqa: E402
+from saltext.tributary.protocol.wire import encode_batch, row_count  # noqa: E402
 from saltext.tributary.relay.elasticsearch import make_client  # noqa: E402
 from saltext.tributary.relay.scaleout import RECEIPT_TAG, sign_receipt  # noqa: E402
 
@@ -117,7 +117,7 @@ class Master:
 
     def fire_until_indexed(self, gateway: str, pki: str, prefix: str) -> None:
         """Fire a 10-reading batch until the relay indexed it (it listens; counters flow)."""
-        batch = signing.sign_batch(
+        batch = B.signed(
             encode_batch(f"{prefix}-warm", B.readings(10)), {"id": gateway, "pki_dir": pki}
         )
         base = self.counters.get().get(f"indexed@{gateway}", 0)
@@ -148,7 +148,7 @@ def batches_for(gateways: dict[str, str], epoch: str, n: int) -> list[tuple[str,
         gw = names[(k // BATCH) % len(names)]
         chunk = B.readings(min(BATCH, n - k), first=seqs[gw])
         seqs[gw] += len(chunk)
-        batch = signing.sign_batch(encode_batch(epoch, chunk), {"id": gw, "pki_dir": gateways[gw]})
+        batch = B.signed(encode_batch(epoch, chunk), {"id": gw, "pki_dir": gateways[gw]})
         out.append((gw, batch))
     return out
 
@@ -166,7 +166,7 @@ class Flusher:
     def _loop(self) -> None:
         while not self.stop.wait(0.2):
             self.n += 1
-            b = signing.sign_batch(
+            b = B.signed(
                 encode_batch(f"flush{time.time_ns()}", B.readings(10)),
                 {"id": "bench-flush", "pki_dir": self.pki},
             )
@@ -190,7 +190,7 @@ def burst(
     want = []
     for m, load in zip(masters, loads, strict=True):
         c = m.counters.get()
-        n = sum(len(b["r"]) for _, b in load)
+        n = sum(row_count(b) for _, b in load)
         if goal == "indexed":
             want.append((m, {gw: c.get(f"indexed@{gw}", 0) for gw, _ in load}, n))
         else:
@@ -225,7 +225,7 @@ def burst(
         B.wait(done, 600, f"{goal} of the burst", 0.05)
     dt = time.perf_counter() - t
     cpu1 = [m.cpu() for m in masters]
-    readings = sum(sum(len(b["r"]) for _, b in load) for load in loads)
+    readings = sum(sum(row_count(b) for _, b in load) for load in loads)
     eng = sum(c1[0] - c0[0] for c0, c1 in zip(cpu0, cpu1, strict=True))
     tree = sum(c1[1] - c0[1] for c0, c1 in zip(cpu0, cpu1, strict=True))
     return {

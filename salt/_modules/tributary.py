@@ -9,6 +9,7 @@ import logging
 try:
     import saltext.tributary as tributary_pkg
     from saltext.tributary.gateway import operations as gw_ops
+    from saltext.tributary.protocol.wire import row_count
 
     HAS_LIBS = True
     MISSING = ""
@@ -80,7 +81,7 @@ def replay(epoch, from_seq, to_seq, pace=0.05):
         # master's answer (an empty preload would be falsy and take the bus path).
         if not __salt__["event.fire_master"](batch, tag, preload={"tributary": "replay"}):
             return {"result": False, "error": f"event.fire_master failed after {sent} readings"}
-        sent += len(batch["r"])
+        sent += row_count(batch)
     return {"result": True, "epoch": str(epoch), "batches": len(batches), "readings": sent}
 
 

@@ -71,7 +71,7 @@ def test_fifty_gateways_behind_two_syndics_arrive_exactly_once(topology, second_
                 for n in range(1, 4)
             ]
             forged = encode_batch("forged1", rows, site="fit-site")
-            finalize_batch(forged, {"id": "fit-0-0000", "pki_dir": rogue["fit-rogue"]})
+            forged = finalize_batch(forged, {"id": "fit-0-0000", "pki_dir": rogue["fit-rogue"]})
             forged["id"] = "fit-0-0000"
             import salt.utils.event
 

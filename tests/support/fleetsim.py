@@ -226,7 +226,7 @@ class SimFleet:
     def _finish(self, g: SimGateway, batch: dict[str, Any]) -> dict[str, Any]:
         from saltext.tributary.gateway.beacons import finalize_batch
 
-        finalize_batch(batch, {"id": g.id, "pki_dir": g.pki_dir})
+        batch = finalize_batch(batch, {"id": g.id, "pki_dir": g.pki_dir})
         batch["id"] = g.id  # what Salt's beacon processing adds (an unsigned field)
         return batch
 
@@ -468,6 +468,8 @@ class SimFleet:
                             self.errors.append(f"replay {gw}: {exc}")
 
     def _answer(self, bus: Any, g: SimGateway, jid: str, args: list[Any]) -> None:
+        from saltext.tributary.protocol.wire import row_count
+
         epoch, lo, hi = str(args[0]), int(args[1]), int(args[2])
         batches = self.replay_batches(g, epoch, lo, hi)
         if isinstance(batches, str):
@@ -479,7 +481,7 @@ class SimFleet:
                 "result": True,
                 "epoch": epoch,
                 "batches": len(batches),
-                "readings": sum(len(b["r"]) for b in batches),
+                "readings": sum(row_count(b) for b in batches),
             }
         load = {
             "cmd": "_return",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -170,3 +171,56 @@ def test_heartbeat_unsigned_or_by_another_gateway(keys):
     with pytest.raises(signing.SignatureError) as exc:
         signing.verify_event("gw-b", forged, keys["gw-b"][1])
     assert exc.value.reason == "bad_signature"
+
+
+def _packed(n: int = 5) -> dict:
+    from saltext.tributary.protocol.wire import pack_rows
+
+    return pack_rows(_batch(n))
+
+
+def test_packed_rows_are_signed_through_salts_transport(keys):
+    import salt.payload
+
+    pki, pub = keys["gw-a"]
+    batch = signing.sign_batch(_packed(), {"id": "gw-a", "pki_dir": pki})
+    # what a master's request worker and an event bus subscriber do to event data
+    wire = salt.payload.loads(salt.payload.dumps({"data": batch}))["data"]
+    assert isinstance(wire["rb"], bytes)
+    signing.verify_batch("gw-a", wire, pub)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda b: b.__setitem__("rb", b["rb"][:-1] + bytes([b["rb"][-1] ^ 1])),
+        lambda b: b.__setitem__("rb", b["rb"] + b"\x00"),
+        # the rows' hash in place of the rows: never the same signed content
+        lambda b: b.__setitem__("rb", hashlib.sha256(b["rb"]).hexdigest()),
+        lambda b: b.__setitem__("r", [[0, 0, 1]]) or b.pop("rb"),
+        lambda b: b.__setitem__("first", b["first"] + 1),
+    ],
+)
+def test_packed_rows_tampering_is_detected(keys, mutate):
+    pki, pub = keys["gw-a"]
+    batch = signing.sign_batch(_packed(), {"id": "gw-a", "pki_dir": pki})
+    mutate(batch)
+    with pytest.raises(signing.SignatureError) as exc:
+        signing.verify_batch("gw-a", batch, pub)
+    assert exc.value.reason == "bad_signature"
+
+
+def test_canonical_form_of_packed_rows_cannot_be_written_as_content():
+    """The packed rows' digest follows the JSON on a line of its own: no batch content (a
+    string, a field named after it) reads the same as a batch whose rows are packed."""
+    packed = _packed()
+    digest = hashlib.sha256(packed["rb"]).hexdigest()
+    text = signing.canonical("gw-a", packed)
+    assert text.endswith(b"\n" + digest.encode()) and text.count(b"\n") == 2
+    body = {k: v for k, v in packed.items() if k != "rb"}
+    for imitation in (
+        {**body, "rb": digest},
+        {**body, "rb": {"sha256": digest}},
+        {**body, "rb\n": digest},
+    ):
+        assert signing.canonical("gw-a", imitation) != text

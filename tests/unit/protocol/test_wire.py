@@ -184,3 +184,75 @@ def test_an_aggregate_of_a_sensor_with_a_wide_range_still_packs():
     assert batch["d"] == [None, 2]
     packed_size(batch)
     assert decode_batch(batch).readings
+
+
+def test_packed_rows_decode_as_the_rows_do():
+    from saltext.tributary.protocol.wire import pack_rows, row_count
+
+    for n in (1, 15, 16, 4000):
+        batch = encode_batch("ep1", rows(n, first=11), site="brisbane")
+        packed = pack_rows(batch)
+        assert "r" not in packed and isinstance(packed["rb"], bytes)
+        assert row_count(packed) == row_count(batch) == n
+        assert decode_batch(packed) == decode_batch(batch)
+        # the rows cost what they cost as a list on the wire, give or take the prefix
+        assert abs(packed_size(packed) - packed_size(batch)) <= 8
+
+
+def test_row_count_reads_every_msgpack_array_header():
+    from saltext.tributary.protocol.wire import PACKED_PREFIX, row_count
+
+    for n in (0, 15, 16, 65_535, 65_536):
+        blob = PACKED_PREFIX + msgpack.packb([[0, 0, 1]] * n)
+        assert row_count({"rb": blob}) == n
+    assert row_count({"rb": PACKED_PREFIX + b"\xc0"}) == 0  # not an array
+    assert row_count({"rb": "text"}) == row_count(None) == row_count({}) == 0
+
+
+def test_packed_rows_stay_bytes_through_salts_transport():
+    """Salt's transport turns every bytes value that decodes as UTF-8 into text and walks every
+    list on each hop; the prefix (0xFF, never in UTF-8) keeps the blob one bytes value."""
+    import salt.payload
+
+    from saltext.tributary.protocol.wire import pack_rows
+
+    batch = encode_batch("ep1", rows(100), site="brisbane")
+    packed = pack_rows(batch)
+    for pack in (
+        lambda d: salt.payload.dumps(d),
+        lambda d: salt.payload.dumps(d, use_bin_type=True),
+    ):
+        wire = salt.payload.loads(pack({"data": packed}))["data"]
+        assert wire["rb"] == packed["rb"]
+        assert decode_batch(wire) == decode_batch(batch)
+
+
+@pytest.mark.parametrize(
+    ("change", "detail"),
+    [
+        (lambda b: b.__setitem__("rb", b["rb"][2:]), "not packed rows"),
+        (lambda b: b.__setitem__("rb", "text"), "not packed rows"),
+        (lambda b: b.__setitem__("rb", b"\xff\x01" + b"\xc1"), "do not decode"),
+        (lambda b: b.__setitem__("rb", b["rb"][:-3]), "do not decode"),
+        (lambda b: b.__setitem__("rb", b"\xff\x01" + msgpack.packb({"a": 1})), "not a list"),
+        (lambda b: b.__setitem__("r", [[0, 0, 1]]), "both"),
+    ],
+)
+def test_bad_packed_rows_are_refused_with_a_reason(change, detail):
+    from saltext.tributary.protocol.wire import pack_rows
+
+    packed = pack_rows(encode_batch("ep1", rows(20), site="brisbane"))
+    change(packed)
+    with pytest.raises(WireError) as exc:
+        decode_batch(packed)
+    assert exc.value.reason == "bad_field" and detail in exc.value.detail
+
+
+def test_a_packed_bad_row_is_set_aside_alone():
+    from saltext.tributary.protocol.wire import pack_rows
+
+    batch = encode_batch("ep1", rows(5), site="brisbane")
+    batch["r"][2][2] = "hot"
+    out = decode_batch(pack_rows(batch))
+    assert [r["seq"] for r in out.readings] == [1, 2, 4, 5]
+    assert [(r["seq"], r["reason"]) for r in out.rejected] == [(3, "not_numeric")]

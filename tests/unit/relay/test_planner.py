@@ -10,7 +10,7 @@ import msgpack
 import pytest
 
 from saltext.tributary.protocol import signing
-from saltext.tributary.protocol.wire import SpooledReading, encode_batch
+from saltext.tributary.protocol.wire import SpooledReading, encode_batch, pack_rows
 from saltext.tributary.relay.config import BulkConfig
 from saltext.tributary.relay.documents import ORIGINAL_MAX_BYTES, bounded
 from tests.unit.relay.test_relay import TAG, make_relay, publish_keys
@@ -123,6 +123,12 @@ def test_bounded_keeps_small_originals_and_trims_large_ones():
     assert big["r_total"] == 10_000 and len(big["r"]) == 20
     huge = bounded({"junk": "x" * 1_000_000})
     assert huge["bytes"] > 1_000_000 and len(huge["truncated"]) == ORIGINAL_MAX_BYTES
+    # packed rows are kept as rows, readable in the dead letter; junk ones as their repr
+    packed = bounded(pack_rows({"r": [[0, i, i] for i in range(10_000)], "v": 1}))
+    assert packed["r_total"] == 10_000 and packed["r"][:2] == [[0, 0, 0], [0, 1, 1]]
+    assert "rb" not in packed
+    junk = bounded({"rb": b"\xff\x01\xc1", "v": 1})
+    assert junk["rb"] == repr(b"\xff\x01\xc1") and "r" not in junk
 
 
 @pytest.mark.parametrize("d", [16, -1, True, "2"])

@@ -145,14 +145,17 @@ def maybe_trim(spool: GatewaySpool, now: float | None = None) -> int:
 
 
 def finalize_batch(batch: dict[str, Any], opts: Mapping[str, Any]) -> dict[str, Any]:
-    """The single place where an outgoing batch (beacon or replay) is finalised: stamped with
-    its emit time (``emit_ms``, the first hop's end in the relay's lag per hop) and signed."""
+    """The single place where an outgoing batch (beacon or replay) is finalised: its rows
+    packed into one value (``rb``, README "Wire format"), stamped with its emit time
+    (``emit_ms``, the first hop's end in the relay's lag per hop) and signed."""
     # Origin authentication: sign with this minion's own key, last of all.
     from saltext.tributary.protocol import signing
+    from saltext.tributary.protocol.wire import pack_rows
     from saltext.tributary.util.clock import now_ms
 
-    batch["emit_ms"] = now_ms()
-    return signing.sign_batch(batch, opts)
+    out = pack_rows(batch)
+    out["emit_ms"] = now_ms()
+    return signing.sign_batch(out, opts)
 
 
 def _budget_for(cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:

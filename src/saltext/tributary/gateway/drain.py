@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from saltext.tributary.protocol.wire import row_count
+
 log = logging.getLogger(__name__)
 
 #: seconds a drain's request waits for the master's answer
@@ -133,7 +135,7 @@ class Drain:
                     break
                 if not requests:
                     self._count({"drains": 1})  # a drain that sends something
-                n = sum(len(ev["data"].get("r") or ()) for ev in events)
+                n = sum(row_count(ev["data"]) for ev in events)
                 try:
                     send(events)
                 except Exception as exc:

@@ -8,8 +8,8 @@ only the syndic. So the origin of a batch or a health heartbeat is proven end to
 * the gateway signs each outgoing batch and each health heartbeat (:func:`sign_event`) with its
   own minion private key (``<pki_dir>/minion.pem``, the RSA key pair Salt generated and the
   gateway's master accepted): RSA PKCS#1 v1.5 over SHA-256 of :func:`canonical` (the gateway
-  id, a newline, then the event data as sorted, compact JSON without transport fields), stored
-  base64 in the data's ``sig`` field;
+  id, a newline, then the event data as sorted, compact JSON without transport fields, and
+  for packed rows a newline and their SHA-256), stored base64 in the data's ``sig`` field;
 * the relay verifies ``sig`` against the *accepted* public key of the gateway named in the event
   tag. Keys come from the top master's own ``pki_dir/minions`` (gateways attached directly) and
   from key sets that syndic masters publish upward (:func:`sign_keyset` /
@@ -45,10 +45,18 @@ class SignatureError(ReasonError):
 
 
 def canonical(gateway: str, data: Mapping[str, Any]) -> bytes:
-    """The bytes a signature covers: gateway id + canonical JSON of the batch content."""
+    """The bytes a signature covers: gateway id + canonical JSON of the batch content; a
+    batch's packed rows (``rb``, bytes) are covered by their SHA-256 after the JSON, on a line
+    of their own (compact JSON never holds a newline, so no other content reads the same)."""
     body = {k: v for k, v in data.items() if k not in UNSIGNED_FIELDS}
+    packed = body.get("rb")
+    if isinstance(packed, (bytes, bytearray)):
+        del body["rb"]
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
-    return gateway.encode() + b"\n" + text.encode()
+    out = gateway.encode() + b"\n" + text.encode()
+    if isinstance(packed, (bytes, bytearray)):
+        out += b"\n" + hashlib.sha256(packed).hexdigest().encode()
+    return out
 
 
 def load_private_key(path: str) -> Any:

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from saltext.tributary.protocol.wire import WireError, rows_of
+
 #: A dead letter keeps at most this much of its original (JSON bytes), so that a huge junk
 #: event cannot make its own dead letter too large to index.
 ORIGINAL_MAX_BYTES = 16_384
@@ -193,6 +195,11 @@ def bounded(original: Any) -> dict[str, Any]:
     is kept as the start of its JSON text)."""
     if not isinstance(original, Mapping):
         original = {"value": repr(original)[:ORIGINAL_MAX_BYTES]}
+    if "rb" in original:  # packed rows: kept readable (or, when they do not decode, as repr)
+        try:
+            original = {**{k: v for k, v in original.items() if k != "rb"}, "r": rows_of(original)}
+        except WireError:
+            original = {**original, "rb": repr(original["rb"])[:ORIGINAL_MAX_BYTES]}
     rows = original.get("r")
     if isinstance(rows, list) and len(rows) > ORIGINAL_MAX_ROWS:
         original = {**original, "r": rows[:ORIGINAL_MAX_ROWS], "r_total": len(rows)}

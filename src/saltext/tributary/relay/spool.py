@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from saltext.tributary.protocol.wire import row_count
 from saltext.tributary.relay.keyring import Keyring
 from saltext.tributary.relay.ledger import Ledger
 from saltext.tributary.util import sqlite
@@ -98,7 +99,6 @@ class RelaySpool:
 
     def put(self, gateway: str, kind: str, ukey: str, data: Any, verified: int = 0) -> bool:
         body = msgpack.packb(data, use_bin_type=True, default=str)
-        rows = data.get("r") if isinstance(data, Mapping) else None
         with self.write_lock:
             cur = self.db.execute(
                 "INSERT OR IGNORE INTO batches (gateway, kind, ukey, received, body, n, verified)"
@@ -109,7 +109,7 @@ class RelaySpool:
                     ukey,
                     now_ms(),
                     body,
-                    len(rows) if isinstance(rows, list) else 0,
+                    row_count(data),
                     verified,
                 ),
             )
