@@ -256,3 +256,41 @@ def test_a_packed_bad_row_is_set_aside_alone():
     out = decode_batch(pack_rows(batch))
     assert [r["seq"] for r in out.readings] == [1, 2, 4, 5]
     assert [(r["seq"], r["reason"]) for r in out.rejected] == [(3, "not_numeric")]
+
+
+def test_inlined_rows_decode_as_the_checked_rows_do():
+    """decode_batch takes an inlined path for the usual row (a list); rows given as tuples take
+    only the checked one. Random rows, good and bad of every kind, decode the same both ways."""
+    rng = random.Random(11)
+    t0 = T0
+    values = [0, 1, -7, 2**53 - 1, 2**53, -(2**53), 2**60, 1.5, -0.0, math.inf, math.nan]
+    values += [1e308, True, None, "3", [1]]
+    offsets = [0, 5, -5, 2**53, -(2**53), 1.0, True, "1", 4_200_000_000_000, -t0]
+    for _ in range(30):
+        rows = []
+        for _ in range(200):
+            idx = rng.choice([0, 1, 2, 3, -1, 4, True, 1.0, "0"])
+            rows.append([idx, rng.choice(offsets), rng.choice(values)])
+            if rng.random() < 0.05:
+                rows[-1] = rng.choice([[0, 0], [0, 0, 1, 2], "row", None])
+        batch = {
+            "v": 1,
+            "epoch": "e1",
+            "first": 1,
+            "last": len(rows),
+            "sensors": ["a/t", "b/h", "@command", "bad"],
+            "units": ["C", "", "", ""],
+            "d": [2, None, None, None],
+            "t0": t0,
+            "r": rows,
+        }
+        inlined = decode_batch(batch)
+        checked = decode_batch(
+            {**batch, "r": [tuple(r) if isinstance(r, list) else r for r in rows]}
+        )
+        assert inlined.readings == checked.readings
+        assert [(r["seq"], r["reason"], r["detail"]) for r in inlined.rejected] == [
+            (r["seq"], r["reason"], r["detail"]) for r in checked.rejected
+        ]
+        assert inlined.records == checked.records
+        assert inlined.readings and inlined.rejected  # both kinds occur in every batch
