@@ -100,15 +100,17 @@ def test_a_backlog_leaves_in_one_run_then_drain_requests_each_reading_once(cfg, 
     drained = [ev for req in Recorder.sent for ev in req]
     assert {ev["tag"] for ev in drained} == {"salt/beacon/gw/tributary_mqtt/batch"}
     assert {ev["data"]["id"] for ev in drained} == {"gw"}
-    # the drain stops once less than one beacon run (32 KiB here) waits: runs carry the rest,
-    # if any (test_a_drain_leaves_less_than_a_run_to_the_beacon)
+    # once less than one beacon run (32 KiB here) waits, the drain's last request takes the
+    # rest: nothing is left for the beacon runs (test_a_drain_leaves_less_than_a_run_to_the_
+    # beacon shows take() leaving it; this is the final take)
+    assert drain.spool.unsent() == 0
     rest: list[dict] = []
     for _ in range(3):
         rest += gw_beacons.emit(cfg, opts, {})
-    assert not drain.running() and len(Recorder.sent) > 1  # several requests, no new drain
-    # every reading exactly once, in order: the beacon run, the drain, then the beacon runs
+    assert rest == [] and not drain.running() and len(Recorder.sent) > 1  # no new drain
+    # every reading exactly once, in order: the beacon run, then the drain
     drained_seqs = seqs([ev["data"] for ev in drained])
-    assert seqs(first) + drained_seqs + seqs(rest) == list(range(1, N + 1))
+    assert seqs(first) + drained_seqs == list(range(1, N + 1))
     counters = drain.spool.counters()
     assert counters["drained"] == len(drained_seqs)
     assert counters["drains"] == 1 and counters["drain_requests"] == len(Recorder.sent)
@@ -118,7 +120,8 @@ def test_a_backlog_leaves_in_one_run_then_drain_requests_each_reading_once(cfg, 
 
 
 def test_a_drain_leaves_less_than_a_run_to_the_beacon(cfg, opts):
-    """A drain sends full batches while a beacon run's worth or more waits, then ends."""
+    """A drain sends full batches while a beacon run's worth or more waits; its last request
+    takes what is left."""
     backlog(cfg, opts, 8_000)  # about 75 KB on the wire
     drain = gw_beacons._drain_for(cfg, opts)
     take = gw_beacons._drain_take(drain, cfg, opts, 8192, 16_384, 32_768, None)
@@ -128,9 +131,16 @@ def test_a_drain_leaves_less_than_a_run_to_the_beacon(cfg, opts):
     per = drain.spool.bytes_per_reading
     assert len(requests) >= 2 and per > 0
     left = drain.spool.unsent()
-    assert left > 0 and left * per < 32_768  # less than a run: for the beacon's runs
+    assert left > 0 and left * per < 32_768  # less than a run
     # full batches (a request's last one takes what is left of its bytes)
     assert all(packed_size(ev["data"]) > 0.9 * 8192 for req in requests for ev in req[:-1])
+    # the drain's last request takes what is left, up to a request's bytes (16 KiB here)
+    tail = take(True)
+    took = sum(b["last"] - b["first"] + 1 for b in (ev["data"] for ev in tail))
+    assert 0 < took <= left and drain.spool.unsent() == left - took
+    while take(True):
+        pass
+    assert drain.spool.unsent() == 0
 
 
 def test_beacon_runs_emit_nothing_while_a_drain_sends(cfg, opts, recorder):

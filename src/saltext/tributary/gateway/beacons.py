@@ -246,16 +246,18 @@ def _drain_take(
     run_bytes: int,
     beacon_run_bytes: int,
     site: str | None,
-) -> Callable[[], list[dict[str, Any]]]:
+) -> Callable[[bool], list[dict[str, Any]]]:
     """One drain request's events: the next batches, tagged as this beacon's run would be;
-    none (the drain ends) once less than a beacon run's bytes wait, so a drain sends full
-    batches and does not chase the readings as they arrive: beacon runs carry those."""
+    none once less than a beacon run's bytes wait, so a drain sends full batches while a
+    backlog lasts. ``take(True)``, the drain's last request, takes what is left (up to a
+    request's bytes): the tail of a burst leaves without waiting for the next beacon run, and
+    the drain does not chase the readings that arrive after it (beacon runs carry those)."""
     gateway = str(opts["id"])
     tag = f"salt/beacon/{gateway}/{cfg.get('_beacon_name') or 'tributary_mqtt'}/batch"
 
-    def take() -> list[dict[str, Any]]:
+    def take(final: bool = False) -> list[dict[str, Any]]:
         per = drain.spool.bytes_per_reading  # 0 before the drain's first full batch
-        if per and drain.spool.unsent() * per < beacon_run_bytes:
+        if not final and per and drain.spool.unsent() * per < beacon_run_bytes:
             return []
         batches = drain.spool.next_batches(
             max_batch_bytes=max_batch, max_run_bytes=run_bytes, site=site

@@ -13,9 +13,11 @@ the spool and sends each run to the master in a request of its own that the mast
 (Salt's request channel with the minion's own key, the way ``event.fire_master`` sends with a
 preload). The master fires the batches on its bus exactly as it fires a beacon run's events,
 with the same tags, so nothing above the gateway changes. The thread waits for each answer
-before it takes the next run (the master's pace is the drain's pace) and stops when the
-spool has nothing more to send. Beacon runs emit nothing while a drain runs (the spool emits
-in order, from one place at a time).
+before it takes the next run (the master's pace is the drain's pace). Once less than a beacon
+run's worth waits it sends what is left in one last request and stops, so the tail of a burst
+leaves at once instead of waiting up to a second for the next beacon run; readings arriving
+after that go with the beacon runs again. Beacon runs emit nothing while a drain runs (the
+spool emits in order, from one place at a time).
 
 A request that fails (the master is away, or did not answer within ``SEND_TIMEOUT_S``) ends
 the drain. Its batches were already counted as emitted, like a beacon run fired while the
@@ -109,11 +111,11 @@ class Drain:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, take: Callable[[], Events], sender: Callable[[], Any]) -> bool:
-        """Start sending what ``take()`` answers, run after run, with the sender ``sender()``
-        makes (one per drain: the master it sends to is the one of the run that started it),
-        until ``take()`` answers nothing; False when a drain already runs or one failed less
-        than ``retry_s`` ago."""
+    def start(self, take: Callable[[bool], Events], sender: Callable[[], Any]) -> bool:
+        """Start sending what ``take(False)`` answers, run after run, with the sender
+        ``sender()`` makes (one per drain: the master it sends to is the one of the run that
+        started it), until it answers nothing, then what ``take(True)`` answers (the rest,
+        once); False when a drain already runs or one failed less than ``retry_s`` ago."""
         if self.running() or self._stop.is_set():
             return False
         if self._failed_at is not None and time.monotonic() - self._failed_at < self.retry_s:
@@ -124,15 +126,19 @@ class Drain:
         self._thread.start()
         return True
 
-    def _run(self, take: Callable[[], Events], sender: Callable[[], Any]) -> None:
+    def _run(self, take: Callable[[bool], Events], sender: Callable[[], Any]) -> None:
         send = sender()
         sent = requests = 0
+        final = False
         try:
             while not self._stop.is_set():
                 with self.lock:
-                    events = take()
+                    events = take(final)
                 if not events:
-                    break
+                    if final:
+                        break
+                    final = True  # what is left, once: a burst's tail leaves now
+                    continue
                 if not requests:
                     self._count({"drains": 1})  # a drain that sends something
                 n = sum(row_count(ev["data"]) for ev in events)
@@ -154,6 +160,8 @@ class Drain:
                 sent += n
                 requests += 1
                 self._count({"drained": n, "drain_requests": 1})
+                if final:
+                    break
         except Exception:  # a spool error: the beacon runs report it on their own
             self._failed_at = time.monotonic()
             log.exception("tributary: backlog drain stopped after %d readings", sent)
