@@ -636,6 +636,11 @@ def main() -> None:
                     else:
                         topic, index = "", TR_INDEX
                         query, pids = tr_query(f"tput{r}"), tr_pids
+                    # each phase starts with Elasticsearch idle: merges and refreshes left by
+                    # the phase before are not charged to this one
+                    settle = time.perf_counter()
+                    rb.wait(lambda: rb.settled(es_pid, 1.0, 0.1), 120, "Elasticsearch to settle")
+                    settle_s = time.perf_counter() - settle
                     c0, es0 = cpu(pids), rb.tree_cpu_s(es_pid)
                     g0 = gateway_counters(root) if peer == "tributary" else {}
                     t = time.perf_counter()
@@ -677,6 +682,7 @@ def main() -> None:
                         ),
                         # seconds from the first publish until 1 %, 50 %, 90 % were searchable
                         "indexed_by_s": marks,
+                        "waited_for_elasticsearch_to_settle_s": round(settle_s, 1),
                     }
                     if peer == "tributary":  # how the gateways sent them: runs or drains
                         g1 = gateway_counters(root)
