@@ -248,6 +248,18 @@ def test_bad_packed_rows_are_refused_with_a_reason(change, detail):
     assert exc.value.reason == "bad_field" and detail in exc.value.detail
 
 
+def test_too_many_packed_rows_are_refused_from_the_header():
+    """An array header claiming more than MAX_ROWS rows is refused before anything is
+    unpacked (here the header claims 2**32 - 1 rows that are not even there)."""
+    from saltext.tributary.protocol.wire import PACKED_PREFIX, pack_rows
+
+    packed = pack_rows(encode_batch("ep1", rows(20), site="brisbane"))
+    packed["rb"] = PACKED_PREFIX + b"\xdd\xff\xff\xff\xff"
+    with pytest.raises(WireError) as exc:
+        decode_batch(packed)
+    assert exc.value.reason == "oversized" and str(2**32 - 1) in exc.value.detail
+
+
 def test_a_packed_bad_row_is_set_aside_alone():
     from saltext.tributary.protocol.wire import pack_rows
 

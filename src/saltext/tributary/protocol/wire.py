@@ -115,6 +115,8 @@ def rows_of(data: dict[str, Any]) -> list[Any]:
     blob = data["rb"]
     if not isinstance(blob, (bytes, bytearray)) or not blob.startswith(PACKED_PREFIX):
         raise WireError("bad_field", "batch field 'rb' is not packed rows")
+    if row_count(data) > MAX_ROWS:  # read from the array's header: refused before unpacking
+        raise WireError("oversized", f"{row_count(data)} rows")
     try:
         rows = msgpack.unpackb(
             memoryview(blob)[len(PACKED_PREFIX) :], raw=False, strict_map_key=False
