@@ -267,3 +267,46 @@ def test_wildcards_and_subscriptions():
     (r,) = m.parse("site/a/s9/deep/er", b"1", NOW)
     assert r.sensor == "s9"
     assert reason(m, "x/bad name/t", b"1") == "bad_sensor"
+
+
+def test_number_readings_are_the_checked_ones_whichever_path_builds_them():
+    """A number topic whose names and unit passed their checks once builds its readings
+    without checking them again; every message reads exactly as make_reading (the checked
+    path, Mapper._reading) would have it, with the same reasons for what it refuses."""
+    import dataclasses
+
+    from saltext.tributary.protocol.reading import TS_MAX_MS
+
+    base = compile_rules([{"topic": "n/{sensor}/{metric}", "format": "number", "unit": "C"}])[0]
+    rules = [
+        base,
+        dataclasses.replace(base, unit=""),
+        dataclasses.replace(base, unit=None),
+        dataclasses.replace(base, unit="x" * 40),  # too long: bad_unit, message by message
+        dataclasses.replace(base, scale=0.1, offset=-3.0),
+    ]
+    topics = ["n/t1/temperature", "n/bad sensor!/t", "n/t2/" + "m" * 200, "n/h1/humidity"]
+    payloads = [b"21.5", b" -0 ", b"1e308", b"1e309", b"nan", b"-inf", b"12abc", b"\xff"]
+    times = [NOW, TS_MAX_MS, True, 1.7e12]
+    for rule in rules:
+        m = Mapper([rule])
+        for topic in topics * 2:  # the second time from the remembered route
+            for payload in payloads:
+                for now in times:
+                    try:
+                        got: object = m.parse(topic, payload, now)
+                    except RejectedReading as exc:
+                        got = ("refused", exc.reason)
+                    _, sensor, metric = m._route(topic)
+                    try:
+                        text = payload.decode("ascii").strip()
+                        value = float(text)
+                    except (UnicodeDecodeError, ValueError):
+                        want: object = ("refused", "not_numeric")
+                    else:
+                        u, k, b = rule.unit, rule.scale, rule.offset
+                        try:
+                            want = [m._reading(sensor, metric, value, now, u, k, b)]
+                        except RejectedReading as exc:
+                            want = ("refused", exc.reason)
+                    assert got == want, (rule.unit, rule.scale, topic, payload, now, got, want)

@@ -34,10 +34,13 @@ from datetime import datetime
 from typing import Any
 
 from saltext.tributary.protocol.reading import (
+    TS_MAX_MS,
+    TS_MIN_MS,
     Reading,
     RejectedReading,
     check_name,
     check_ts,
+    check_unit,
     make_reading,
 )
 from saltext.tributary.util import schema
@@ -311,6 +314,10 @@ class Mapper:
     def __init__(self, rules: list[TopicRule]) -> None:
         self.rules = rules
         self._topics: dict[str, tuple[TopicRule, str, str] | None] = {}
+        #: number-format topics whose sensor, metric and unit passed their checks once, with
+        #: the unit as a reading carries it, and no scale or offset: their readings are built
+        #: without checking those again (the value and time are still checked)
+        self._plain: dict[str, str | None] = {}
 
     @property
     def subscriptions(self) -> list[str]:
@@ -335,7 +342,19 @@ class Mapper:
             known = (rule, sensor, metric)
         if len(self._topics) >= self.TOPIC_CACHE:
             self._topics.clear()
+            self._plain.clear()
         self._topics[topic] = known
+        if known is not None and known[0].fmt == "number":
+            rule, sensor, metric = known
+            try:
+                check_name("sensor", sensor)
+                check_name("metric", metric)
+                unit = check_unit(rule.unit)
+            except RejectedReading:
+                pass  # the checked path says why, message by message
+            else:
+                if rule.scale == 1.0 and rule.offset == 0.0:
+                    self._plain[topic] = unit
         return known
 
     def parse(
@@ -363,6 +382,15 @@ class Mapper:
                 value = float(text)
             except (UnicodeDecodeError, ValueError):
                 raise RejectedReading("not_numeric", repr(payload[:40]))
+            plain = self._plain
+            if (
+                topic in plain
+                and math.isfinite(value)
+                and type(now_ms) is int
+                and TS_MIN_MS <= now_ms < TS_MAX_MS
+            ):
+                # what make_reading would build, its name and unit checks done once per topic
+                return [Reading(sensor, metric, value, now_ms, plain[topic])]
             return [
                 self._reading(sensor, metric, value, now_ms, rule.unit, rule.scale, rule.offset)
             ]
