@@ -24,14 +24,21 @@ N = 40_000
 
 class Recorder:
     """Records each request's events; ``gate`` (when set) holds each send until released,
-    ``fail_after`` makes the request after that many fail."""
+    ``fail_after`` makes the request after that many fail. ``opened`` and ``closed`` list the
+    senders made and closed (the channels a drain opens)."""
 
     sent: list[list[dict]] = []
     gate: threading.Event | None = None
     fail_after: int | None = None
+    opened: list[Recorder] = []
+    closed: list[Recorder] = []
 
     def __init__(self, opts):
         self.opts = opts
+        Recorder.opened.append(self)
+
+    def close(self):
+        Recorder.closed.append(self)
 
     def __call__(self, events):
         if Recorder.gate is not None:
@@ -44,6 +51,7 @@ class Recorder:
 @pytest.fixture(autouse=True)
 def recorder(monkeypatch):
     Recorder.sent, Recorder.gate, Recorder.fail_after = [], None, None
+    Recorder.opened, Recorder.closed = [], []
     monkeypatch.setattr(gw_beacons, "MasterSender", Recorder)
     yield Recorder
     if Recorder.gate is not None:
@@ -172,6 +180,43 @@ def test_a_failed_request_ends_the_drain_and_beacon_runs_carry_on(cfg, opts, rec
     # the failed request's readings count as emitted: a gap the top master repairs
     lost_from = seqs(first)[-1] + len(seqs([ev["data"] for ev in recorder.sent[0]])) + 1
     assert seqs(nxt)[0] > lost_from
+
+
+def test_drains_to_one_master_share_a_channel_until_a_request_fails(cfg, opts, recorder):
+    """Opening Salt's request channel loads the minion's key (drain.py): the next drain to the
+    same master sends on the channel the last one opened; a failure or another master closes
+    it and the next drain opens its own."""
+
+    def drain_once(o, n=20_000):
+        backlog(cfg, o, n)
+        assert gw_beacons.emit(cfg, o, {})
+        drain = the_drain(cfg, o)
+        assert drain.running() or recorder.sent, "no drain started"
+        wait_idle(drain)
+        return drain
+
+    drain = drain_once(opts)
+    drain_once(opts)
+    assert drain.spool.counters()["drains"] == 2
+    assert len(recorder.opened) == 1 and recorder.closed == []
+    assert {id(s.opts) for s in recorder.opened} == {id(opts)}
+    # failover to another master: a channel of its own, the old one closed
+    other = {**opts, "master_uri": "tcp://y:4506"}
+    drain_once(other)
+    assert len(recorder.opened) == 2 and recorder.closed == recorder.opened[:1]
+    # a failed request closes its channel; the drain after it opens a new one
+    recorder.fail_after = len(recorder.sent)
+    drain_once(other)
+    assert recorder.closed == recorder.opened[:2]
+    drain.retry_s = 0
+    recorder.fail_after = None
+    drain_once(other)
+    assert len(recorder.opened) == 3 and recorder.closed == recorder.opened[:2]
+    counters = drain.spool.counters()
+    assert counters["drain_channels"] == 3 and counters["drain_failures"] == 1
+    # stopping the drain (registry release) closes the open channel
+    drain.stop()
+    assert recorder.closed == recorder.opened
 
 
 def test_no_drain_without_a_master_with_a_budget_or_when_switched_off(cfg, opts):

@@ -224,7 +224,7 @@ def emit(cfg: Mapping[str, Any], opts: Mapping[str, Any], grains: Mapping[str, A
         behind = spool.last_run_full and spool.unsent() > 0
     if behind:  # the run carried all it may and more is waiting: send it from a thread
         take = _drain_take(drain, cfg, opts, max_batch, batch.drain_run_bytes, max_run, site_s)
-        drain.start(take, lambda: MasterSender(opts))
+        drain.start(take, lambda: MasterSender(opts), opts.get("master_uri"))
     return [{"tag": "batch", **finalize_batch(b, opts)} for b in batches]
 
 
