@@ -401,6 +401,31 @@ def until_all(
         time.sleep(0.25)
 
 
+def index_stats(node: Any) -> dict[str, dict[str, Any]]:
+    """Where Elasticsearch spent its time on each peer's index over all rounds (both indexed
+    the same readings): milliseconds indexing, refreshing, merging and flushing, and the
+    segments and requests it took."""
+    out: dict[str, dict[str, Any]] = {}
+    for peer, index in (("telegraf", TG_INDEX), ("tributary", TR_INDEX)):
+        code, body = node.request("GET", f"/{index}/_stats/indexing,refresh,merge,flush,segments")
+        if code != 200:
+            out[peer] = {"error": f"{code} {body[:200]!r}"}
+            continue
+        t = json.loads(body)["_all"]["total"]
+        out[peer] = {
+            "docs_indexed": t["indexing"]["index_total"],
+            "index_ms": t["indexing"]["index_time_in_millis"],
+            "refreshes": t["refresh"]["total"],
+            "refresh_ms": t["refresh"]["total_time_in_millis"],
+            "merges": t["merges"]["total"],
+            "merge_ms": t["merges"]["total_time_in_millis"],
+            "merged_docs": t["merges"]["total_docs"],
+            "flush_ms": t["flush"]["total_time_in_millis"],
+            "segments": t["segments"]["count"],
+        }
+    return out
+
+
 def cpu(pids: dict[str, int]) -> dict[str, float]:
     return {name: rb.tree_cpu_s(p) for name, p in pids.items()}
 
@@ -710,6 +735,7 @@ def main() -> None:
                     r["tributary"]["readings_per_s"] / r["telegraf"]["readings_per_s"]
                     for r in rounds
                 ),
+                "elasticsearch_index_stats": index_stats(node),
             }
 
         if "backlog" in PARTS:

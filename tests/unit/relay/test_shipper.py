@@ -9,6 +9,9 @@ covered by the integration tests.
 from __future__ import annotations
 
 import json
+import sys
+import threading
+import time
 
 import elasticsearch
 import pytest
@@ -168,3 +171,55 @@ def test_subscribers_get_the_readings_elasticsearch_created_once(tmp_path, maste
         ("gw-a", 3),
     ]
     tap.close()
+
+
+class HeldCluster(Cluster):
+    """A :class:`Cluster` that holds its first bulk's answer until a second bulk arrives or
+    ``hold_s`` passes, and records whether they overlapped."""
+
+    def __init__(self, hold_s: float) -> None:
+        super().__init__()
+        self.hold_s = hold_s
+        self.arrived = threading.Condition()
+        self.docs: list[int] = []
+        self.overlapped: bool | None = None
+
+    def bulk(self, operations: str, **kw):
+        with self.arrived:
+            self.docs.append(operations.count("\n") // 2)
+            self.arrived.notify_all()
+            if len(self.docs) == 1:
+                self.overlapped = self.arrived.wait_for(lambda: len(self.docs) > 1, self.hold_s)
+        return super().bulk(operations, **kw)
+
+
+@pytest.mark.parametrize(
+    ("batches", "overlapped"),
+    [
+        # 500 readings waiting, bulks of 400: 100 are left once the first bulk leaves, less
+        # than a bulk, so they go when it is answered (with what arrived meanwhile)
+        (5, False),
+        # 900 waiting: a full second bulk goes while the first is in flight
+        (9, True),
+    ],
+)
+def test_a_second_bulk_goes_in_flight_only_when_full(
+    tmp_path, master_pki, keys, batches, overlapped
+):
+    es = HeldCluster(hold_s=3.0 if not overlapped else 30.0)
+    relay = relay_with(tmp_path, master_pki, keys, es, bulk=BulkConfig(max_docs=400, concurrency=2))
+    for i in range(batches):
+        relay.accept(TAG.format("gw-a"), signed("gw-a", keys, first=1 + 100 * i, n=100))
+    switch = sys.getswitchinterval()
+    relay.shipper.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(es.created) < 100 * batches:
+            assert time.monotonic() < deadline, f"shipped {len(es.created)}"
+            time.sleep(0.01)
+    finally:
+        relay.shipper.stop()
+        sys.setswitchinterval(switch)
+    assert es.overlapped is overlapped
+    assert es.docs[:2] == [400, 400 if overlapped else 100]
+    assert sorted(d["seq"] for d in es.created) == list(range(1, 100 * batches + 1))

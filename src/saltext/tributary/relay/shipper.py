@@ -109,9 +109,11 @@ class Shipper:
 
     def _loop(self) -> None:
         """Pipelined shipping: while Elasticsearch works on up to ``bulk.concurrency`` bulks,
-        the next one is taken from the spool and built. Bulks are confirmed (:meth:`finish`:
-        ledger, then the rows leave the spool) strictly in the order they were taken; a
-        failure drops what was in flight back to the spool (re-sent ops answer 409)."""
+        the next one is taken from the spool and built, when a full bulk's worth waits
+        (otherwise what waits goes when the oldest bulk in flight is answered). Bulks are
+        confirmed (:meth:`finish`: ledger, then the rows leave the spool) strictly in the order
+        they were taken; a failure drops what was in flight back to the spool (re-sent ops
+        answer 409)."""
         spool = RelaySpool(self.config.spool_path or "")
         depth = max(1, self.config.bulk.concurrency)
         pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="tributary-bulk")
@@ -124,7 +126,7 @@ class Shipper:
                 plan = None
                 if len(inflight) < depth:
                     skip = {i for p, _ in inflight for i in p.rows}
-                    plan = self.prepare(spool, skip=skip)
+                    plan = self.prepare(spool, skip=skip, only_full=bool(inflight))
                     if plan is not None and plan.ops:
                         inflight.append((plan, pool.submit(self.send, plan)))
                     elif plan is not None:
@@ -158,13 +160,19 @@ class Shipper:
         pool.shutdown(wait=True)
         spool.close()
 
-    def prepare(self, spool: RelaySpool, skip: Collection[int] = ()) -> BulkPlan | None:
-        """The next bulk's worth of spooled batches (never splitting one) as bulk ops."""
+    def prepare(
+        self, spool: RelaySpool, skip: Collection[int] = (), only_full: bool = False
+    ) -> BulkPlan | None:
+        """The next bulk's worth of spooled batches (never splitting one) as bulk ops. With
+        ``only_full`` (a bulk is in flight), None unless a full bulk's worth waits: the rest
+        goes once that bulk is answered, with what arrived meanwhile. A second bulk in flight
+        is for a backlog; many small bulks cost Elasticsearch more per document (a translog
+        sync per request, a segment per writing thread) than the wait saves."""
         if not self.ready and self._setup is not None:
             self._setup()
             self.ready = True
         rows = spool.take(ROWS_PER_BULK, self.config.bulk.max_docs, skip)
-        if not rows:
+        if not rows or (only_full and spool.took_all):
             return None
         plan = self.planner.build(rows, spool)
         if plan.held:

@@ -83,6 +83,8 @@ class RelaySpool:
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
+        #: whether the last :meth:`take` took every shippable row
+        self.took_all = False
         self.db = sqlite.connect(path)
         self.db.executescript(SCHEMA)
         have = {r[1] for r in self.db.execute("PRAGMA table_info(batches)")}
@@ -188,16 +190,19 @@ class RelaySpool:
         """The oldest shippable batches: at most ``limit`` rows and, past the first row, at most
         ``max_docs`` readings, skipping rows in ``skip`` (in flight). Only taken rows are
         unpacked; a row whose body cannot be unpacked comes back as ``{"_undecodable": ...}``
-        (to be set aside, never to stop the rows behind it)."""
+        (to be set aside, never to stop the rows behind it). Afterwards :attr:`took_all` says
+        whether that was every shippable row (False: a full bulk's worth or more waited)."""
         cur = self.db.execute(
             "SELECT id, gateway, kind, received, n, attempts, verified, body FROM batches"
             " WHERE hold_until<=? ORDER BY id LIMIT ?",
             (now_ms(), limit + len(skip)),
         )
         out: list[SpoolRow] = []
-        docs = 0
+        docs = seen = 0
+        self.took_all = False
         try:
             for i, gw, kind, rec, n, attempts, verified, body in cur:
+                seen += 1
                 if i in skip:
                     continue
                 k = max(n or 0, 1)
@@ -211,6 +216,8 @@ class RelaySpool:
                 docs += k
                 if len(out) >= limit:
                     break
+            else:
+                self.took_all = seen < limit + len(skip)
         finally:
             cur.close()
         return out
