@@ -125,9 +125,12 @@ class Known:
                 "epoch": "e1",
             },
         ]
+        # three dead letters a second apart, in the 15-minute bucket of times[60] whatever
+        # the clock (from times[60] itself they crossed into the next bucket 2 s in 900)
+        letters_at = self.times[60] - self.times[60] % (15 * MIN)
         self.dead_letters = [
             {
-                "@timestamp": self.times[60] + k * 1000,
+                "@timestamp": letters_at + k * 1000,
                 "gateway": "gw-r-a2",
                 "reason": "bad_signature",
                 "stage": "origin",
