@@ -37,6 +37,7 @@ Configuration (master config)::
             # api_key: "base64 id:key"      (instead of username/password)
             ca_certs: /etc/salt/pki/es-ca.crt
             replicas: 1
+            # refresh_interval: 1s  # default: ES's own (none while nobody searches)
           index_prefix: tributary
           indices: daily            # daily | single | data_stream (needs a full ES distribution)
           bulk:
@@ -196,6 +197,7 @@ def start(**config):
             rcfg.index_prefix,
             replicas=rcfg.elasticsearch.replicas,
             shards=rcfg.elasticsearch.shards,
+            refresh_interval=rcfg.elasticsearch.refresh_interval,
             data_streams=rcfg.indices == "data_stream",
         )
         if rcfg.indices != "data_stream":

@@ -130,3 +130,18 @@ def test_a_409_is_a_duplicate_only_when_the_stored_reading_is_the_same(relay, sm
         "tributary-readings-*", {"size": 10, "query": {"term": {"epoch": "rst1"}}}
     )
     assert {h["_source"]["value"] for h in res["hits"]["hits"]} == {20.0}  # the first stays
+
+
+def test_templates_leave_the_refresh_interval_to_elasticsearch_unless_set(small_es):
+    """Unset, Elasticsearch skips refreshes of shards nobody searches; any value set, even
+    its default 1s, turns that off (relay/elasticsearch.py)."""
+    client = small_es.client()
+
+    def index_settings(name: str) -> dict:
+        client.indices.create(index=name)
+        return client.indices.get_settings(index=name)[name]["settings"]["index"]
+
+    install_templates(client, "refresh", replicas=0)
+    assert "refresh_interval" not in index_settings("refresh-readings-a")
+    install_templates(client, "refresh", replicas=0, refresh_interval="5s")
+    assert index_settings("refresh-readings-b")["refresh_interval"] == "5s"

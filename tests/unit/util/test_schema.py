@@ -50,15 +50,18 @@ def test_every_problem_is_named_by_its_key_path():
 
 def test_the_elasticsearch_block_refuses_unknown_keys_and_bad_values_by_path():
     bad = {**ES, "usr": "x", "replicas": -1, "request_timeout": 0, "verify_certs": "no"}
+    bad["refresh_interval"] = "1 second"
     _, errors = parse_relay({"elasticsearch": bad})
     assert errors == [
         "elasticsearch.usr: unknown option",
         "elasticsearch.replicas: must be an integer in 0.., got -1",
+        "elasticsearch.refresh_interval: must be a time like 1s, 500ms or 30s, or -1,"
+        " got '1 second'",
         "elasticsearch.request_timeout: must be a positive number, got 0",
         "elasticsearch.verify_certs: must be true or false",
     ]
     every = {**ES, "username": "u", "password": "p", "ca_certs": "/ca.pem", "replicas": 0}
-    every.update(shards=1, request_timeout=10, verify_certs=True)
+    every.update(shards=1, request_timeout=10, verify_certs=True, refresh_interval="5s")
     assert parse_relay({"elasticsearch": every})[1] == []
 
 

@@ -150,6 +150,13 @@ class ElasticsearchConfig:
     ca_certs: str | None = option(None, doc="CA file of an https:// cluster")
     replicas: int = option(1, range=(0, None), doc="number_of_replicas of the index templates")
     shards: int = option(1, range=(0, None), doc="number_of_shards of the index templates")
+    refresh_interval: str | None = option(
+        None,
+        pattern=r"-1|[1-9][0-9]*(ms|s|m|h)",
+        pattern_doc="must be a time like 1s, 500ms or 30s, or -1",
+        doc="index.refresh_interval of the index templates; default: Elasticsearch's own (1s,"
+        " and none while no search has come for 30 s)",
+    )
     request_timeout: float = option(30.0, positive=True, doc="seconds per request")
     verify_certs: bool | None = option(None, doc="default: the client's (true)")
     #: the runner's reachability check waits this long when ``request_timeout`` is not set
